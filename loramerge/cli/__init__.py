@@ -1,0 +1,12 @@
+"""The command-line interface. Each command lives in its own module and only parses arguments."""
+
+from loramerge.cli.app import main
+from loramerge.cli.combine import combine
+from loramerge.cli.demo import demo
+from loramerge.cli.inspect_adapter import inspect
+from loramerge.cli.methods import methods
+
+for command in (combine, demo, inspect, methods):
+    main.add_command(command)
+
+__all__ = ["main"]

@@ -1,0 +1,87 @@
+"""Option groups shared by the commands that read sources, merge and write outputs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from loramerge.devices import DTYPE_CHOICES
+from loramerge.errors import InvalidParameter
+from loramerge.methods import all_params
+
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def _apply(options: list[Decorator]) -> Decorator:
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
+def parse_weights(text: str | None) -> list[float] | None:
+    """``"0.7,-0.3"`` → ``[0.7, -0.3]``; None stays None.
+
+    Example:
+        >>> parse_weights("0.7, -0.3")
+        [0.7, -0.3]
+    """
+    if text is None:
+        return None
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise InvalidParameter(f"--weights must be comma-separated numbers, got {text!r}") from None
+
+
+source_options = _apply([
+    click.option("--allow-pickle", is_flag=True, help="Allow .bin pickle checkpoints (read with weights_only=True)."),
+])
+
+
+def _method_param_options() -> list[Decorator]:
+    options = []
+    for p in all_params():
+        kwargs: dict[str, Any] = {"default": None, "help": p.help + f" [default: {p.default}]"}
+        if p.choices:
+            kwargs["type"] = click.Choice(p.choices)
+        elif p.type is bool:
+            options.append(click.option(f"{p.option}/--no-{p.key.replace('_', '-')}", p.key, **kwargs))
+            continue
+        else:
+            kwargs["type"] = p.type
+        options.append(click.option(p.option, p.key, **kwargs))
+    return options
+
+
+merge_options = _apply([
+    click.option("--method", "-m", default="linear", show_default=True,
+                 help="Merge method; see `loramerge methods`."),
+    click.option("--weights", "-w", help="Comma-separated weight per source, e.g. 0.7,0.3 (negative allowed; default 1 each)."),
+    click.option("--rank", "-r", type=int, help="Output rank per module (re-ranks with a factored SVD)."),
+    click.option("--energy", type=float, help="Keep the smallest rank holding this fraction of Σσ² per module."),
+    click.option("--max-error", type=float, help="Keep the smallest rank with relative Frobenius error at most this."),
+    click.option("--rank-max", type=int, help="Cap on the per-module rank under any policy."),
+    click.option("--seed", type=int, default=0, show_default=True, help="Seed for random methods (per-module)."),
+    click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]."),
+    click.option("--compute-dtype", type=click.Choice(["fp32", "fp64"]), default="fp32", show_default=True,
+                 help="Precision of the maths."),
+    click.option("--ignore-base-mismatch", is_flag=True, help="Merge sources trained on different base models."),
+    click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write per-module statistics as JSON."),
+    *_method_param_options(),
+])
+
+output_options = _apply([
+    click.option("--output", "-o", required=True, type=click.Path(), help="Output folder (or file, for single-file formats)."),
+    click.option("--dtype", type=click.Choice(DTYPE_CHOICES), help="Stored dtype [default: the sources' dtype]."),
+    click.option("--force", is_flag=True, help="Overwrite an existing, non-empty output."),
+])
+
+
+def method_params_from(options: dict[str, Any]) -> dict[str, Any]:
+    """The method parameters the user actually set, keyed by their user-facing name."""
+    return {p.key: options[p.key] for p in all_params() if options.get(p.key) is not None}

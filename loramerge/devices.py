@@ -1,0 +1,51 @@
+"""Device and dtype resolution shared by the API and the CLI."""
+
+from __future__ import annotations
+
+import torch
+
+from loramerge.errors import InvalidParameter
+
+_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp64": torch.float64, "float64": torch.float64, "double": torch.float64,
+}
+DTYPE_CHOICES = ("fp32", "fp16", "bf16")
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` (or None) means CUDA when available, else the CPU.
+
+    Example:
+        >>> resolve_device("cpu")
+        device(type='cpu')
+    """
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidParameter("--device cuda was asked for but no CUDA device is available")
+    return resolved
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """A torch dtype from ``fp16``/``bf16``/``fp32``/``float16``/... or a dtype; None stays None.
+
+    Example:
+        >>> parse_dtype("bf16")
+        torch.bfloat16
+    """
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    found = _DTYPES.get(str(dtype).lower().removeprefix("torch."))
+    if found is None:
+        raise InvalidParameter(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_CHOICES)}")
+    return found
+
+
+def dtype_name(dtype: torch.dtype | None) -> str:
+    """``torch.bfloat16`` → ``bf16``."""
+    names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+    return names.get(dtype, str(dtype).removeprefix("torch.")) if dtype is not None else "-"

@@ -1,0 +1,191 @@
+"""The merge engine: plan the sources, run the method module by module, apply the rank policy.
+
+Memory stays bounded because only one module's factors (and, for per-entry methods, its dense
+updates) live on the compute device at a time.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from loramerge.adapter import Adapter, LowRank
+from loramerge.devices import parse_dtype, resolve_device
+from loramerge.errors import InvalidParameter, NonFiniteValues
+from loramerge.linalg import RankPolicy, dense_svd, factored_svd, spectrum_stats
+from loramerge.methods import MergeMethod, MethodOutput, ModuleInputs, get_method, module_seed
+from loramerge.plan import plan_merge
+from loramerge.report import MergeReport, ModuleReport
+from loramerge.sources import load
+
+DEFAULT_SEED = 0
+
+
+def merge(
+    adapters: Sequence[Adapter | str | Path],
+    method: str = "linear",
+    weights: Sequence[float] | None = None,
+    rank: int | None = None,
+    *,
+    energy: float | None = None,
+    max_error: float | None = None,
+    rank_max: int | None = None,
+    seed: int = DEFAULT_SEED,
+    device: str | torch.device = "auto",
+    dtype: torch.dtype | str | None = None,
+    compute_dtype: torch.dtype | str = torch.float32,
+    ignore_base_mismatch: bool = False,
+    progress: bool = False,
+    **params: Any,
+) -> Adapter:
+    """Merge LoRA adapters into one adapter.
+
+    ``adapters`` are :class:`Adapter` objects or paths. ``weights`` (default 1 each, negative
+    allowed) multiply each source's update. ``method`` is a registered name (see
+    ``loramerge methods``); ``params`` are its parameters. The rank policy is ``rank``, ``energy``
+    or ``max_error`` with an optional ``rank_max`` cap. The result carries a per-module
+    :class:`~loramerge.report.MergeReport` in ``.report``.
+
+    Example:
+        >>> import torch
+        >>> from loramerge import Adapter, LowRank, merge
+        >>> g = torch.Generator().manual_seed(0)
+        >>> a = Adapter({"fc": LowRank(torch.randn(2, 6, generator=g), torch.randn(5, 2, generator=g))})
+        >>> b = Adapter({"fc": LowRank(torch.randn(3, 6, generator=g), torch.randn(5, 3, generator=g))})
+        >>> m = merge([a, b], weights=[0.7, 0.3])
+        >>> m["fc"].rank, bool(torch.allclose(m.delta("fc"), 0.7 * a.delta("fc") + 0.3 * b.delta("fc"), atol=1e-6))
+        (5, True)
+        >>> merge([a, b], method="svd", rank=2)["fc"].rank
+        2
+    """
+    spec = get_method(method)
+    resolved = spec.resolve(params)
+    sources = [load(a) for a in adapters]
+    if not sources:
+        raise InvalidParameter("no sources to merge")
+    spec.check_source_count(len(sources))
+    weight_list = _check_weights(weights, len(sources))
+    policy = RankPolicy(rank=rank, energy=energy, max_error=max_error, rank_max=rank_max)
+    if not spec.accepts_rank and not policy.is_exact:
+        raise InvalidParameter(f"method {spec.name!r} keeps rank Σ rᵢ and takes no rank option; use 'linear' or 'svd'")
+    plan = plan_merge(sources, ignore_base_mismatch=ignore_base_mismatch)
+    compute = parse_dtype(compute_dtype) or torch.float32
+    out_dtype = parse_dtype(dtype) or _common_dtype(sources)
+    target = resolve_device(device)
+
+    started = time.perf_counter()
+    layers: dict[str, LowRank] = {}
+    reports: list[ModuleReport] = []
+    for module in tqdm(plan.modules, desc=f"merge ({spec.name})", unit="module", disable=not progress, leave=False):
+        row = plan.terms[module]
+        inputs = ModuleInputs(
+            module=module,
+            terms=[t.to(dtype=compute, device=target) if t is not None else None for t in row],
+            weights=weight_list,
+            seed=module_seed(seed, module),
+        )
+        result = spec.function(inputs, **resolved)
+        lowrank, module_report = finalize(result, inputs, spec, policy)
+        layers[module] = lowrank.to(dtype=out_dtype, device="cpu")
+        reports.append(module_report)
+
+    report = MergeReport(
+        method=spec.name,
+        weights=weight_list,
+        parameters={**{p.key: resolved[p.name] for p in spec.params}, **_policy_dict(policy), "seed": seed},
+        modules=reports,
+        sources=[s.source or f"source {i + 1}" for i, s in enumerate(sources)],
+        seconds=time.perf_counter() - started,
+    )
+    return Adapter(
+        layers,
+        base_model=plan.base_model,
+        task_type=plan.task_type,
+        source_format=sources[0].source_format,
+        dtype=out_dtype,
+        source=None,
+        report=report,
+    )
+
+
+def finalize(result: LowRank | torch.Tensor | MethodOutput, inputs: ModuleInputs, spec: MergeMethod,
+             policy: RankPolicy) -> tuple[LowRank, ModuleReport]:
+    """Turn one module's method result into a LoRA under the rank policy, with its report row."""
+    stats: dict[str, float] = {}
+    if isinstance(result, MethodOutput):
+        stats = dict(result.stats)
+        result = result.delta
+    source_ranks = [t.rank if t is not None else None for t in inputs.terms]
+    max_rank = max(r for r in source_ranks if r is not None)
+    effective = policy if spec.default_rank == "exact" else policy.with_default_rank(max_rank)
+    template = inputs.template
+
+    if isinstance(result, LowRank):
+        if effective.is_exact:
+            lowrank, energy, error = result.baked(), 1.0, 0.0
+        else:
+            B, A = result.matrices(result.dtype)
+            svd = factored_svd(B * result.scale, A)
+            k = effective.choose(svd.S)
+            energy, error = spectrum_stats(svd.S, k)
+            lowrank = template.from_matrices(*svd.factors(k))
+    else:
+        lowrank, energy, error = rerank_dense(result, template, effective)
+    _check_finite_result(lowrank, inputs.module)
+    report = ModuleReport(
+        module=inputs.module, source_ranks=source_ranks, output_rank=lowrank.rank,
+        energy_kept=energy, relative_error=error, extra=stats,
+    )
+    return lowrank, report
+
+
+def rerank_dense(delta: torch.Tensor, template: LowRank, policy: RankPolicy) -> tuple[LowRank, float, float]:
+    """Factor a dense ``(out, in·k)`` update under ``policy``; energy and error are measured, not assumed.
+
+    A fixed rank well below min(m, n) uses a randomized SVD; energy and error targets need the full
+    spectrum and use an exact one. An empty policy keeps the numerical rank (error ≤ 1e-6).
+    """
+    if policy.is_exact:
+        policy = RankPolicy(max_error=1e-6)
+    only_rank = policy.rank is not None
+    svd = dense_svd(delta, max_rank=policy.rank if only_rank else None)
+    k = policy.choose(svd.S)
+    B, A = svd.factors(k)
+    total = float(delta.double().square().sum())
+    if total == 0.0:
+        return template.from_matrices(B, A), 1.0, 0.0
+    residual = float((delta - B @ A).double().square().sum())
+    kept = float(svd.S[:k].double().square().sum()) / total
+    return template.from_matrices(B, A), min(1.0, kept), math.sqrt(residual / total)
+
+
+def _check_weights(weights: Sequence[float] | None, count: int) -> list[float]:
+    if weights is None:
+        return [1.0] * count
+    values = [float(w) for w in weights]
+    if len(values) != count:
+        raise InvalidParameter(f"got {len(values)} weight(s) for {count} source(s); give one weight per source")
+    if not all(math.isfinite(w) for w in values):
+        raise NonFiniteValues(f"weights must be finite, got {values}")
+    return values
+
+
+def _common_dtype(sources: Sequence[Adapter]) -> torch.dtype:
+    dtypes = {s.dtype for s in sources if s.dtype is not None}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def _policy_dict(policy: RankPolicy) -> Mapping[str, Any]:
+    fields = {"rank": policy.rank, "energy": policy.energy, "max_error": policy.max_error, "rank_max": policy.rank_max}
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def _check_finite_result(lowrank: LowRank, module: str) -> None:
+    if not (bool(torch.isfinite(lowrank.A).all()) and bool(torch.isfinite(lowrank.B).all())):
+        raise NonFiniteValues(f"module {module}: the merge produced NaN/Inf values")

@@ -1,0 +1,60 @@
+"""The method registry. Each family lives in one module here; adding a method is one line below.
+
+Example:
+    >>> from loramerge.methods import get_method
+    >>> get_method("svd").default_rank
+    'max_source_rank'
+"""
+
+from __future__ import annotations
+
+from loramerge.errors import InvalidParameter
+from loramerge.methods import linear
+from loramerge.methods.base import MergeMethod, MethodOutput, ModuleInputs, Param, module_seed
+
+_FAMILIES = (
+    linear.METHODS,
+)
+
+REGISTRY: dict[str, MergeMethod] = {m.name: m for family in _FAMILIES for m in family}
+
+
+def canonical_name(name: str) -> str:
+    """A method name with hyphens accepted for underscores, lower-cased (``dare-ties`` → ``dare_ties``)."""
+    return name.strip().lower().replace("-", "_")
+
+
+def get_method(name: str) -> MergeMethod:
+    """The registered method called ``name``, or :class:`InvalidParameter` listing the valid names."""
+    method = REGISTRY.get(canonical_name(name))
+    if method is None:
+        raise InvalidParameter(f"unknown method {name!r}; valid methods: {', '.join(REGISTRY)}")
+    return method
+
+
+def available_methods() -> list[MergeMethod]:
+    """All registered methods, in registry order."""
+    return list(REGISTRY.values())
+
+
+def all_params() -> list[Param]:
+    """Every distinct parameter any method takes (the CLI turns each into one option)."""
+    seen: dict[str, Param] = {}
+    for method in REGISTRY.values():
+        for p in method.params:
+            seen.setdefault(p.key, p)
+    return list(seen.values())
+
+
+__all__ = [
+    "REGISTRY",
+    "MergeMethod",
+    "MethodOutput",
+    "ModuleInputs",
+    "Param",
+    "all_params",
+    "available_methods",
+    "canonical_name",
+    "get_method",
+    "module_seed",
+]

@@ -1,0 +1,104 @@
+"""Per-module statistics of a merge, their JSON form and the summary table printed at the end."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class ModuleReport:
+    """What one module's merge kept.
+
+    ``energy_kept`` is the fraction of Σσ² of the method's own result kept by the rank policy and
+    ``relative_error`` is ‖D − D_k‖_F / ‖D‖_F against that result. ``extra`` holds method-specific
+    figures such as the sign-conflict fraction or the density kept.
+    """
+
+    module: str
+    source_ranks: list[int | None]
+    output_rank: int
+    energy_kept: float = 1.0
+    relative_error: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class MergeReport:
+    """The record of a merge: method, weights, parameters and one :class:`ModuleReport` per module.
+
+    Example:
+        >>> r = MergeReport("linear", [1.0], {}, [ModuleReport("m", [4], 4)])
+        >>> r.to_dict()["totals"]["modules"]
+        1
+    """
+
+    method: str
+    weights: list[float]
+    parameters: dict[str, Any]
+    modules: list[ModuleReport] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def totals(self) -> dict[str, Any]:
+        """Aggregate figures: module count, total output rank, mean energy, worst error."""
+        errors = [m.relative_error for m in self.modules]
+        energies = [m.energy_kept for m in self.modules]
+        return {
+            "modules": len(self.modules),
+            "output_rank_total": sum(m.output_rank for m in self.modules),
+            "mean_energy_kept": sum(energies) / len(energies) if energies else 1.0,
+            "max_relative_error": max(errors) if errors else 0.0,
+            "mean_relative_error": sum(errors) / len(errors) if errors else 0.0,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "weights": self.weights,
+            "parameters": self.parameters,
+            "sources": self.sources,
+            "seconds": self.seconds,
+            "totals": self.totals(),
+            "modules": [asdict(m) for m in self.modules],
+        }
+
+    def write_json(self, path: str | Path) -> Path:
+        """Write the report as JSON (non-finite numbers become null) and return the path."""
+        path = Path(path)
+        path.write_text(json.dumps(_finite(self.to_dict()), indent=2) + "\n")
+        return path
+
+    def summary(self, worst: int = 5) -> str:
+        """A short text table: the ``worst`` modules by relative error, then the totals."""
+        lines = [f"{'module':<48} {'ranks':>12} {'out':>5} {'energy':>8} {'rel.err':>9}"]
+        ranked = sorted(self.modules, key=lambda m: m.relative_error, reverse=True)[:worst]
+        for m in ranked:
+            ranks = ",".join("-" if r is None else str(r) for r in m.source_ranks)
+            lines.append(
+                f"{_clip(m.module, 48):<48} {_clip(ranks, 12):>12} {m.output_rank:>5} "
+                f"{m.energy_kept:>8.4f} {m.relative_error:>9.2e}"
+            )
+        t = self.totals()
+        lines.append(
+            f"{t['modules']} modules, total rank {t['output_rank_total']}, mean energy kept "
+            f"{t['mean_energy_kept']:.4f}, worst relative error {t['max_relative_error']:.2e}"
+        )
+        return "\n".join(lines)
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else "…" + text[-(width - 1):]
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
