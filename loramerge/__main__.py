@@ -1,0 +1,5 @@
+"""``python -m loramerge`` runs the CLI."""
+
+from loramerge.cli import main
+
+main()
