@@ -6,7 +6,13 @@ from typing import Any
 
 import click
 
-from loramerge.cli.options import merge_options, method_params_from, output_options, parse_weights, source_options
+from loramerge.cli.options import (
+    merge_options,
+    method_params_from,
+    output_options,
+    parse_weights,
+    source_options,
+)
 from loramerge.merge import merge
 from loramerge.output import check_output
 from loramerge.sources import load

@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny models and PEFT adapters written by PEFT itself, all offline."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from tests.peft_fixtures import make_peft_adapter, tiny_gpt2, tiny_llama, toy_conv_net
+
+
+@pytest.fixture(scope="session")
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def gpt2():
+    return tiny_gpt2()
+
+
+@pytest.fixture(scope="session")
+def conv_net():
+    return toy_conv_net()
+
+
+@pytest.fixture(scope="session")
+def llama_adapters(llama, tmp_path_factory):
+    """Four PEFT adapters on the tiny Llama that differ in rank, alpha, rsLoRA, patterns and targets."""
+    root = tmp_path_factory.mktemp("llama_adapters")
+    specs = {
+        "plain": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+        "rslora": dict(r=8, lora_alpha=4, use_rslora=True, target_modules=["q_proj", "k_proj", "o_proj"]),
+        "patterns": dict(
+            r=6, lora_alpha=12, target_modules=["q_proj", "v_proj", "gate_proj", "up_proj"],
+            rank_pattern={"up_proj": 2, "model.layers.1.self_attn.q_proj": 3},
+            alpha_pattern={"gate_proj": 3, "model.layers.0.self_attn.v_proj": 1.5},
+        ),
+        "same_rank": dict(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+    }
+    return {
+        name: make_peft_adapter(llama, root / name, seed=i + 1, **kwargs) for i, (name, kwargs) in enumerate(specs.items())
+    }
