@@ -33,19 +33,22 @@ def concatenate(inputs: ModuleInputs) -> LowRank:
         (2, [-1.0, -1.0])
     """
     template = inputs.template
-    Bs, As = [], []
-    for term, weight in inputs.present:
-        c = weight * term.scale
-        if c == 0.0:
-            continue
+    kept = [(term, weight * term.scale) for term, weight in inputs.present if weight * term.scale != 0.0]
+    B0, A0 = template.matrices(template.dtype)
+    if not kept:
+        return template.from_matrices(torch.zeros_like(B0[:, :1]), torch.zeros_like(A0[:1]), scale=1.0)
+    total = sum(term.rank for term, _ in kept)
+    B_cat = B0.new_empty((B0.shape[0], total))
+    A_cat = A0.new_empty((total, A0.shape[1]))
+    start = 0
+    for term, c in kept:
         B, A = term.matrices(term.dtype)
         root = math.sqrt(abs(c))
-        Bs.append(B * (math.copysign(root, c)))
-        As.append(A * root)
-    if not Bs:
-        B0, A0 = template.matrices(template.dtype)
-        Bs, As = [torch.zeros_like(B0[:, :1])], [torch.zeros_like(A0[:1])]
-    return template.from_matrices(torch.cat(Bs, dim=1), torch.cat(As, dim=0), scale=1.0)
+        stop = start + term.rank
+        torch.mul(B, math.copysign(root, c), out=B_cat[:, start:stop])
+        torch.mul(A, root, out=A_cat[start:stop])
+        start = stop
+    return template.from_matrices(B_cat, A_cat, scale=1.0)
 
 
 LINEAR = MergeMethod(
