@@ -87,3 +87,14 @@ def test_rank_policy_error_guarantee():
 def test_rank_policy_validation(kwargs):
     with pytest.raises(InvalidParameter):
         RankPolicy(**kwargs)
+
+
+def test_rank_deficient_and_ill_conditioned_factors_take_the_exact_route():
+    g = torch.Generator().manual_seed(3)
+    B, A = torch.randn(60, 5, generator=g, dtype=torch.float64), torch.randn(5, 40, generator=g, dtype=torch.float64)
+    doubled = factored_svd(torch.cat([B, B], 1), torch.cat([A, A], 0))  # duplicate columns: rank-deficient
+    Bk, Ak = doubled.factors(5)
+    torch.testing.assert_close(Bk @ Ak, 2 * B @ A, atol=1e-10, rtol=1e-10)
+    skewed = B * torch.tensor([1.0, 1e-7, 1.0, 1e-9, 1.0], dtype=torch.float64)
+    Bk, Ak = factored_svd(skewed, A).factors(5)
+    torch.testing.assert_close(Bk @ Ak, skewed @ A, atol=1e-10, rtol=1e-10)
