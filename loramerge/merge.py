@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from tqdm.auto import tqdm
@@ -25,6 +26,7 @@ from loramerge.report import MergeReport, ModuleReport
 from loramerge.sources import load
 
 DEFAULT_SEED = 0
+T = TypeVar("T")
 
 
 def merge(
@@ -80,9 +82,8 @@ def merge(
     target = resolve_device(device)
 
     started = time.perf_counter()
-    layers: dict[str, LowRank] = {}
-    reports: list[ModuleReport] = []
-    for module in tqdm(plan.modules, desc=f"merge ({spec.name})", unit="module", disable=not progress, leave=False):
+
+    def merge_module(module: str) -> tuple[LowRank, ModuleReport]:
         row = plan.terms[module]
         inputs = ModuleInputs(
             module=module,
@@ -90,9 +91,16 @@ def merge(
             weights=weight_list,
             seed=module_seed(seed, module),
         )
-        result = spec.function(inputs, **resolved)
-        lowrank, module_report = finalize(result, inputs, spec, policy)
-        layers[module] = lowrank.to(dtype=out_dtype, device="cpu")
+        lowrank, module_report = finalize(spec.function(inputs, **resolved), inputs, spec, policy)
+        return lowrank.to(dtype=out_dtype, device="cpu"), module_report
+
+    layers: dict[str, LowRank] = {}
+    reports: list[ModuleReport] = []
+    results = map_modules(merge_module, plan.modules, target)
+    for module, (lowrank, module_report) in tqdm(zip(plan.modules, results), total=len(plan.modules),
+                                                 desc=f"merge ({spec.name})", unit="module",
+                                                 disable=not progress, leave=False):
+        layers[module] = lowrank
         reports.append(module_report)
 
     report = MergeReport(
@@ -112,6 +120,27 @@ def merge(
         source=None,
         report=report,
     )
+
+
+def map_modules(work: Callable[[str], T], modules: Sequence[str], device: torch.device) -> Iterator[T]:
+    """``work`` applied to every module, in order.
+
+    On the CPU, modules run on a small thread pool with single-threaded torch ops: a LoRA module's
+    linear algebra is too small to keep several threads busy, while independent modules are not,
+    and each module's result no longer depends on the machine's thread count. On an accelerator
+    modules run one after another.
+    """
+    workers = min(torch.get_num_threads(), len(modules)) if device.type == "cpu" else 1
+    if workers <= 1:
+        yield from map(work, modules)
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="loramerge") as pool:
+            yield from pool.map(work, modules)
+    finally:
+        torch.set_num_threads(previous)
 
 
 def finalize(result: LowRank | torch.Tensor | MethodOutput, inputs: ModuleInputs, spec: MergeMethod,
