@@ -161,6 +161,9 @@ class Adapter(Mapping[str, LowRank]):
     ``source`` (where it was read from). ``full_weights`` holds full replacement tensors such as
     PEFT's ``modules_to_save``; ``config`` is the source's own configuration, for reference.
     A merged adapter carries its per-module :class:`~loramerge.report.MergeReport` in ``report``.
+    ``origin`` says where a loaded adapter came from, for model cards and recipes: ``path`` for a
+    local source; ``repo_id``, ``revision``, ``commit`` and ``subpath`` for a Hub source; and the
+    ``license`` its model card declares, if any.
 
     Example:
         >>> import torch
@@ -178,6 +181,7 @@ class Adapter(Mapping[str, LowRank]):
     full_weights: dict[str, torch.Tensor] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     report: MergeReport | None = None
+    origin: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.layers = dict(self.layers)
