@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -348,3 +348,83 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+
+
+# --------------------------------------------------------------------------- pushing
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """Where a push landed: the repository, the new commit and its URL."""
+
+    repo_id: str
+    commit: str | None
+    url: str | None
+
+
+def check_push(repo_id: str, *, token: str | None = None) -> str:
+    """Refuse a push that cannot work before any heavy work: a bad target, no token, offline mode.
+
+    Returns the token to use. Commands call it before merging, so a missing login fails fast.
+
+    Example:
+        >>> try:
+        ...     check_push("org/name/sub")
+        ... except LoramergeError as e:
+        ...     print(e)
+        org/name/sub: a push target must be a Hub repository id, org/name
+    """
+    ref = parse_hub_id(repo_id)
+    if ref is None or ref.revision or ref.subpath:
+        from loramerge.errors import InvalidParameter
+
+        raise InvalidParameter(f"{repo_id}: a push target must be a Hub repository id, org/name")
+    token = token or _active_token()
+    if not token:
+        raise HubError(f"{repo_id}: pushing needs a token with write access; set HF_TOKEN or log in with "
+                       "`hf auth login`")
+    if is_offline():
+        raise HubError(f"{repo_id}: cannot push while HF_HUB_OFFLINE is set")
+    return token
+
+
+def push_to_hub(folder_or_file: str | Path, repo_id: str, *, private: bool = False, commit_message: str | None = None,
+                token: str | None = None, extra_files: Mapping[str, bytes] | None = None) -> PushResult:
+    """Upload a folder (or one file) to the model repository ``repo_id``, creating it if needed.
+
+    The client's own ``create_repo`` and ``upload_folder`` (or ``create_commit`` when
+    ``extra_files`` add or replace files such as the model card) do the work, so large files take
+    its normal LFS/Xet path. ``private`` applies when the repository is created. The token is
+    ``token``, else ``HF_TOKEN`` or the saved login; without one nothing is sent.
+
+    Example (a target with a revision is refused before any request):
+        >>> import tempfile
+        >>> try:
+        ...     push_to_hub(tempfile.mkdtemp(), "me/merged@v1")
+        ... except LoramergeError as e:
+        ...     print(e)
+        me/merged@v1: a push target must be a Hub repository id, org/name
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    path = Path(folder_or_file)
+    if not path.exists():
+        raise SourceNotFound(f"{path}: no such file or folder to push")
+    token = check_push(repo_id, token=token)
+    message = commit_message or f"Upload {path.name} with loramerge"
+    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
+    with hub_errors(HubRef(repo_id), token=token, pushing=True):
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if path.is_dir() and not extra_files:
+            info = api.upload_folder(folder_path=str(path), repo_id=repo_id, commit_message=message)
+        else:
+            extra = dict(extra_files or {})
+            files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+            operations = []
+            for file in files:
+                name = file.name if path.is_file() else file.relative_to(path).as_posix()
+                if name not in extra and not any(part.startswith(".") for part in name.split("/")):
+                    operations.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(file)))
+            operations += [CommitOperationAdd(path_in_repo=k, path_or_fileobj=v) for k, v in extra.items()]
+            info = api.create_commit(repo_id, operations=operations, commit_message=message)
+    return PushResult(repo_id=repo_id, commit=getattr(info, "oid", None), url=getattr(info, "commit_url", None))

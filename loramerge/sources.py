@@ -12,6 +12,7 @@ from typing import Any
 from loramerge.adapter import Adapter
 from loramerge.errors import SourceNotFound
 from loramerge.formats import read_adapter
+from loramerge.hub import HubRef, fetch_adapter
 
 
 def locate_source(source: str | Path) -> tuple[Path, dict[str, Any]]:
@@ -32,7 +33,7 @@ def locate_source(source: str | Path) -> tuple[Path, dict[str, Any]]:
         if license_:
             origin["license"] = license_
         return path, origin
-    from loramerge.hub import fetch_adapter, parse_hub_id
+    from loramerge.hub import parse_hub_id
 
     ref = parse_hub_id(str(source)) if not isinstance(source, Path) else None
     if ref is None:
@@ -52,11 +53,12 @@ def resolve_source(source: str | Path) -> Path:
     return locate_source(source)[0]
 
 
-def load(source: str | Path | Adapter, *, format: str | None = None, allow_pickle: bool = False) -> Adapter:
+def load(source: str | Path | Adapter | HubRef, *, format: str | None = None, allow_pickle: bool = False) -> Adapter:
     """Load an adapter from a file or folder, or from the Hub, detecting its format.
 
     ``allow_pickle`` permits ``.bin`` checkpoints, read with ``torch.load(weights_only=True)``.
-    A Hub source keeps its spelling in ``.source`` and its resolved commit in ``.origin``.
+    A Hub source keeps its spelling in ``.source`` and its resolved commit in ``.origin``; a
+    :class:`~loramerge.hub.HubRef` goes to the Hub even when a local path has the same spelling.
 
     Example:
         >>> import tempfile, torch
@@ -67,7 +69,11 @@ def load(source: str | Path | Adapter, *, format: str | None = None, allow_pickl
     """
     if isinstance(source, Adapter):
         return source
-    path, origin = locate_source(source)
+    if isinstance(source, HubRef):
+        snapshot = fetch_adapter(source)
+        path, origin = snapshot.path, snapshot.origin()
+    else:
+        path, origin = locate_source(source)
     adapter = read_adapter(path, format=format, allow_pickle=allow_pickle)
     if "repo_id" in origin:
         adapter.source = str(source)
