@@ -469,7 +469,10 @@ class _Reader:
                 listed = ", ".join(valid) or "none"
                 raise self.fail(knode, f"{key}.{name}", f"method {spec.name!r} has no parameter {name!r} "
                                                         f"(its parameters: {listed})")
-            numeric = param.type in (int, float) and not param.choices
+            # Numeric parameters may vary by layer; the default tells, since a parameter that also
+            # takes one value per source has a converter rather than float as its type.
+            numeric = isinstance(param.default, (int, float)) and not isinstance(param.default, bool) \
+                and not param.choices
             out[param.key] = self.schedule(vnode, f"{key}.{param.key}", _param_coercer(param, spec.name),
                                            numeric=numeric, integer=param.type is int)
         return out
