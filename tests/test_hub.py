@@ -10,12 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from click.testing import CliRunner
 from hubserver import FakeHub, client_env, configure_client
 
 import loramerge
 from loramerge import Adapter, LowRank
+from loramerge.cli import main
 from loramerge.errors import HubError, SourceNotFound
 from loramerge.hub import HubRef, fetch_model, parse_hub_id
+from loramerge.publish import publish_output
+from loramerge.recipe import RECIPE_FILENAME as RECIPE
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "hf_writetokenABCDEFGHIJKLMNOP123"
@@ -202,6 +207,11 @@ def test_fetch_model_downloads_configs_and_weights_only(hub, tmp_path):
 # ---------------------------------------------------------------------- the CLI, configured by the environment only
 
 
+def cli_in_process(args: list[str]) -> tuple[int, str]:
+    result = CliRunner().invoke(main, args)
+    return result.exit_code, result.output
+
+
 def run_cli(args: list[str], env: dict[str, str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))} | env
     full["PYTHONPATH"] = str(ROOT)
@@ -225,3 +235,171 @@ def test_cli_reads_hf_endpoint_token_and_offline_from_the_environment(hub, tmp_p
     missing = run_cli(["inspect", "org/other"], env | {"HF_HUB_OFFLINE": "1", "HF_TOKEN": TOKEN})
     assert missing.returncode == 1 and "HF_HUB_OFFLINE is set" in missing.stderr
     assert TOKEN not in missing.stdout + missing.stderr
+
+
+# ---------------------------------------------------------------------- pushing and model cards
+
+
+def merged_from_hub_and_local(hub, published, tmp_path) -> Adapter:
+    local = make_adapter(9)
+    local.save(tmp_path / "local-adapter")
+    (tmp_path / "local-adapter" / "README.md").write_text("---\nlicense: apache-2.0\n---\n")
+    sources = [loramerge.load("org/adapters@v1"), loramerge.load(tmp_path / "local-adapter")]
+    return loramerge.merge(sources, method="svd", weights=[0.7, 0.3], rank=3)
+
+
+def test_round_trip_push_then_load_by_repo_id_and_revision(hub, published, tmp_path, monkeypatch):
+    merged = merged_from_hub_and_local(hub, published, tmp_path)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    result = merged.push_to_hub("me/merged", commit_message="first merge")
+    repo = hub.repos["me/merged"]
+    assert result.commit == repo.refs["main"] and not repo.private
+    assert sorted(repo.commits[result.commit]) == [
+        ".gitattributes", "README.md", "adapter_config.json", "adapter_model.safetensors", RECIPE,
+    ]
+    by_revision = loramerge.load(f"me/merged@{result.commit}")
+    assert same_deltas(by_revision, merged)
+    assert by_revision.origin["commit"] == result.commit
+    assert same_deltas(loramerge.load("me/merged"), merged)
+
+
+def test_model_card_parses_and_its_metadata_is_right(hub, published, tmp_path, monkeypatch):
+    from huggingface_hub import ModelCard
+
+    merged = merged_from_hub_and_local(hub, published, tmp_path)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    result = merged.push_to_hub("me/carded", description="Two adapters, re-ranked.")
+    text = hub.repos["me/carded"].commits[result.commit]["README.md"].decode()
+    card = ModelCard(text)
+    assert card.data.base_model == "org/base"
+    assert card.data.library_name == "peft"
+    assert card.data.license == "apache-2.0"
+    assert {"lora", "loramerge", "svd", "base_model:adapter:org/base"} <= set(card.data.tags)
+    assert published["first"] in card.text  # the Hub source's resolved commit
+    assert 'PeftModel.from_pretrained(base, "me/carded")' in card.text
+    assert "Two adapters, re-ranked." in card.text and "model.layers.*.q_proj" in card.text
+    recipe = yaml.safe_load(hub.repos["me/carded"].commits[result.commit][RECIPE])
+    assert recipe["sources"][0] == {"repo": "org/adapters", "revision": published["first"], "weight": 0.7}
+    assert recipe["method"] == "svd" and recipe["rank"] == 3
+
+
+def test_license_is_left_out_when_sources_disagree(hub, published, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from loramerge.card import model_card
+
+    other = make_adapter(10)
+    other.save(tmp_path / "mit-adapter")
+    (tmp_path / "mit-adapter" / "README.md").write_text("---\nlicense: mit\n---\n")
+    merged = loramerge.merge([loramerge.load("org/adapters@v1"), loramerge.load(tmp_path / "mit-adapter")])
+    card = ModelCard(model_card(merged))
+    assert card.data.license is None
+    assert card.data.tags == ["lora", "loramerge", "linear", "base_model:adapter:org/base"]
+
+
+def test_combine_pushes_with_credentials_from_the_environment(hub, published, tmp_path):
+    env = client_env(hub.url, str(tmp_path / "cli-home")) | {"HF_TOKEN": TOKEN}
+    out = tmp_path / "combined"
+    done = run_cli(["combine", "org/adapters@v1", "org/adapters/extra", "-o", str(out), "--method", "svd",
+                    "--rank", "2", "--push-to-hub", "me/combined", "--private", "--commit-message", "svd merge"], env)
+    assert done.returncode == 0, done.stderr
+    assert TOKEN not in done.stdout + done.stderr
+    repo = hub.repos["me/combined"]
+    assert repo.private
+    files = repo.commits[repo.refs["main"]]
+    local_card = (out / "README.md").read_text()
+    assert 'from_pretrained(base, "path/to/this/adapter")' in local_card
+    assert 'from_pretrained(base, "me/combined")' in files["README.md"].decode()
+    assert files["adapter_model.safetensors"] == (out / "adapter_model.safetensors").read_bytes()
+    saved = yaml.safe_load((out / RECIPE).read_text())
+    assert [s["revision"] for s in saved["sources"]] == [published["first"], published["second"]]
+    assert saved["sources"][1]["subfolder"] == "extra"
+    assert all(TOKEN not in content.decode(errors="replace") for content in files.values())
+
+
+def test_push_command_uploads_an_existing_folder(hub, tmp_path, monkeypatch):
+    folder = make_adapter(11).save(tmp_path / "plain")
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    code, text = cli_in_process(["push", str(folder), "me/plain", "--commit-message", "upload"])
+    assert code == 0, text
+    files = hub.repos["me/plain"].commits[hub.repos["me/plain"].refs["main"]]
+    assert sorted(files) == [".gitattributes", "README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert "library_name: peft" in files["README.md"].decode()
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    single = publish_output(folder / "adapter_model.safetensors", "me/single")
+    assert "adapter_model.safetensors" in hub.repos["me/single"].commits[single.commit]
+
+
+def test_push_without_credentials_sends_nothing(hub, tmp_path):
+    folder = make_adapter(12).save(tmp_path / "a")
+    hub.log.clear()
+    with pytest.raises(HubError, match="pushing needs a token with write access; set HF_TOKEN or log in"):
+        publish_output(folder, "me/nothing")
+    code, text = cli_in_process(["combine", str(folder), "-o", str(tmp_path / "out"), "--push-to-hub", "me/x"])
+    assert code == 1 and text.startswith("error: me/x: pushing needs a token") and "Traceback" not in text
+    assert not (tmp_path / "out").exists()
+    assert hub.log == []
+
+
+@pytest.mark.parametrize(("token", "message"), [
+    (READ_TOKEN, "the token has no write access to me/denied (403)"),
+    ("hf_wrongtokenQQQQQQQQQQQQQQQQ777", "refused the credentials"),
+])
+def test_push_refused_by_the_hub(hub, tmp_path, monkeypatch, token, message):
+    folder = make_adapter(13).save(tmp_path / "a")
+    monkeypatch.setenv("HF_TOKEN", token)
+    code, text = cli_in_process(["push", str(folder), "me/denied"])
+    assert code == 1 and message in text and token not in text
+    assert "me/denied" not in hub.repos
+
+
+def test_push_while_offline_is_refused(hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(HubError, match="cannot push while HF_HUB_OFFLINE is set"):
+        make_adapter(14).push_to_hub("me/offline")
+
+
+def test_large_files_take_the_lfs_path_both_ways(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    server = FakeHub(lfs=True).start()
+    server.tokens[TOKEN] = True
+    try:
+        configure_client(monkeypatch, server.url, str(tmp_path / "home"))
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # the LFS batch protocol, not Xet
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        adapter = make_adapter(15)
+        result = adapter.push_to_hub("me/lfs")
+        assert "adapter_model.safetensors" in server.repos["me/lfs"].lfs_paths
+        calls = [(m, p.split("/")[1] if p.startswith("/lfs") else p) for m, p, _ in server.log]
+        assert ("POST", "/me/lfs.git/info/lfs/objects/batch") in calls and ("PUT", "lfs-upload") in calls
+        assert same_deltas(loramerge.load(f"me/lfs@{result.commit}"), adapter)
+    finally:
+        server.stop()
+
+
+def test_recipe_with_a_hub_source_pushes_and_pins_the_commit(hub, published, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    recipe = tmp_path / "hub.yaml"
+    recipe.write_text(
+        "sources:\n"
+        "  - repo: org/adapters\n    revision: v1\n    weight: 0.6\n"
+        "  - repo: org/adapters\n    subfolder: extra\n    weight: [0.2, 0.4]\n"
+        "method: svd\nrank: 2\n"
+        "output:\n  push: {repo: me/from-recipe, private: true}\n"
+    )
+    merged = loramerge.run_recipe(recipe)
+    repo = hub.repos["me/from-recipe"]
+    files = repo.commits[repo.refs["main"]]
+    assert repo.private and sorted(files) == [
+        ".gitattributes", "README.md", "adapter_config.json", "adapter_model.safetensors", RECIPE,
+    ]
+    saved = yaml.safe_load(files[RECIPE])
+    assert saved["sources"][0] == {"repo": "org/adapters", "revision": published["first"], "weight": 0.6}
+    assert saved["sources"][1] == {"repo": "org/adapters", "revision": published["second"], "subfolder": "extra",
+                                   "weight": [0.2, 0.4]}
+    hub.commit("org/adapters", {"adapter_model.safetensors": b"moved on"})  # main moves; the pin does not
+    again = tmp_path / "again.yaml"
+    again.write_bytes(files[RECIPE])
+    assert same_deltas(loramerge.run_recipe(again), merged)
