@@ -296,14 +296,15 @@ class _Reader:
         return f"{self.name}:{mark.line + 1}"
 
     def fail(self, node: Node, key: str, message: str) -> RecipeError:
-        return RecipeError(f"{self.where(node)}: {key}: {message}")
+        return RecipeError(f"{self.where(node)}: {key}: {message}" if key else f"{self.where(node)}: {message}")
 
     def value(self, node: Node) -> Any:
         return self.loader.construct_object(node, deep=True)
 
     def mapping(self, node: Node, key: str, allowed: Sequence[str]) -> dict[str, tuple[Node, Node]]:
         if not isinstance(node, MappingNode):
-            raise self.fail(node, key, f"must be a mapping with keys {', '.join(allowed)}, got {_kind(node)}")
+            what = "the recipe" if not key else key
+            raise self.fail(node, "", f"{what} must be a mapping with keys {', '.join(allowed)}, got {_kind(node)}")
         out: dict[str, tuple[Node, Node]] = {}
         for k, v in node.value:
             name = self.value(k) if isinstance(k, ScalarNode) else None
@@ -405,6 +406,10 @@ class _Reader:
                 raise self.fail(mnode, "method", str(exc)) from None
         spec = get_method(method_name)
         params = self.parameters(top["parameters"][1], "parameters", spec) if "parameters" in top else {}
+        try:  # the method's own cross-parameter check, on the values that are the same everywhere
+            spec.resolve({k: v.spec for k, v in params.items() if v.is_constant})
+        except LoramergeError as exc:
+            raise self.fail(top["parameters"][0], "parameters", str(exc)) from None
         policy = {k: self.policy(top[k][1], k) for k in POLICY_KEYS if k in top}
         if not spec.accepts_rank and policy:
             key = next(iter(policy))

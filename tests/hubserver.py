@@ -419,3 +419,10 @@ def configure_client(monkeypatch: Any, url: str, home: str) -> None:
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(_detect_agent, "_registry", None)
     _http.close_session()
+
+
+def reset_client() -> None:
+    """Drop the client's shared HTTP session, so no later test inherits this one's proxy settings."""
+    from huggingface_hub.utils import _http
+
+    _http.close_session()

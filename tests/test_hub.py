@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from hubserver import FakeHub, client_env, configure_client
+from hubserver import FakeHub, client_env, configure_client, reset_client
 
 import loramerge
 from loramerge import Adapter, LowRank
@@ -34,6 +34,7 @@ def hub(tmp_path, monkeypatch):
     configure_client(monkeypatch, server.url, str(tmp_path / "hf-home"))
     yield server
     server.stop()
+    reset_client()
 
 
 def make_adapter(seed: int, base: str = "org/base") -> Adapter:
@@ -377,6 +378,7 @@ def test_large_files_take_the_lfs_path_both_ways(tmp_path, monkeypatch):
         assert same_deltas(loramerge.load(f"me/lfs@{result.commit}"), adapter)
     finally:
         server.stop()
+        reset_client()
 
 
 def test_recipe_with_a_hub_source_pushes_and_pins_the_commit(hub, published, tmp_path, monkeypatch):
@@ -403,3 +405,20 @@ def test_recipe_with_a_hub_source_pushes_and_pins_the_commit(hub, published, tmp
     again = tmp_path / "again.yaml"
     again.write_bytes(files[RECIPE])
     assert same_deltas(loramerge.run_recipe(again), merged)
+
+
+def test_publish_output_gives_other_outputs_a_minimal_card(hub, tmp_path, monkeypatch):
+    """What fold/extract/convert call after writing: the folder is uploaded as is, plus a card."""
+    from huggingface_hub import ModelCard
+
+    model = tmp_path / "folded"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    (model / "model.safetensors").write_bytes(b"weights")
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    result = publish_output(model, "me/folded", recipe={"base_model": "org/base", "sources": ["org/a"]})
+    files = hub.repos["me/folded"].commits[result.commit]
+    assert sorted(files) == [".gitattributes", "README.md", "config.json", RECIPE, "model.safetensors"]
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.library_name == "transformers" and "loramerge" in card.data.tags
+    assert sorted(p.name for p in model.iterdir()) == ["config.json", "model.safetensors"]

@@ -310,7 +310,7 @@ BAD = [
     ("sources: [a]\noutput:\n  push: {repo: me/x, privat: true}\n", r":3: output\.push\.privat: unknown key"),
     ("sources: [a]\nsources: [b]\n", r":2: sources: duplicate key \(first given at line 1\)"),
     ("sources: [a\nmethod: svd\n", r"recipe\.yaml:\d+: invalid YAML"),
-    ("- a\n- b\n", r":1: : must be a mapping with keys base_dir"),
+    ("- a\n- b\n", r":1: the recipe must be a mapping with keys base_dir"),
 ]
 
 
