@@ -303,7 +303,7 @@ class _Reader:
 
     def mapping(self, node: Node, key: str, allowed: Sequence[str]) -> dict[str, tuple[Node, Node]]:
         if not isinstance(node, MappingNode):
-            what = "the recipe" if not key else key
+            what = key or "the recipe"
             raise self.fail(node, "", f"{what} must be a mapping with keys {', '.join(allowed)}, got {_kind(node)}")
         out: dict[str, tuple[Node, Node]] = {}
         for k, v in node.value:
