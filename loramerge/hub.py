@@ -138,8 +138,9 @@ def download_from_hub(repo_id: str, *, revision: str | None = None, subfolder: s
         ...     download_from_hub("loramerge-example/missing", allow_patterns=["*.json"])
         ... except HubError as e:
         ...     print(str(e).split(";")[0])
+        ... finally:
+        ...     _ = os.environ.pop("HF_HUB_OFFLINE")
         loramerge-example/missing: not in the local Hugging Face cache and HF_HUB_OFFLINE is set
-        >>> del os.environ["HF_HUB_OFFLINE"]
     """
     from huggingface_hub import snapshot_download
 
@@ -199,8 +200,9 @@ def fetch_model(ref: HubRef, *, token: str | bool | None = None) -> HubSnapshot:
         ...     fetch_model(HubRef("loramerge-example/base"))
         ... except LoramergeError as e:
         ...     print(type(e).__name__)
+        ... finally:
+        ...     _ = os.environ.pop("HF_HUB_OFFLINE")
         HubError
-        >>> del os.environ["HF_HUB_OFFLINE"]
     """
     snapshot = download_from_hub(
         ref.repo_id, revision=ref.revision, subfolder=ref.subpath, token=token,
