@@ -369,3 +369,20 @@ def test_parse_recipe_without_a_file_resolves_paths_from_the_working_directory(t
     r = parse_recipe("sources:\n  - path: x\n    weight: 2\n")
     merged = run_recipe(r)
     assert math.isclose(float(merged.delta("lm_head")[0, 0]), float(2 * toy(3).delta("lm_head")[0, 0]), rel_tol=1e-5)
+
+
+def test_the_recipe_saved_by_combine_reproduces_it(demo, tmp_path):
+    out, again = tmp_path / "combined", tmp_path / "again"
+    code, text = cli("combine", str(demo / "adapters" / "math"), str(demo / "adapters" / "style"), "-o", str(out),
+                     "--method", "svd", "--energy", "0.9", "--weights", "0.6,-0.4", "--dtype", "bf16")
+    assert code == 0, text
+    saved = (out / RECIPE_FILENAME).read_text()
+    assert "weight: -0.4" in saved and "energy: 0.9" in saved and "dtype: bf16" in saved
+    code, text = cli("run", str(out / RECIPE_FILENAME), "-o", str(again))
+    assert code == 0, text
+    first, second = tensors(out), tensors(again)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert next(iter(second.values())).dtype == torch.bfloat16
+    code, text = cli("combine", str(demo / "adapters" / "math"), "-o", str(tmp_path / "bare"), "--no-card")
+    assert code == 0 and sorted(p.name for p in (tmp_path / "bare").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors"]
