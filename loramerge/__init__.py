@@ -14,19 +14,24 @@ from loramerge.adapter import Adapter, LowRank
 from loramerge.errors import (
     ConfigNotFound,
     CorruptFile,
+    HubError,
     IncompatibleAdapters,
     InvalidParameter,
     LoramergeError,
     NonFiniteValues,
     OutputExists,
     PickleRefused,
+    RecipeError,
     SourceNotFound,
     UnknownFormat,
     UnsupportedAdapter,
 )
+from loramerge.hub import push_to_hub
 from loramerge.linalg import RankPolicy
 from loramerge.merge import merge
 from loramerge.methods import available_methods, get_method
+from loramerge.recipe import load_recipe
+from loramerge.recipe_run import plan_recipe, run_recipe
 from loramerge.report import MergeReport, ModuleReport
 from loramerge.sources import load
 
@@ -42,6 +47,7 @@ __all__ = [
     "Adapter",
     "ConfigNotFound",
     "CorruptFile",
+    "HubError",
     "IncompatibleAdapters",
     "InvalidParameter",
     "LoramergeError",
@@ -52,6 +58,7 @@ __all__ = [
     "OutputExists",
     "PickleRefused",
     "RankPolicy",
+    "RecipeError",
     "SourceNotFound",
     "UnknownFormat",
     "UnsupportedAdapter",
@@ -59,6 +66,10 @@ __all__ = [
     "available_methods",
     "get_method",
     "load",
+    "load_recipe",
     "merge",
+    "plan_recipe",
+    "push_to_hub",
+    "run_recipe",
     "save",
 ]

@@ -23,6 +23,7 @@ import torch
 from loramerge.errors import UnsupportedAdapter
 
 if TYPE_CHECKING:
+    from loramerge.hub import PushResult
     from loramerge.report import MergeReport
 
 ModuleKind = Literal["linear", "conv", "embedding"]
@@ -161,6 +162,9 @@ class Adapter(Mapping[str, LowRank]):
     ``source`` (where it was read from). ``full_weights`` holds full replacement tensors such as
     PEFT's ``modules_to_save``; ``config`` is the source's own configuration, for reference.
     A merged adapter carries its per-module :class:`~loramerge.report.MergeReport` in ``report``.
+    ``origin`` says where a loaded adapter came from, for model cards and recipes: ``path`` for a
+    local source; ``repo_id``, ``revision``, ``commit`` and ``subpath`` for a Hub source; and the
+    ``license`` its model card declares, if any.
 
     Example:
         >>> import torch
@@ -178,6 +182,7 @@ class Adapter(Mapping[str, LowRank]):
     full_weights: dict[str, torch.Tensor] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     report: MergeReport | None = None
+    origin: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.layers = dict(self.layers)
@@ -243,6 +248,21 @@ class Adapter(Mapping[str, LowRank]):
         from loramerge.formats import write_adapter
 
         return write_adapter(self, path, format=format, dtype=dtype, force=force)
+
+    def push_to_hub(self, repo_id: str, *, private: bool = False, commit_message: str | None = None,
+                    token: str | None = None, format: str | None = None, dtype: torch.dtype | str | None = None,
+                    description: str | None = None) -> PushResult:
+        """Upload the adapter to the Hub model repository ``repo_id`` with a model card.
+
+        It is saved to a temporary folder (``format``, ``dtype`` as in :meth:`save`) with its
+        ``README.md`` and, for a merge, ``loramerge_recipe.yaml``, then pushed through
+        ``huggingface_hub`` (the repository is created if needed, ``private`` if asked). The token
+        is ``token``, else ``HF_TOKEN`` or the saved login. Returns the repository and commit.
+        """
+        from loramerge.publish import push_adapter
+
+        return push_adapter(self, repo_id, private=private, commit_message=commit_message, token=token,
+                            format=format, dtype=dtype, description=description)
 
     def with_layers(self, layers: Mapping[str, LowRank], **changes: Any) -> Adapter:
         """A copy of this adapter's metadata around new layers."""

@@ -50,3 +50,11 @@ class InvalidParameter(LoramergeError):
 
 class OutputExists(LoramergeError):
     """An output path that is not empty, written without ``force``."""
+
+
+class HubError(LoramergeError):
+    """A Hugging Face Hub request that failed: no connection, offline mode, credentials, rights."""
+
+
+class RecipeError(LoramergeError):
+    """A recipe that does not validate; the message gives the file, line and key."""

@@ -21,6 +21,7 @@ from loramerge.devices import parse_dtype, resolve_device
 from loramerge.errors import InvalidParameter, NonFiniteValues
 from loramerge.linalg import RankPolicy, dense_svd, factored_svd, spectrum_stats
 from loramerge.methods import MergeMethod, MethodOutput, ModuleInputs, get_method, module_seed
+from loramerge.overrides import Overrides, module_settings
 from loramerge.plan import plan_merge
 from loramerge.report import MergeReport, ModuleReport
 from loramerge.sources import load
@@ -44,6 +45,7 @@ def merge(
     compute_dtype: torch.dtype | str = torch.float32,
     ignore_base_mismatch: bool = False,
     progress: bool = False,
+    overrides: Overrides | None = None,
     **params: Any,
 ) -> Adapter:
     """Merge LoRA adapters into one adapter.
@@ -52,7 +54,8 @@ def merge(
     allowed) multiply each source's update. ``method`` is a registered name (see
     ``loramerge methods``); ``params`` are its parameters. The rank policy is ``rank``, ``energy``
     or ``max_error`` with an optional ``rank_max`` cap. The result carries a per-module
-    :class:`~loramerge.report.MergeReport` in ``.report``.
+    :class:`~loramerge.report.MergeReport` in ``.report``. ``overrides(module)`` may return
+    per-module parameters, ``weights`` and rank-policy keys (see :mod:`loramerge.overrides`).
 
     Example:
         >>> import torch
@@ -85,13 +88,17 @@ def merge(
 
     def merge_module(module: str) -> tuple[LowRank, ModuleReport]:
         row = plan.terms[module]
+        module_params, module_weights, module_policy = resolved, weight_list, policy
+        if overrides is not None:
+            s = module_settings(spec, params, weight_list, policy, overrides(module), module)
+            module_params, module_weights, module_policy = s.params, s.weights, s.policy
         inputs = ModuleInputs(
             module=module,
             terms=[t.to(dtype=compute, device=target) if t is not None else None for t in row],
-            weights=weight_list,
+            weights=module_weights,
             seed=module_seed(seed, module),
         )
-        lowrank, module_report = finalize(spec.function(inputs, **resolved), inputs, spec, policy)
+        lowrank, module_report = finalize(spec.function(inputs, **module_params), inputs, spec, module_policy)
         return lowrank.to(dtype=out_dtype, device="cpu"), module_report
 
     layers: dict[str, LowRank] = {}
@@ -109,6 +116,7 @@ def merge(
         parameters={**{p.key: resolved[p.name] for p in spec.params}, **_policy_dict(policy), "seed": seed},
         modules=reports,
         sources=[s.source or f"source {i + 1}" for i, s in enumerate(sources)],
+        origins=[dict(s.origin) for s in sources],
         seconds=time.perf_counter() - started,
     )
     return Adapter(

@@ -42,6 +42,7 @@ class MergeReport:
     modules: list[ModuleReport] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    origins: list[dict[str, Any]] = field(default_factory=list)
 
     def totals(self) -> dict[str, Any]:
         """Aggregate figures: module count, total output rank, mean energy, worst error."""
@@ -61,6 +62,7 @@ class MergeReport:
             "weights": self.weights,
             "parameters": self.parameters,
             "sources": self.sources,
+            "origins": self.origins,
             "seconds": self.seconds,
             "totals": self.totals(),
             "modules": [asdict(m) for m in self.modules],

@@ -1,12 +1,45 @@
-"""Where adapters come from: a local path today; Hub ids plug in here (``org/name[@revision]``)."""
+"""Where adapters come from: a local path, or a Hub id ``org/name[/subfolder][@revision]``.
+
+A local path always wins over a Hub id of the same spelling. Hub sources are downloaded (only the
+adapter's files) into the Hugging Face cache by :mod:`loramerge.hub`.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from loramerge.adapter import Adapter
 from loramerge.errors import SourceNotFound
 from loramerge.formats import read_adapter
+from loramerge.hub import HubRef, fetch_adapter
+
+
+def locate_source(source: str | Path) -> tuple[Path, dict[str, Any]]:
+    """The local path of ``source`` and its provenance (see :attr:`Adapter.origin`).
+
+    Example:
+        >>> import tempfile
+        >>> path, origin = locate_source(tempfile.gettempdir())
+        >>> path.is_dir(), sorted(origin)
+        (True, ['path'])
+    """
+    path = Path(source).expanduser()
+    if path.exists():
+        origin: dict[str, Any] = {"path": str(path.resolve())}
+        from loramerge.hub import card_metadata
+
+        license_ = card_metadata((path if path.is_dir() else path.parent) / "README.md").get("license")
+        if license_:
+            origin["license"] = license_
+        return path, origin
+    from loramerge.hub import parse_hub_id
+
+    ref = parse_hub_id(str(source)) if not isinstance(source, Path) else None
+    if ref is None:
+        raise SourceNotFound(f"{source}: no such file or folder")
+    snapshot = fetch_adapter(ref)
+    return snapshot.path, snapshot.origin()
 
 
 def resolve_source(source: str | Path) -> Path:
@@ -17,16 +50,15 @@ def resolve_source(source: str | Path) -> Path:
         >>> resolve_source(tempfile.gettempdir()).is_dir()
         True
     """
-    path = Path(source).expanduser()
-    if path.exists():
-        return path
-    raise SourceNotFound(f"{source}: no such file or folder")
+    return locate_source(source)[0]
 
 
-def load(source: str | Path | Adapter, *, format: str | None = None, allow_pickle: bool = False) -> Adapter:
-    """Load an adapter from a file or folder, detecting its format.
+def load(source: str | Path | Adapter | HubRef, *, format: str | None = None, allow_pickle: bool = False) -> Adapter:
+    """Load an adapter from a file or folder, or from the Hub, detecting its format.
 
     ``allow_pickle`` permits ``.bin`` checkpoints, read with ``torch.load(weights_only=True)``.
+    A Hub source keeps its spelling in ``.source`` and its resolved commit in ``.origin``; a
+    :class:`~loramerge.hub.HubRef` goes to the Hub even when a local path has the same spelling.
 
     Example:
         >>> import tempfile, torch
@@ -37,4 +69,13 @@ def load(source: str | Path | Adapter, *, format: str | None = None, allow_pickl
     """
     if isinstance(source, Adapter):
         return source
-    return read_adapter(resolve_source(source), format=format, allow_pickle=allow_pickle)
+    if isinstance(source, HubRef):
+        snapshot = fetch_adapter(source)
+        path, origin = snapshot.path, snapshot.origin()
+    else:
+        path, origin = locate_source(source)
+    adapter = read_adapter(path, format=format, allow_pickle=allow_pickle)
+    if "repo_id" in origin:
+        adapter.source = str(source)
+    adapter.origin = origin
+    return adapter

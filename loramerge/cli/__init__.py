@@ -5,8 +5,12 @@ from loramerge.cli.combine import combine
 from loramerge.cli.demo import demo
 from loramerge.cli.inspect_adapter import inspect
 from loramerge.cli.methods import methods
+from loramerge.cli.push import push
+from loramerge.cli.run import run
 
 for command in (combine, demo, inspect, methods):
     main.add_command(command)
+main.add_command(push)
+main.add_command(run)
 
 __all__ = ["main"]

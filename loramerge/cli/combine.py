@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
 
 from loramerge.cli.options import (
+    card_options,
     merge_options,
     method_params_from,
     output_options,
     parse_weights,
+    push_options,
     source_options,
 )
+from loramerge.hub import check_push
 from loramerge.merge import merge
 from loramerge.output import check_output
+from loramerge.publish import publish_merge, recipe_from_report
 from loramerge.sources import load
 
 
@@ -23,14 +28,19 @@ from loramerge.sources import load
 @output_options
 @merge_options
 @source_options
+@push_options
+@card_options
 def combine(sources: tuple[str, ...], output: str, dtype: str | None, force: bool, method: str, weights: str | None,
             rank: int | None, energy: float | None, max_error: float | None, rank_max: int | None, seed: int,
             device: str, compute_dtype: str, ignore_base_mismatch: bool, report_path: str | None,
-            allow_pickle: bool, **method_options: Any) -> None:
+            allow_pickle: bool, push_to_hub: str | None, private: bool, commit_message: str | None, no_card: bool,
+            **method_options: Any) -> None:
     """Merge SOURCE adapters into one adapter written to -o OUTPUT.
 
-    Without --rank, `linear` stores the exact weighted sum as a concatenation (rank = Σ rᵢ);
-    `svd` re-ranks that sum with a factored SVD (default: the largest source rank).
+    A SOURCE is a local file or folder, or a Hub id: org/name, org/name@revision,
+    org/name/subfolder. Without --rank, `linear` stores the exact weighted sum as a concatenation
+    (rank = Σ rᵢ); `svd` re-ranks that sum with a factored SVD (default: the largest source rank).
+    The output folder also gets a model card (README.md) and loramerge_recipe.yaml.
 
     \b
     Examples:
@@ -38,18 +48,28 @@ def combine(sources: tuple[str, ...], output: str, dtype: str | None, force: boo
       loramerge combine ./math ./code -o merged --method svd --rank 16
       loramerge combine ./a ./b ./c -o merged --method svd --energy 0.99 --rank-max 64
       loramerge combine ./a ./b -o diff --weights 1,-1 --dtype bf16 --force
+      loramerge combine org/math-lora@v2 ./code -o merged --push-to-hub me/math-code --private
     """
     check_output(output, force=force)
+    if push_to_hub:
+        check_push(push_to_hub)
     adapters = [load(s, allow_pickle=allow_pickle) for s in sources]
     merged = merge(
         adapters, method=method, weights=parse_weights(weights), rank=rank, energy=energy, max_error=max_error,
         rank_max=rank_max, seed=seed, device=device, dtype=dtype, compute_dtype=compute_dtype,
         ignore_base_mismatch=ignore_base_mismatch, progress=True, **method_params_from(method_options),
     )
-    path = merged.save(output, dtype=dtype, force=force)
+    recipe = recipe_from_report(
+        merged, Path(output), compute_dtype=compute_dtype if compute_dtype != "fp32" else None,
+        ignore_base_mismatch=ignore_base_mismatch, allow_pickle=allow_pickle, output={"dtype": dtype} if dtype else None,
+    )
+    pushed = publish_merge(merged, output, dtype=dtype, force=force, card=not no_card, recipe=recipe,
+                           repo_id=push_to_hub, private=private, commit_message=commit_message)
     report = merged.report
     assert report is not None
     if report_path:
         report.write_json(report_path)
     click.echo(report.summary())
-    click.echo(f"wrote {path} ({report.method}, {len(merged)} modules, {report.seconds:.2f}s)")
+    click.echo(f"wrote {output} ({report.method}, {len(merged)} modules, {report.seconds:.2f}s)")
+    if pushed is not None:
+        click.echo(f"pushed to {pushed.repo_id} (commit {pushed.commit}): {pushed.url}")

@@ -85,3 +85,15 @@ output_options = _apply([
 def method_params_from(options: dict[str, Any]) -> dict[str, Any]:
     """The method parameters the user actually set, keyed by their user-facing name."""
     return {p.key: options[p.key] for p in all_params() if options.get(p.key) is not None}
+
+
+push_options = _apply([
+    click.option("--push-to-hub", "push_to_hub", metavar="ORG/NAME",
+                 help="Also upload the output to this Hub model repository (created if needed; needs HF_TOKEN or a login)."),
+    click.option("--private", is_flag=True, help="Create the Hub repository as private."),
+    click.option("--commit-message", help="Commit message of the push."),
+])
+
+card_options = _apply([
+    click.option("--no-card", is_flag=True, help="Do not write README.md and loramerge_recipe.yaml into the output folder."),
+])

@@ -1,0 +1,203 @@
+"""Writing an output with its model card and recipe, and publishing outputs to the Hub.
+
+Where the card goes: a merge written as a folder (PEFT) gets ``README.md`` and
+``loramerge_recipe.yaml`` inside it, in the same atomic write as the adapter (``card=False`` or
+``--no-card`` skips them). A single-file output (kohya-style ``.safetensors``) is written alone;
+its card and recipe are only uploaded, beside it in the repository, when it is pushed. A pushed
+card names the repository in its loading example.
+
+Any command that writes an output calls :func:`publish_output` afterwards to push it; that is
+all ``--push-to-hub`` needs.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loramerge.adapter import Adapter
+from loramerge.card import CARD_MARKER, REPO_PLACEHOLDER, fill_repo_id, generic_card, model_card
+from loramerge.hub import PushResult, push_to_hub
+from loramerge.overrides import POLICY_KEYS
+from loramerge.recipe import RECIPE_FILENAME, dump_recipe, source_location
+
+RECIPE_HEADER = ("The recipe this output was made with (written by loramerge).\n"
+                 f"Reproduce it with: loramerge run {RECIPE_FILENAME} -o OUTPUT")
+
+
+def save_output(adapter: Adapter, path: str | Path, *, format: str | None = None,
+                dtype: torch.dtype | str | None = None, force: bool = False, card: bool = True,
+                recipe: Mapping[str, Any] | None = None, description: str | None = None) -> Path:
+    """Write ``adapter`` to ``path`` and, for folder formats, its card and recipe, all atomically.
+
+    ``recipe`` defaults to the one recorded in the adapter's merge report, if any.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from loramerge import LowRank, merge
+        >>> a = Adapter({"fc": LowRank(torch.ones(1, 3), torch.ones(2, 1))})
+        >>> out = save_output(merge([a, a]), tempfile.mkdtemp() + "/merged")
+        >>> sorted(p.name for p in out.iterdir())
+        ['README.md', 'adapter_config.json', 'adapter_model.safetensors', 'loramerge_recipe.yaml']
+    """
+    from loramerge.formats import get_format, write_adapter
+    from loramerge.output import atomic_output
+
+    path = Path(path)
+    fmt = get_format(format) if format else None
+    single_file = fmt.single_file if fmt is not None else _default_single_file(adapter)
+    if not card or single_file:
+        return write_adapter(adapter, path, format=format, dtype=dtype, force=force)
+    if recipe is None:
+        recipe = recipe_from_report(adapter, path)
+    with atomic_output(path, force=force, directory=True) as tmp:
+        write_adapter(adapter, tmp, format=format, dtype=dtype, force=True)
+        write_card_files(tmp, adapter, recipe=recipe, description=description, format_name=format)
+    return path
+
+
+def write_card_files(folder: Path, adapter: Adapter, *, recipe: Mapping[str, Any] | None = None,
+                     description: str | None = None, format_name: str | None = None,
+                     repo_id: str | None = None) -> None:
+    """Write ``README.md`` (and ``loramerge_recipe.yaml`` when there is a recipe) into ``folder``."""
+    text = model_card(adapter, repo_id=repo_id, recipe=recipe, description=description, format_name=format_name)
+    (folder / "README.md").write_text(text, encoding="utf-8")
+    if recipe is not None:
+        (folder / RECIPE_FILENAME).write_text(dump_recipe(recipe, RECIPE_HEADER), encoding="utf-8")
+
+
+def publish_merge(adapter: Adapter, path: str | Path | None, *, format: str | None = None,
+                  dtype: torch.dtype | str | None = None, force: bool = False, card: bool = True,
+                  recipe: Mapping[str, Any] | None = None, description: str | None = None,
+                  repo_id: str | None = None, private: bool = False, commit_message: str | None = None,
+                  token: str | None = None) -> PushResult | None:
+    """Write a merge result to ``path`` (if given) and push it to ``repo_id`` (if given)."""
+    if recipe is None:
+        recipe = recipe_from_report(adapter, Path(path) if path is not None else None)
+    if path is not None:
+        written = save_output(adapter, path, format=format, dtype=dtype, force=force, card=card, recipe=recipe,
+                              description=description)
+        if repo_id is None:
+            return None
+        extra = _card_files(adapter, repo_id, recipe, description, format, single=written.is_file()) if card else {}
+        return push_to_hub(written, repo_id, private=private, commit_message=commit_message, token=token,
+                           extra_files=extra or None)
+    if repo_id is None:
+        return None
+    with tempfile.TemporaryDirectory(prefix="loramerge-push-") as tmp:
+        written = save_output(adapter, Path(tmp) / "adapter", format=format, dtype=dtype, card=False)
+        extra = _card_files(adapter, repo_id, recipe, description, format, single=True) if card else {}
+        return push_to_hub(written, repo_id, private=private, commit_message=commit_message, token=token,
+                           extra_files=extra or None)
+
+
+def push_adapter(adapter: Adapter, repo_id: str, *, private: bool = False, commit_message: str | None = None,
+                 token: str | None = None, format: str | None = None, dtype: torch.dtype | str | None = None,
+                 description: str | None = None) -> PushResult:
+    """What :meth:`Adapter.push_to_hub` does: save to a temporary folder with the card, then push."""
+    result = publish_merge(adapter, None, format=format, dtype=dtype, description=description, repo_id=repo_id,
+                           private=private, commit_message=commit_message, token=token)
+    assert result is not None
+    return result
+
+
+def publish_output(path: str | Path, repo_id: str, *, private: bool = False, commit_message: str | None = None,
+                   token: str | None = None, card: str | None = None,
+                   recipe: Mapping[str, Any] | None = None) -> PushResult:
+    """Push an output that is already written (any command's; also ``loramerge push``).
+
+    The folder is not modified. Its ``README.md`` is uploaded as is, with the loading example
+    pointed at ``repo_id`` when loramerge wrote it; without one, ``card`` (or a card generated from
+    the adapter, or a minimal one for other outputs) is uploaded. ``recipe`` is uploaded as
+    ``loramerge_recipe.yaml`` when the folder has none.
+    """
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    extra: dict[str, bytes] = {}
+    readme = folder / "README.md" if path.is_dir() else None
+    if card is not None:
+        extra["README.md"] = fill_repo_id(card, repo_id).encode()
+    elif readme is not None and readme.is_file():
+        text = readme.read_text(encoding="utf-8", errors="replace")
+        if CARD_MARKER in text and REPO_PLACEHOLDER in text:
+            extra["README.md"] = fill_repo_id(text, repo_id).encode()
+    else:
+        extra["README.md"] = _card_for_existing(path, repo_id, recipe).encode()
+    if recipe is not None and not (path.is_dir() and (path / RECIPE_FILENAME).is_file()):
+        extra[RECIPE_FILENAME] = dump_recipe(recipe, RECIPE_HEADER).encode()
+    return push_to_hub(path, repo_id, private=private, commit_message=commit_message, token=token,
+                       extra_files=extra or None)
+
+
+def _card_for_existing(path: Path, repo_id: str, recipe: Mapping[str, Any] | None) -> str:
+    from loramerge.errors import LoramergeError
+    from loramerge.sources import load
+
+    if recipe is None and path.is_dir() and (path / RECIPE_FILENAME).is_file():
+        import yaml
+
+        try:
+            recipe = yaml.safe_load((path / RECIPE_FILENAME).read_text(encoding="utf-8"))
+        except yaml.YAMLError:
+            recipe = None
+    try:
+        adapter = load(path)
+    except LoramergeError:
+        folder = path if path.is_dir() else path.parent
+        library = "diffusers" if (folder / "model_index.json").exists() else "transformers"
+        return generic_card(library, title=repo_id.split("/")[-1])
+    return model_card(adapter, repo_id=repo_id, recipe=recipe if isinstance(recipe, Mapping) else None)
+
+
+def _card_files(adapter: Adapter, repo_id: str, recipe: Mapping[str, Any] | None, description: str | None,
+                format_name: str | None, *, single: bool) -> dict[str, bytes]:
+    files = {"README.md": model_card(adapter, repo_id=repo_id, recipe=recipe, description=description,
+                                     format_name=format_name).encode()}
+    if single and recipe is not None:
+        files[RECIPE_FILENAME] = dump_recipe(recipe, RECIPE_HEADER).encode()
+    return files
+
+
+def recipe_from_report(adapter: Adapter, out_dir: Path | None = None, **extra: Any) -> dict[str, Any] | None:
+    """The recipe of a merge, rebuilt from its report: sources (Hub ones pinned to their commit),
+    weights, method, parameters, rank policy and seed. None for an adapter that was not merged.
+
+    ``extra`` adds top-level keys (``compute_dtype``, ``output``, ...). Per-module overrides given
+    to :func:`loramerge.merge` as a function cannot be written down; a recipe run saves its own.
+
+    Example:
+        >>> import torch
+        >>> from loramerge import LowRank, merge
+        >>> a = Adapter({"fc": LowRank(torch.ones(1, 3), torch.ones(2, 1))}, source="/data/a")
+        >>> recipe_from_report(merge([a, a], method="svd", rank=1, weights=[0.5, 0.5]))["rank"]
+        1
+    """
+    report = adapter.report
+    if report is None:
+        return None
+    entries = []
+    for i, name in enumerate(report.sources):
+        origin = report.origins[i] if i < len(report.origins) else {}
+        entry = source_location(origin, name, out_dir)
+        entry["weight"] = report.weights[i] if i < len(report.weights) else 1.0
+        entries.append(entry)
+    params = dict(report.parameters)
+    seed = params.pop("seed", 0)
+    policy = {k: params.pop(k) for k in POLICY_KEYS if k in params}
+    doc: dict[str, Any] = {"sources": entries, "method": report.method}
+    if params:
+        doc["parameters"] = params
+    doc.update(policy)
+    doc["seed"] = seed
+    doc.update({k: v for k, v in extra.items() if v not in (None, False, {})})
+    return doc
+
+
+def _default_single_file(adapter: Adapter) -> bool:
+    from loramerge.formats import FORMATS
+
+    return any(f.name == adapter.source_format and f.write is not None and f.single_file for f in FORMATS)
