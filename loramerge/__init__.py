@@ -11,6 +11,7 @@ Example:
 """
 
 from loramerge.adapter import Adapter, LowRank
+from loramerge.convert import convert
 from loramerge.errors import (
     ConfigNotFound,
     CorruptFile,
@@ -57,6 +58,7 @@ __all__ = [
     "UnsupportedAdapter",
     "__version__",
     "available_methods",
+    "convert",
     "get_method",
     "load",
     "merge",

@@ -23,10 +23,12 @@ def resolve_source(source: str | Path) -> Path:
     raise SourceNotFound(f"{source}: no such file or folder")
 
 
-def load(source: str | Path | Adapter, *, format: str | None = None, allow_pickle: bool = False) -> Adapter:
+def load(source: str | Path | Adapter, *, format: str | None = None, allow_pickle: bool = False,
+         base: str | Path | None = None) -> Adapter:
     """Load an adapter from a file or folder, detecting its format.
 
     ``allow_pickle`` permits ``.bin`` checkpoints, read with ``torch.load(weights_only=True)``.
+    ``base`` (a checkpoint file or folder) resolves kohya module names from its weight names.
 
     Example:
         >>> import tempfile, torch
@@ -37,4 +39,5 @@ def load(source: str | Path | Adapter, *, format: str | None = None, allow_pickl
     """
     if isinstance(source, Adapter):
         return source
-    return read_adapter(resolve_source(source), format=format, allow_pickle=allow_pickle)
+    return read_adapter(resolve_source(source), format=format, allow_pickle=allow_pickle,
+                        base=resolve_source(base) if base is not None else None)

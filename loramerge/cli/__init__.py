@@ -2,11 +2,12 @@
 
 from loramerge.cli.app import main
 from loramerge.cli.combine import combine
+from loramerge.cli.convert import convert
 from loramerge.cli.demo import demo
 from loramerge.cli.inspect_adapter import inspect
 from loramerge.cli.methods import methods
 
-for command in (combine, demo, inspect, methods):
+for command in (combine, convert, demo, inspect, methods):
     main.add_command(command)
 
 __all__ = ["main"]

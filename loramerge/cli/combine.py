@@ -6,7 +6,13 @@ from typing import Any
 
 import click
 
-from loramerge.cli.options import merge_options, method_params_from, output_options, parse_weights, source_options
+from loramerge.cli.options import (
+    merge_options,
+    method_params_from,
+    output_options,
+    parse_weights,
+    source_options,
+)
 from loramerge.merge import merge
 from loramerge.output import check_output
 from loramerge.sources import load
@@ -17,10 +23,11 @@ from loramerge.sources import load
 @output_options
 @merge_options
 @source_options
-def combine(sources: tuple[str, ...], output: str, dtype: str | None, force: bool, method: str, weights: str | None,
+def combine(sources: tuple[str, ...], output: str, dtype: str | None, force: bool, out_format: str | None,
+            method: str, weights: str | None,
             rank: int | None, energy: float | None, max_error: float | None, rank_max: int | None, seed: int,
             device: str, compute_dtype: str, ignore_base_mismatch: bool, report_path: str | None,
-            allow_pickle: bool, **method_options: Any) -> None:
+            allow_pickle: bool, from_format: str | None, base: str | None, **method_options: Any) -> None:
     """Merge SOURCE adapters into one adapter written to -o OUTPUT.
 
     Without --rank, `linear` stores the exact weighted sum as a concatenation (rank = Σ rᵢ);
@@ -32,15 +39,17 @@ def combine(sources: tuple[str, ...], output: str, dtype: str | None, force: boo
       loramerge combine ./math ./code -o merged --method svd --rank 16
       loramerge combine ./a ./b ./c -o merged --method svd --energy 0.99 --rank-max 64
       loramerge combine ./a ./b -o diff --weights 1,-1 --dtype bf16 --force
+      loramerge combine style.safetensors detail.safetensors -o merged.safetensors --method svd --rank 32
+      loramerge combine kohya.safetensors ./diffusers-lora -o merged --format diffusers
     """
     check_output(output, force=force)
-    adapters = [load(s, allow_pickle=allow_pickle) for s in sources]
+    adapters = [load(s, format=from_format, allow_pickle=allow_pickle, base=base) for s in sources]
     merged = merge(
         adapters, method=method, weights=parse_weights(weights), rank=rank, energy=energy, max_error=max_error,
         rank_max=rank_max, seed=seed, device=device, dtype=dtype, compute_dtype=compute_dtype,
         ignore_base_mismatch=ignore_base_mismatch, progress=True, **method_params_from(method_options),
     )
-    path = merged.save(output, dtype=dtype, force=force)
+    path = merged.save(output, format=out_format, dtype=dtype, force=force)
     report = merged.report
     assert report is not None
     if report_path:

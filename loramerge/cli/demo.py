@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from loramerge.demo import DEMO_ADAPTERS, DEMO_WEIGHTS, demo as run
+from loramerge.demo import DEMO_ADAPTERS, DEMO_WEIGHTS
+from loramerge.demo import demo as run
 from loramerge.output import check_output
 
 

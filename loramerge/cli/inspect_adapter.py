@@ -50,7 +50,7 @@ def describe(adapter: Adapter) -> dict:
 @click.argument("source")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @source_options
-def inspect(source: str, as_json: bool, allow_pickle: bool) -> None:
+def inspect(source: str, as_json: bool, allow_pickle: bool, from_format: str | None, base: str | None) -> None:
     """Show an adapter's format, base model, modules, ranks, alphas, scales, size and dtype.
 
     \b
@@ -58,7 +58,7 @@ def inspect(source: str, as_json: bool, allow_pickle: bool) -> None:
       loramerge inspect ./my-adapter
       loramerge inspect ./my-adapter --json | jq '.modules[0]'
     """
-    info = describe(load(source, allow_pickle=allow_pickle))
+    info = describe(load(source, format=from_format, allow_pickle=allow_pickle, base=base))
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
