@@ -75,11 +75,15 @@ def ref_loha(w1a, w1b, w2a, w2b, alpha, shape, t1=None, t2=None) -> torch.Tensor
 
 def ref_lokr(w1: torch.Tensor, w2: torch.Tensor, scale: float) -> torch.Tensor:
     """kron(w1, w2) with w1 given trailing singleton dims for a 4-D w2 (how LyCORIS builds conv LoKr)."""
-    w1 = w1.double()
-    while w1.ndim < w2.ndim:
-        w1 = w1.unsqueeze(-1)
-    return scale * torch.kron(w1, w2.double())
+    w1 = w1.double().reshape(*w1.shape, *([1] * (w2.ndim - w1.ndim))).contiguous()
+    return scale * torch.kron(w1, w2.double().contiguous())
 
 
 def delta_of(lr) -> torch.Tensor:
     return lr.product(torch.float64)
+
+
+def assert_delta(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5) -> None:
+    """Equal up to float32 rounding of the stored factors: error relative to the largest entry."""
+    scale = float(expected.abs().max()) or 1.0
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=rtol * scale)

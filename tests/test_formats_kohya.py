@@ -10,7 +10,7 @@ import pytest
 import safetensors.torch
 import torch
 from safetensors import safe_open
-from sd_fixtures import delta_of, gen, kohya_module, lora_factors, randn, ref_lora, ref_tucker_locon
+from sd_fixtures import assert_delta, delta_of, gen, kohya_module, lora_factors, randn, ref_lora, ref_tucker_locon
 
 from loramerge import (
     Adapter,
@@ -66,7 +66,7 @@ def test_reads_sd1_names_scales_and_conv_shapes(tmp_path):
     }
     assert sorted(adapter.modules) == sorted(names.values())
     for kohya, canonical in names.items():
-        torch.testing.assert_close(delta_of(adapter[canonical]), refs[kohya])
+        assert_delta(delta_of(adapter[canonical]), refs[kohya])
     assert adapter[names[SD1_CONV]].kind == "conv" and adapter[names[SD1_CONV]].delta_shape == (8, 8, 3, 3)
     assert adapter[names[SD1_TE]].scale == 1.0  # missing alpha means alpha = rank
     assert adapter[names[SD1_Q]].scale == 0.5
@@ -92,7 +92,7 @@ def test_tucker_lora_mid_folds_exactly(tmp_path):
     adapter = load(save(tmp_path, tensors), format="lycoris")
     lr = adapter["unet.down_blocks.0.resnets.0.conv1"]
     assert lr.rank == r and lr.delta_shape == (8, 8, 3, 3)
-    torch.testing.assert_close(delta_of(lr), ref_tucker_locon(down, mid, up, 1.0))
+    assert_delta(delta_of(lr), ref_tucker_locon(down, mid, up, 1.0))
 
 
 def test_kohya_round_trip_keeps_names_alphas_and_deltas(tmp_path):
@@ -110,7 +110,7 @@ def test_kohya_round_trip_keeps_names_alphas_and_deltas(tmp_path):
             assert torch.equal(written[key], value)
     again = load(out)
     for m in adapter.modules:
-        torch.testing.assert_close(delta_of(again[m]), delta_of(adapter[m]))
+        assert_delta(delta_of(again[m]), delta_of(adapter[m]))
 
 
 def test_sdxl_diffusers_spelled_kohya_names_resolve_and_are_written_in_sgm_spelling(tmp_path):
@@ -123,7 +123,7 @@ def test_sdxl_diffusers_spelled_kohya_names_resolve_and_are_written_in_sgm_spell
     out = adapter.save(tmp_path / "sgm.safetensors")
     keys = safetensors.torch.load_file(str(out))
     assert "lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k.lora_down.weight" in keys
-    torch.testing.assert_close(delta_of(load(out)[module]), ref_lora(down, up, 1.0))
+    assert_delta(delta_of(load(out)[module]), ref_lora(down, up, 1.0))
 
 
 def _data_section(path):
@@ -178,7 +178,7 @@ def test_kohya_merge_is_the_exact_weighted_sum_including_conv(tmp_path):
         merged = merge([a, b], method=method, weights=[0.6, -1.2], **kwargs)
         for module in a.modules:
             expected = 0.6 * delta_of(a[module]) - 1.2 * delta_of(b[module])
-            torch.testing.assert_close(delta_of(merged[module]), expected, atol=1e-5, rtol=1e-4)
+            assert_delta(delta_of(merged[module]), expected)
         conv = merged["unet.down_blocks.0.resnets.0.conv1"]
         assert conv.kind == "conv" and conv.A.shape[1:] == (8, 3, 3) and conv.B.shape[2:] == (1, 1)
     out = merge([a, b], method="svd", rank=2)["unet.down_blocks.0.resnets.0.conv1"]
@@ -230,7 +230,7 @@ def test_partly_unknown_names_are_listed_and_fully_unknown_files_stay_opaque(tmp
     out = merge([opaque, opaque], weights=[0.5, 0.5]).save(tmp_path / "sd3-merged.safetensors", format="kohya")
     written = safetensors.torch.load_file(str(out))
     assert "lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight" in written
-    torch.testing.assert_close(delta_of(load(out)["lora_unet_joint_blocks_0_x_block_attn_qkv"]),
+    assert_delta(delta_of(load(out)["lora_unet_joint_blocks_0_x_block_attn_qkv"]),
                                delta_of(opaque["lora_unet_joint_blocks_0_x_block_attn_qkv"]))
 
 
@@ -248,7 +248,7 @@ def test_base_checkpoint_resolves_names_and_checks_shapes(tmp_path):
     adapter = load(lora, base=base)
     assert sorted(adapter.modules) == ["cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1",
                                        "model.diffusion_model.input_blocks.1.1.proj_in"]
-    torch.testing.assert_close(delta_of(adapter["model.diffusion_model.input_blocks.1.1.proj_in"]), ref_lora(d1, u1, 1.0))
+    assert_delta(delta_of(adapter["model.diffusion_model.input_blocks.1.1.proj_in"]), ref_lora(d1, u1, 1.0))
     written = safetensors.torch.load_file(str(adapter.save(tmp_path / "back.safetensors")))
     assert {k.split(".")[0] for k in written} == {"lora_unet_input_blocks_1_1_proj_in",
                                                   "lora_te_text_model_encoder_layers_0_mlp_fc1"}
@@ -276,7 +276,7 @@ def test_fused_qkv_splits_exactly_and_fuses_back_at_the_same_rank(tmp_path):
     fused = ref_lora(down, up, 2.0)
     for i, m in enumerate((Q, K, V)):
         assert adapter[m].rank == 4
-        torch.testing.assert_close(delta_of(adapter[m]), fused[i * H:(i + 1) * H])
+        assert_delta(delta_of(adapter[m]), fused[i * H:(i + 1) * H])
     written = safetensors.torch.load_file(str(adapter.save(tmp_path / "back.safetensors")))
     assert written[f"{QKV}.lora_down.weight"].shape == (4, H) and float(written[f"{QKV}.alpha"]) == 2.0
     torch.testing.assert_close(ref_lora(written[f"{QKV}.lora_down.weight"], written[f"{QKV}.lora_up.weight"], 2.0), fused)
@@ -293,7 +293,7 @@ def test_block_diagonal_split_qkv_keeps_each_part_small_and_fuses_back_with_the_
     adapter = load(save(tmp_path, tensors))
     assert [adapter[m].rank for m in (Q, K, V)] == [r, r, r]
     for i, m in enumerate((Q, K, V)):
-        torch.testing.assert_close(delta_of(adapter[m]), ups[i].double() @ downs[i].double() / (3 * r))
+        assert_delta(delta_of(adapter[m]), ups[i].double() @ downs[i].double() / (3 * r))
     # Written back fused: block-diagonal at rank 3r, alpha = scale·3r so alpha/rank gives the scale.
     written = safetensors.torch.load_file(str(adapter.save(tmp_path / "back.safetensors")))
     assert written[f"{QKV}.lora_down.weight"].shape[0] == 3 * r
@@ -325,10 +325,10 @@ def test_single_block_linear1_and_final_modulation_swap(tmp_path):
     adapter = load(save(tmp_path, tensors))
     s = "transformer.single_transformer_blocks.0."
     fused = ref_lora(d1, u1, 1.5)
-    torch.testing.assert_close(delta_of(adapter[s + "attn.to_v"]), fused[2 * H:3 * H])
-    torch.testing.assert_close(delta_of(adapter[s + "proj_mlp"]), fused[3 * H:])
+    assert_delta(delta_of(adapter[s + "attn.to_v"]), fused[2 * H:3 * H])
+    assert_delta(delta_of(adapter[s + "proj_mlp"]), fused[3 * H:])
     final = ref_lora(d2, u2, 2.0)
-    torch.testing.assert_close(delta_of(adapter["transformer.norm_out.linear"]), torch.cat([final[H:], final[:H]]))
+    assert_delta(delta_of(adapter["transformer.norm_out.linear"]), torch.cat([final[H:], final[:H]]))
     written = safetensors.torch.load_file(str(adapter.save(tmp_path / "back.safetensors")))
     back = ref_lora(written["lora_unet_final_layer_adaLN_modulation_1.lora_down.weight"],
                     written["lora_unet_final_layer_adaLN_modulation_1.lora_up.weight"],
