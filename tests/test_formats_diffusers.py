@@ -44,10 +44,10 @@ def test_peft_style_without_metadata_has_scale_one_unless_alpha_tensors(tmp_path
     g = gen(1)
     d1, u1 = lora_factors((8, 8), 4, g)
     d2, u2 = lora_factors((12, 8), 2, g)
-    tensors = {f"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": d1,
-               f"transformer.transformer_blocks.0.attn.to_q.lora_B.weight": u1,
-               f"transformer.proj_out.lora_A.weight": d2, f"transformer.proj_out.lora_B.weight": u2,
-               f"transformer.proj_out.alpha": torch.tensor(1.0)}
+    tensors = {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": d1,
+               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": u1,
+               "transformer.proj_out.lora_A.weight": d2, "transformer.proj_out.lora_B.weight": u2,
+               "transformer.proj_out.alpha": torch.tensor(1.0)}
     adapter = load(save(tmp_path / "flux.safetensors", tensors))
     assert adapter["transformer.transformer_blocks.0.attn.to_q"].scale == 1.0
     assert adapter["transformer.proj_out"].scale == 0.5

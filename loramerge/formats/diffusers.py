@@ -227,8 +227,12 @@ def write(adapter: Adapter, folder: Path, *, dtype: torch.dtype) -> None:
         for name, lr in layers.items():
             tensors[f"{component}.{name}.lora_A.weight"] = lr.A.to(dtype)
             tensors[f"{component}.{name}.lora_B.weight"] = lr.B.to(dtype)
-        sub = adapter.with_layers(layers, full_weights={})
-        config = peft.build_config(sub, {n: lr.rank for n, lr in layers.items()})
+        # transformers ≥ 5 drops CLIPTextModel's ``text_model`` level; diffusers strips it from the
+        # keys, so the config names modules by the part both layouts end with.
+        short = {n.removeprefix("text_model.") if component.startswith("text_encoder") else n: lr
+                 for n, lr in layers.items()}
+        sub = adapter.with_layers(short, full_weights={})
+        config = peft.build_config(sub, {n: lr.rank for n, lr in short.items()})
         config.pop("modules_to_save", None)
         metadata.update({f"{component}.{k}": v for k, v in config.items()})
     write_safetensors(tensors, folder / WEIGHTS_NAME, {METADATA_KEY: json.dumps(metadata, sort_keys=True)})

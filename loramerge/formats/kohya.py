@@ -20,8 +20,9 @@ given a base checkpoint, by :mod:`loramerge.formats.base_names`. Flux's fused ``
 whose names is known keeps its kohya names as opaque module names (enough to merge such files
 with each other and write them back).
 
-**Writing** stores ``lora_down``/``lora_up`` as they are and ``alpha = scale · r`` (float32),
-re-fuses Flux modules (sharing A when the parts share it, block-diagonal otherwise, with the
+**Writing** stores ``lora_down``/``lora_up`` with one float32 ``alpha`` per module such that
+``alpha / r`` is the module's scale (a common alpha for all modules, see
+:func:`kohya_state_dict`), re-fuses Flux modules (sharing A when the parts share it, block-diagonal otherwise, with the
 alpha of the fused rank), writes minimal ``ss_*`` metadata, the merge recipe as JSON under the
 ``loramerge`` key, and ``sshs_model_hash`` / ``sshs_legacy_hash`` computed the way kohya's
 sd-scripts do, over the tensors already cast to the saved dtype.
@@ -32,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -528,7 +530,13 @@ def kohya_name(module: str, arch: Architecture | None) -> str:
 
 
 def kohya_state_dict(adapter: Adapter, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[str, float]]:
-    """The kohya tensors of ``adapter`` (cast to ``dtype``; alphas float32) and each module's rank and alpha."""
+    """The kohya tensors of ``adapter`` (cast to ``dtype``; alphas float32) and each module's rank and alpha.
+
+    Every module is written with one common alpha (the most frequent ``scale · r``); a module
+    whose own ``scale · r`` differs has the ratio folded into its factors (√ on each side).
+    ``alpha / r`` still gives each module's scale, and loaders that cannot map per-module alphas
+    onto every module (diffusers loses them on SD/SDXL attention layers) still scale it right.
+    """
     arch = choose_architecture(adapter)
     groups: dict[str, dict[str, LowRank]] = {}
     for module, lr in adapter.layers.items():
@@ -536,27 +544,34 @@ def kohya_state_dict(adapter: Adapter, dtype: torch.dtype) -> tuple[dict[str, to
             raise UnsupportedAdapter(f"module {module}: a bias update cannot be written as a kohya LoRA")
         name = kohya_name(module, arch)
         groups.setdefault(name, {})[module] = lr
-    tensors: dict[str, torch.Tensor] = {}
-    ranks: dict[str, int] = {}
-    alphas: dict[str, float] = {}
+    updates: dict[str, LowRank] = {}
     for name, members in groups.items():
         target = arch.kohya.get(name) if arch is not None else None
         if target is not None and target.fused:
-            lr = fuse(name, members, target)
+            updates[name] = fuse(name, members, target)
         elif len(members) == 1:
-            lr = next(iter(members.values()))
+            updates[name] = next(iter(members.values()))
         else:
             raise IncompatibleAdapters(f"modules {', '.join(members)} would all be written as kohya module {name}")
-        alpha = lr.scale * lr.rank
-        tensors[f"{name}.lora_down.weight"] = lr.A.to(dtype)
-        tensors[f"{name}.lora_up.weight"] = lr.B.to(dtype)
+    alpha = Counter(lr.scale * lr.rank for lr in updates.values()).most_common(1)[0][0]
+    if alpha <= 0:
+        alpha = float(Counter(lr.rank for lr in updates.values()).most_common(1)[0][0])
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    for name, lr in updates.items():
+        A, B = lr.A, lr.B
+        ratio = lr.scale * lr.rank / alpha
+        if ratio != 1.0:
+            root = math.sqrt(abs(ratio))
+            A, B = A * root, B * math.copysign(root, ratio)
+        tensors[f"{name}.lora_down.weight"] = A.to(dtype)
+        tensors[f"{name}.lora_up.weight"] = B.to(dtype)
         tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
         if lr.magnitude is not None:
             dora = lr.magnitude if lr.magnitude.ndim > 1 else lr.magnitude.reshape(-1, *([1] * (lr.A.ndim - 1)))
             tensors[f"{name}.dora_scale"] = dora.to(dtype)
         ranks[name] = lr.rank
-        alphas[name] = alpha
-    return tensors, ranks, alphas
+    return tensors, ranks, dict.fromkeys(ranks, alpha)
 
 
 def fuse(name: str, members: Mapping[str, LowRank], target: KohyaTarget) -> LowRank:
