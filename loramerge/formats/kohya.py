@@ -415,7 +415,8 @@ def module_update(name: str, parts: Mapping[str, torch.Tensor], *, origin: Path 
         else:
             Bm, Am = lycoris.identity_factors(parts["diff"].to(torch.float64).flatten(1))
             rank_for_alpha = None
-        Bm, Am = lycoris.capped(Bm, Am)
+        if algorithm != "full":
+            Bm, Am = lycoris.capped(Bm, Am)
         k = Am.shape[0]
         A = Am.to(torch.float32).reshape(k, *shape[1:])
         B = Bm.to(torch.float32).reshape(Bm.shape[0], k, *([1] * (len(shape) - 2)))

@@ -137,7 +137,20 @@ def lokr(w1: torch.Tensor | None, w1a: torch.Tensor | None, w1b: torch.Tensor | 
 
 
 def capped(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(B, A)`` unchanged, or the exact dense product as :func:`identity_factors` when that has a smaller rank."""
-    if B.shape[1] <= min(B.shape[0], A.shape[1]):
-        return B, A
-    return identity_factors(B @ A)
+    """``(B, A)`` balanced, or the exact dense product as :func:`identity_factors` when that has a smaller rank.
+
+    Balancing rescales each rank-one term so its column of B and row of A have equal norms; the
+    product is unchanged, and neither factor is tiny when stored in fp16 (a Khatri–Rao factor
+    is a product of two small numbers).
+
+    Example:
+        >>> import torch
+        >>> B, A = capped(torch.full((2, 1), 1e-4), torch.full((1, 3), 1e4))
+        >>> round(float(B.norm() / A.norm()), 6), round(float((B @ A)[0, 0]), 6)
+        (1.0, 1.0)
+    """
+    if B.shape[1] > min(B.shape[0], A.shape[1]):
+        return identity_factors(B @ A)
+    b_norm, a_norm = B.norm(dim=0), A.norm(dim=1)
+    ratio = torch.where((b_norm > 0) & (a_norm > 0), (a_norm / b_norm).sqrt(), torch.ones_like(b_norm))
+    return B * ratio, A / ratio[:, None]
