@@ -375,3 +375,16 @@ def test_dora_scale_is_read_for_folding_and_refused_by_merges(tmp_path):
 def test_tables_cover_flux_fused_rows():
     t = ARCHITECTURES["flux"].kohya["lora_unet_single_blocks_3_linear1"]
     assert [p.size for p in t.pieces] == [3072, 3072, 3072, 12288] and t.shape == (21504, 3072)
+
+
+def test_conversion_keeps_training_metadata_but_not_stale_hashes(tmp_path):
+    g = gen(17)
+    tensors = kohya_module(SD1_Q, *lora_factors((8, 8), 2, g), 1.0)
+    meta = {"ss_tag_frequency": '{"a": {"cat": 3}}', "ss_network_dim": "2", "sshs_model_hash": "old",
+            "modelspec.hash_sha256": "0xold", "modelspec.title": "cats"}
+    out = load(save(tmp_path, tensors, metadata=meta)).save(tmp_path / "converted.safetensors")
+    with safe_open(str(out), "pt") as f:
+        written = f.metadata()
+    assert written["ss_tag_frequency"] == meta["ss_tag_frequency"] and written["modelspec.title"] == "cats"
+    assert "modelspec.hash_sha256" not in written and written["sshs_model_hash"] != "old"
+    assert json.loads(written["loramerge"])["source_format"] == "kohya"

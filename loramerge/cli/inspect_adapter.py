@@ -25,6 +25,7 @@ def describe(adapter: Adapter) -> dict:
     return {
         "source": adapter.source,
         "format": adapter.source_format,
+        "architecture": "/".join(adapter.config.get("architectures") or []) or None,
         "base_model": adapter.base_model,
         "task_type": adapter.task_type,
         "dtype": dtype_name(adapter.dtype),
@@ -62,7 +63,8 @@ def inspect(source: str, as_json: bool, allow_pickle: bool, from_format: str | N
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    for key in ("source", "format", "base_model", "task_type", "dtype", "module_count", "parameter_count"):
+    for key in ("source", "format", "architecture", "base_model", "task_type", "dtype", "module_count",
+                "parameter_count"):
         click.echo(f"{key + ':':<17}{info[key]}")
     if info["full_weights"]:
         click.echo(f"{'full weights:':<17}{', '.join(info['full_weights'])}")

@@ -359,7 +359,7 @@ def _build(name: str) -> Architecture:
                             {"text_encoder": "lora_te_"})
         _add_unet(arch, SD2_UNET if v2 else SD1_UNET, sgm_names=False)
         clip = clip_modules(1024, 23, 4096) if v2 else clip_modules(768, 12, 3072)
-        _add_text_encoder(arch, "text_encoder", ["lora_te_", "lora_te1_"], clip)
+        _add_text_encoder(arch, "text_encoder", ["lora_te_"], clip)
         return arch
     if name == "sdxl":
         arch = Architecture("sdxl", "SDXL", "sdxl_base_v1-0", "networks.lora",
