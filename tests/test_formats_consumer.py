@@ -15,7 +15,7 @@ import pytest
 import torch
 from sd_fixtures import TINY_CLIP, TINY_CLIP_2, TINY_FLUX, TINY_SDXL_UNET, gen
 
-from loramerge import Adapter, LowRank, convert
+from loramerge import Adapter, LowRank, convert, load
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -185,3 +185,20 @@ def test_diffusers_flux_pipeline_loads_our_output_like_folding_by_hand(tmp_path,
     for g_out, e_out, b_out in zip(_flux_outputs(pipe.transformer, pipe.text_encoder), expected, base):
         assert float((e_out - b_out).abs().max()) > 1e-2 * float(b_out.abs().max())
         _close(g_out, e_out)
+
+
+def test_a_lora_saved_by_diffusers_reads_back_with_the_same_deltas(tmp_path, sdxl_case):
+    """diffusers as the producer: load our file, save it with save_lora_weights, read that back."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    adapter, _, _ = sdxl_case
+    pipe = _sdxl_pipeline()
+    pipe.load_lora_weights(str(adapter.save(tmp_path / "ours", format="diffusers")), adapter_name="ours")
+    layers = {f"{c}_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(getattr(pipe, c), adapter_name="ours"))
+              for c in ("unet", "text_encoder", "text_encoder_2")}
+    diffusers.StableDiffusionXLPipeline.save_lora_weights(str(tmp_path / "theirs"), **layers)
+    theirs = load(tmp_path / "theirs")
+    assert theirs.source_format == "diffusers" and sorted(theirs.modules) == sorted(adapter.modules)
+    for m in adapter.modules:
+        torch.testing.assert_close(theirs[m].product(torch.float64), adapter[m].product(torch.float64), rtol=1e-5, atol=1e-6)

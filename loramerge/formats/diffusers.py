@@ -24,6 +24,10 @@ Example:
     'unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.lora_B.weight'
     >>> normalize_key("text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_linear_layer.down.weight")
     'text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_A.weight'
+    >>> normalize_key("text_encoder.encoder.layers.0.mlp.fc1.lora_A.weight")  # transformers ≥ 5 CLIP
+    'text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_A.weight'
+    >>> normalize_key("text_encoder_2.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight")  # T5: as is
+    'text_encoder_2.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight'
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ _BARE = {
     "text_encoder": ("text_model",),
 }
 _OLD_FACTORS = {"down": "lora_A", "up": "lora_B"}
+_CLIP_TOP = ("encoder.layers.", "embeddings.", "final_layer_norm.")
 _PROCESSOR_UNET = {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"}
 _PROCESSOR_TEXT = {"to_q_lora": "q_proj", "to_k_lora": "k_proj", "to_v_lora": "v_proj", "to_out_lora": "out_proj"}
 _OLD_STYLE = re.compile(r"^(?P<module>.+?)(?:\.lora|\.lora_linear_layer)\.(?P<part>down|up)\.weight$")
@@ -87,6 +92,9 @@ def normalize_key(key: str) -> str | None:
         return None
     body = key[len(component) + 1:] if key.startswith(component + ".") else key
     text = component.startswith("text_encoder")
+    if text and body.startswith(_CLIP_TOP):
+        # Saved from a transformers ≥ 5 CLIPTextModel, which has no ``text_model`` level.
+        body = "text_model." + body
     match = _PROCESSOR_STYLE.match(body)
     if match:
         names = _PROCESSOR_TEXT if text else _PROCESSOR_UNET

@@ -151,9 +151,10 @@ def read(path: Path, *, allow_pickle: bool = False, base: str | Path | None = No
     tensors, metadata = read_tensor_file(path, allow_pickle=allow_pickle)
     groups = group_keys(tensors, origin=path)
     flat = {name: _flat_shape(name, parts, path) for name, parts in groups.items()}
-    targets, architectures = resolve_names(flat, origin=path, base=base)
-    arch = ARCHITECTURES[architectures[0]] if architectures and base is None else None
-    base_shapes = BaseNames.from_path(base).modules if base is not None else {}
+    base_names = BaseNames.from_path(base) if base is not None else None
+    targets, architectures = resolve_names(flat, origin=path, base=base_names)
+    arch = ARCHITECTURES[architectures[0]] if architectures and base_names is None else None
+    base_shapes = base_names.modules if base_names is not None else {}
 
     layers: dict[str, LowRank] = {}
     algorithms: dict[str, str] = {}
@@ -289,7 +290,7 @@ def _fits(shape: Shape, target: Shape) -> bool:
 
 
 def resolve_names(flat: Mapping[str, Shape], *, origin: Path | str,
-                  base: str | Path | None = None) -> tuple[dict[str, KohyaTarget], list[str]]:
+                  base: BaseNames | str | Path | None = None) -> tuple[dict[str, KohyaTarget], list[str]]:
     """Each kohya module's :class:`KohyaTarget` and the architectures that fit, best first.
 
     With ``base`` the names are looked up among the base checkpoint's weights; otherwise in the
@@ -303,7 +304,7 @@ def resolve_names(flat: Mapping[str, Shape], *, origin: Path | str,
     """
     names = list(flat)
     if base is not None:
-        base_names = BaseNames.from_path(base)
+        base_names = base if isinstance(base, BaseNames) else BaseNames.from_path(base)
         targets: dict[str, KohyaTarget] = {}
         unresolved = []
         for name in names:
