@@ -11,6 +11,7 @@ Example:
 """
 
 from loramerge.adapter import Adapter, LowRank
+from loramerge.convert import convert
 from loramerge.errors import (
     ConfigNotFound,
     CorruptFile,
@@ -64,6 +65,7 @@ __all__ = [
     "UnsupportedAdapter",
     "__version__",
     "available_methods",
+    "convert",
     "get_method",
     "load",
     "load_recipe",

@@ -126,6 +126,7 @@ def merge(
         source_format=sources[0].source_format,
         dtype=out_dtype,
         source=None,
+        config={"architectures": plan.architectures} if plan.architectures else {},
         report=report,
     )
 

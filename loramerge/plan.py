@@ -17,6 +17,7 @@ class MergePlan:
     terms: dict[str, list[LowRank | None]]
     base_model: str | None
     task_type: str | None
+    architectures: list[str] | None = None
 
 
 def plan_merge(adapters: Sequence[Adapter], *, ignore_base_mismatch: bool = False) -> MergePlan:
@@ -39,13 +40,15 @@ def plan_merge(adapters: Sequence[Adapter], *, ignore_base_mismatch: bool = Fals
             f"sources were trained for different task types ({', '.join(sorted(task_types))}); "
             "pass --ignore-base-mismatch to merge them anyway"
         )
+    architectures = _common_architectures(adapters, ignore_base_mismatch)
     modules = list(dict.fromkeys(m for adapter in adapters for m in adapter.modules))
     terms: dict[str, list[LowRank | None]] = {}
     for module in modules:
         row = [a.layers.get(module) for a in adapters]
         _check_shapes(module, row, adapters)
         terms[module] = row
-    return MergePlan(modules=modules, terms=terms, base_model=base_model, task_type=task_type)
+    return MergePlan(modules=modules, terms=terms, base_model=base_model, task_type=task_type,
+                     architectures=architectures)
 
 
 def _refuse_unmergeable(adapter: Adapter) -> None:
@@ -67,6 +70,25 @@ def _refuse_unmergeable(adapter: Adapter) -> None:
             f"{where}: holds full replacement weights ({shown}; modules_to_save or trained biases) that cannot "
             "be weighted in a merge"
         )
+
+
+def _common_architectures(adapters: Sequence[Adapter], ignore_mismatch: bool) -> list[str] | None:
+    """The model architectures (``sd1``, ``sdxl``, ``flux`` …) every source fits, from what readers recorded."""
+    common: list[str] | None = None
+    seen: list[tuple[str, list[str]]] = []
+    for a in adapters:
+        found = a.config.get("architectures")
+        if not found:
+            continue
+        seen.append((a.source or "adapter", list(found)))
+        common = list(found) if common is None else [x for x in common if x in found]
+    if common == [] and not ignore_mismatch:
+        listed = "; ".join(f"{src}: {'/'.join(archs)}" for src, archs in seen)
+        raise IncompatibleAdapters(
+            f"sources are LoRAs for different model architectures ({listed}); pass --ignore-base-mismatch "
+            "(ignore_base_mismatch=True) to merge them anyway"
+        )
+    return common or None
 
 
 def _common_value(adapters: Sequence[Adapter], attribute: str, ignore_mismatch: bool) -> str | None:

@@ -53,10 +53,12 @@ def resolve_source(source: str | Path) -> Path:
     return locate_source(source)[0]
 
 
-def load(source: str | Path | Adapter | HubRef, *, format: str | None = None, allow_pickle: bool = False) -> Adapter:
+def load(source: str | Path | Adapter | HubRef, *, format: str | None = None, allow_pickle: bool = False,
+         base: str | Path | None = None) -> Adapter:
     """Load an adapter from a file or folder, or from the Hub, detecting its format.
 
     ``allow_pickle`` permits ``.bin`` checkpoints, read with ``torch.load(weights_only=True)``.
+    ``base`` (a checkpoint file or folder) resolves kohya module names from its weight names.
     A Hub source keeps its spelling in ``.source`` and its resolved commit in ``.origin``; a
     :class:`~loramerge.hub.HubRef` goes to the Hub even when a local path has the same spelling.
 
@@ -74,7 +76,8 @@ def load(source: str | Path | Adapter | HubRef, *, format: str | None = None, al
         path, origin = snapshot.path, snapshot.origin()
     else:
         path, origin = locate_source(source)
-    adapter = read_adapter(path, format=format, allow_pickle=allow_pickle)
+    adapter = read_adapter(path, format=format, allow_pickle=allow_pickle,
+                           base=resolve_source(base) if base is not None else None)
     if "repo_id" in origin:
         adapter.source = str(source)
     adapter.origin = origin

@@ -30,10 +30,11 @@ from loramerge.sources import load
 @source_options
 @push_options
 @card_options
-def combine(sources: tuple[str, ...], output: str, dtype: str | None, force: bool, method: str, weights: str | None,
-            rank: int | None, energy: float | None, max_error: float | None, rank_max: int | None, seed: int,
-            device: str, compute_dtype: str, ignore_base_mismatch: bool, report_path: str | None,
-            allow_pickle: bool, push_to_hub: str | None, private: bool, commit_message: str | None, no_card: bool,
+def combine(sources: tuple[str, ...], output: str, dtype: str | None, force: bool, out_format: str | None,
+            method: str, weights: str | None, rank: int | None, energy: float | None, max_error: float | None,
+            rank_max: int | None, seed: int, device: str, compute_dtype: str, ignore_base_mismatch: bool,
+            report_path: str | None, allow_pickle: bool, from_format: str | None, base: str | None,
+            push_to_hub: str | None, private: bool, commit_message: str | None, no_card: bool,
             **method_options: Any) -> None:
     """Merge SOURCE adapters into one adapter written to -o OUTPUT.
 
@@ -49,11 +50,13 @@ def combine(sources: tuple[str, ...], output: str, dtype: str | None, force: boo
       loramerge combine ./a ./b ./c -o merged --method svd --energy 0.99 --rank-max 64
       loramerge combine ./a ./b -o diff --weights 1,-1 --dtype bf16 --force
       loramerge combine org/math-lora@v2 ./code -o merged --push-to-hub me/math-code --private
+      loramerge combine style.safetensors detail.safetensors -o merged.safetensors --method svd --rank 32
+      loramerge combine kohya.safetensors ./diffusers-lora -o merged --format diffusers
     """
     check_output(output, force=force)
     if push_to_hub:
         check_push(push_to_hub)
-    adapters = [load(s, allow_pickle=allow_pickle) for s in sources]
+    adapters = [load(s, format=from_format, allow_pickle=allow_pickle, base=base) for s in sources]
     merged = merge(
         adapters, method=method, weights=parse_weights(weights), rank=rank, energy=energy, max_error=max_error,
         rank_max=rank_max, seed=seed, device=device, dtype=dtype, compute_dtype=compute_dtype,
@@ -61,10 +64,11 @@ def combine(sources: tuple[str, ...], output: str, dtype: str | None, force: boo
     )
     recipe = recipe_from_report(
         merged, Path(output), compute_dtype=compute_dtype if compute_dtype != "fp32" else None,
-        ignore_base_mismatch=ignore_base_mismatch, allow_pickle=allow_pickle, output={"dtype": dtype} if dtype else None,
+        ignore_base_mismatch=ignore_base_mismatch, allow_pickle=allow_pickle,
+        output={k: v for k, v in (("dtype", dtype), ("format", out_format)) if v} or None,
     )
-    pushed = publish_merge(merged, output, dtype=dtype, force=force, card=not no_card, recipe=recipe,
-                           repo_id=push_to_hub, private=private, commit_message=commit_message)
+    pushed = publish_merge(merged, output, format=out_format, dtype=dtype, force=force, card=not no_card,
+                           recipe=recipe, repo_id=push_to_hub, private=private, commit_message=commit_message)
     report = merged.report
     assert report is not None
     if report_path:

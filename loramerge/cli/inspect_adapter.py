@@ -25,6 +25,7 @@ def describe(adapter: Adapter) -> dict:
     return {
         "source": adapter.source,
         "format": adapter.source_format,
+        "architecture": "/".join(adapter.config.get("architectures") or []) or None,
         "base_model": adapter.base_model,
         "task_type": adapter.task_type,
         "dtype": dtype_name(adapter.dtype),
@@ -50,7 +51,7 @@ def describe(adapter: Adapter) -> dict:
 @click.argument("source")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @source_options
-def inspect(source: str, as_json: bool, allow_pickle: bool) -> None:
+def inspect(source: str, as_json: bool, allow_pickle: bool, from_format: str | None, base: str | None) -> None:
     """Show an adapter's format, base model, modules, ranks, alphas, scales, size and dtype.
 
     \b
@@ -58,11 +59,12 @@ def inspect(source: str, as_json: bool, allow_pickle: bool) -> None:
       loramerge inspect ./my-adapter
       loramerge inspect ./my-adapter --json | jq '.modules[0]'
     """
-    info = describe(load(source, allow_pickle=allow_pickle))
+    info = describe(load(source, format=from_format, allow_pickle=allow_pickle, base=base))
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    for key in ("source", "format", "base_model", "task_type", "dtype", "module_count", "parameter_count"):
+    for key in ("source", "format", "architecture", "base_model", "task_type", "dtype", "module_count",
+                "parameter_count"):
         click.echo(f"{key + ':':<17}{info[key]}")
     if info["full_weights"]:
         click.echo(f"{'full weights:':<17}{', '.join(info['full_weights'])}")

@@ -38,8 +38,15 @@ def parse_weights(text: str | None) -> list[float] | None:
         raise InvalidParameter(f"--weights must be comma-separated numbers, got {text!r}") from None
 
 
+READ_FORMATS = ("peft", "kohya", "lycoris", "diffusers")
+WRITE_FORMATS = ("peft", "kohya", "diffusers")
+
 source_options = _apply([
     click.option("--allow-pickle", is_flag=True, help="Allow .bin pickle checkpoints (read with weights_only=True)."),
+    click.option("--from", "from_format", type=click.Choice(READ_FORMATS),
+                 help="Read the sources in this format instead of detecting it."),
+    click.option("--base", type=click.Path(exists=True),
+                 help="Base checkpoint (file or folder) whose weight names resolve kohya module names."),
 ])
 
 
@@ -79,6 +86,8 @@ output_options = _apply([
     click.option("--output", "-o", required=True, type=click.Path(), help="Output folder (or file, for single-file formats)."),
     click.option("--dtype", type=click.Choice(DTYPE_CHOICES), help="Stored dtype [default: the sources' dtype]."),
     click.option("--force", is_flag=True, help="Overwrite an existing, non-empty output."),
+    click.option("--format", "out_format", type=click.Choice(WRITE_FORMATS),
+                 help="Output format [default: the first source's format]."),
 ])
 
 

@@ -2,7 +2,7 @@
 
 Example:
     >>> [f.name for f in FORMATS]
-    ['peft']
+    ['peft', 'lycoris', 'kohya', 'diffusers']
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from loramerge.adapter import Adapter
 from loramerge.devices import parse_dtype
 from loramerge.errors import ConfigNotFound, InvalidParameter, SourceNotFound, UnknownFormat
-from loramerge.formats import peft
+from loramerge.formats import diffusers, kohya, peft
 from loramerge.output import atomic_output
 
 
@@ -33,7 +33,13 @@ class AdapterFormat:
 
 FORMATS: tuple[AdapterFormat, ...] = (
     AdapterFormat("peft", peft.detect, peft.read, peft.write),
+    # LyCORIS files share kohya's names; they are written back as kohya LoRA/LoCon (the exact B@A).
+    AdapterFormat("lycoris", kohya.detect_lycoris, kohya.read_lycoris, kohya.write, single_file=True),
+    AdapterFormat("kohya", kohya.detect, kohya.read, kohya.write, single_file=True),
+    AdapterFormat("diffusers", diffusers.detect, diffusers.read, diffusers.write),
 )
+# Formats whose module names may need a base checkpoint to resolve (``--base``).
+NAME_RESOLVING = ("kohya", "lycoris")
 
 
 def get_format(name: str) -> AdapterFormat:
@@ -53,15 +59,31 @@ def detect_format(path: Path) -> AdapterFormat:
         raise ConfigNotFound(f"{path}: no {peft.CONFIG_NAME}; it gives the rank and alpha the weights need")
     if path.is_file() and path.name in (peft.WEIGHTS_NAME, peft.PICKLE_WEIGHTS_NAME):
         raise ConfigNotFound(f"{path}: no {peft.CONFIG_NAME} beside it; it gives the rank and alpha the weights need")
-    raise UnknownFormat(f"{path}: not an adapter in any known format ({', '.join(f.name for f in FORMATS)})")
+    raise UnknownFormat(
+        f"{path}: not an adapter in any known format ({', '.join(f.name for f in FORMATS)}){_first_keys(path)}"
+    )
 
 
-def read_adapter(path: str | Path, *, format: str | None = None, allow_pickle: bool = False) -> Adapter:
-    """Read the adapter at a local ``path``, detecting its format unless ``format`` is given."""
+def _first_keys(path: Path, count: int = 5) -> str:
+    keys = kohya.header_keys(path)
+    if not keys:
+        return ""
+    return f"; first keys: {', '.join(keys[:count])}" + (" ..." if len(keys) > count else "")
+
+
+def read_adapter(path: str | Path, *, format: str | None = None, allow_pickle: bool = False,
+                 base: str | Path | None = None) -> Adapter:
+    """Read the adapter at a local ``path``, detecting its format unless ``format`` is given.
+
+    ``base`` (a checkpoint file or folder) resolves kohya module names from its weight names;
+    other formats already name modules by path and ignore it.
+    """
     path = Path(path)
     if not path.exists():
         raise SourceNotFound(f"{path}: no such file or folder")
     fmt = get_format(format) if format else detect_format(path)
+    if base is not None and fmt.name in NAME_RESOLVING:
+        return fmt.read(path, allow_pickle=allow_pickle, base=base)
     return fmt.read(path, allow_pickle=allow_pickle)
 
 
