@@ -24,6 +24,7 @@ from loramerge.errors import (
     UnknownFormat,
     UnsupportedAdapter,
 )
+from loramerge.fold import fold
 from loramerge.linalg import RankPolicy
 from loramerge.merge import merge
 from loramerge.methods import available_methods, get_method
@@ -57,6 +58,7 @@ __all__ = [
     "UnsupportedAdapter",
     "__version__",
     "available_methods",
+    "fold",
     "get_method",
     "load",
     "merge",

@@ -50,3 +50,11 @@ class InvalidParameter(LoramergeError):
 
 class OutputExists(LoramergeError):
     """An output path that is not empty, written without ``force``."""
+
+
+class WriteFailed(LoramergeError):
+    """The output could not be written (no space left, permissions); nothing was left behind."""
+
+
+class LoramergeWarning(UserWarning):
+    """Something suspicious that does not stop the work (the CLI prints it as ``warning: ...``)."""

@@ -23,6 +23,20 @@ def resolve_source(source: str | Path) -> Path:
     raise SourceNotFound(f"{source}: no such file or folder")
 
 
+def resolve_model(source: str | Path) -> Path:
+    """The local folder of a base model ``source``; Hub ids plug in here, like :func:`resolve_source`.
+
+    Example:
+        >>> import tempfile
+        >>> resolve_model(tempfile.gettempdir()).is_dir()
+        True
+    """
+    path = resolve_source(source)
+    if not path.is_dir():
+        raise SourceNotFound(f"{source}: a base model must be a folder with config.json and its weights")
+    return path
+
+
 def load(source: str | Path | Adapter, *, format: str | None = None, allow_pickle: bool = False) -> Adapter:
     """Load an adapter from a file or folder, detecting its format.
 

@@ -3,10 +3,11 @@
 from loramerge.cli.app import main
 from loramerge.cli.combine import combine
 from loramerge.cli.demo import demo
+from loramerge.cli.fold import fold
 from loramerge.cli.inspect_adapter import inspect
 from loramerge.cli.methods import methods
 
-for command in (combine, demo, inspect, methods):
+for command in (combine, demo, inspect, methods, fold):
     main.add_command(command)
 
 __all__ = ["main"]
