@@ -24,6 +24,7 @@ from loramerge.errors import (
     UnknownFormat,
     UnsupportedAdapter,
 )
+from loramerge.extract import extract
 from loramerge.fold import fold
 from loramerge.linalg import RankPolicy
 from loramerge.merge import merge
@@ -58,6 +59,7 @@ __all__ = [
     "UnsupportedAdapter",
     "__version__",
     "available_methods",
+    "extract",
     "fold",
     "get_method",
     "load",

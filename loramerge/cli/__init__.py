@@ -3,11 +3,12 @@
 from loramerge.cli.app import main
 from loramerge.cli.combine import combine
 from loramerge.cli.demo import demo
+from loramerge.cli.extract import extract
 from loramerge.cli.fold import fold
 from loramerge.cli.inspect_adapter import inspect
 from loramerge.cli.methods import methods
 
-for command in (combine, demo, inspect, methods, fold):
+for command in (combine, demo, inspect, methods, fold, extract):
     main.add_command(command)
 
 __all__ = ["main"]
