@@ -137,8 +137,11 @@ class Checkpoint:
             return self.read_rows(name, 0, 1).reshape(())
         return self.read_rows(name, 0, info.shape[0])
 
-    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start:stop`` (along the first dimension) of tensor ``name``, read from disk alone."""
+    def read_rows(self, name: str, start: int, stop: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` (along the first dimension) of tensor ``name``, read from disk alone.
+
+        ``buffer`` (uint8, large enough) is reused for the bytes instead of a new allocation.
+        """
         info = self.tensors[name]
         if self.pickled:
             whole = self._pickled_shard(info.shard)[name]
@@ -149,7 +152,9 @@ class Checkpoint:
         rows = info.shape[0] if info.shape else 1
         row_bytes = info.nbytes // rows if rows else 0
         count = (stop - start) * row_bytes
-        buffer = torch.empty(count, dtype=torch.uint8)
+        if buffer is None or buffer.numel() < count:
+            buffer = torch.empty(count, dtype=torch.uint8)
+        buffer = buffer[:count]
         if count:
             with open(info.shard, "rb") as fh:
                 fh.seek(info.start + start * row_bytes)

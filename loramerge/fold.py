@@ -540,12 +540,32 @@ def _folded_blocks(ckpt: Checkpoint, source: TensorInfo, updates: list[Update], 
         _check_finite(result, name)
         yield result.to(out_dtype)
         return
+    # Reused buffers: the raw rows, the float32 work block and the rounded output block. The writer
+    # consumes each yielded block before the next is made, so nothing is allocated per block.
+    step = _block_rows(source.shape)
+    row_shape = source.shape[1:]
+    raw = torch.empty(step * math.prod(row_shape) * _itemsize(source), dtype=torch.uint8)
+    work = torch.empty((step, *row_shape), dtype=compute, device=device)
+    out = torch.empty((step, *row_shape), dtype=out_dtype)
     for start, stop in _blocks(source.shape):
-        block = ckpt.read_rows(source.name, start, stop).to(device=device, dtype=compute)
+        rows = stop - start
+        block = work[:rows]
+        block.copy_(ckpt.read_rows(source.name, start, stop, buffer=raw))
         for update, factors in zip(active, prepared):
-            block = _apply_rows(block, update, factors, start, stop)
-        _check_finite(block, name)
-        yield block.to(out_dtype)
+            _apply_rows(block, update, factors, start, stop)
+        result = out[:rows]
+        result.copy_(block)
+        if out_dtype == torch.float16:  # the only cast of finite values that can overflow
+            _check_finite(result, name)
+        yield result
+
+
+def _itemsize(info: TensorInfo) -> int:
+    return info.nbytes // max(1, math.prod(info.shape))
+
+
+def _block_rows(shape: tuple[int, ...]) -> int:
+    return max(1, min(shape[0], _BLOCK_ELEMENTS // max(1, math.prod(shape[1:])))) if shape else 1
 
 
 def _blocks(shape: tuple[int, ...]) -> Iterator[tuple[int, int]]:
@@ -553,8 +573,7 @@ def _blocks(shape: tuple[int, ...]) -> Iterator[tuple[int, int]]:
         yield 0, 1
         return
     rows = shape[0]
-    row_len = max(1, math.prod(shape[1:]))
-    step = max(1, _BLOCK_ELEMENTS // row_len)
+    step = _block_rows(shape)
     for start in range(0, rows, step):
         yield start, min(rows, start + step)
     if rows == 0:
@@ -583,12 +602,18 @@ def _lora_rows(update: Update, factors: tuple[torch.Tensor, ...], start: int, st
 def _apply_rows(block: torch.Tensor, update: Update, factors: tuple[torch.Tensor, ...], start: int,
                 stop: int) -> torch.Tensor:
     if update.kind == "lora":
-        return block.add_(_lora_rows(update, factors, start, stop, tuple(block.shape)))
+        B, A = factors
+        flat = block.view(block.shape[0], -1)  # a view: addmm_ adds B@A in place, without a temporary
+        if update.transposed:
+            flat.addmm_(A[:, start:stop].T, B.T)
+        else:
+            flat.addmm_(B[start:stop], A)
+        return block
     (value,) = factors
     rows = value[start:stop] if value.ndim else value
     if update.kind == "bias":
         return block.add_(rows, alpha=update.weight)
-    return rows.clone() if update.weight == 1.0 else block.add_(rows - block, alpha=update.weight)
+    return block.copy_(rows) if update.weight == 1.0 else block.add_(rows - block, alpha=update.weight)
 
 
 def _apply_whole(W: torch.Tensor, updates: list[Update], prepared: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
@@ -612,6 +637,9 @@ def _apply_whole(W: torch.Tensor, updates: list[Update], prepared: list[tuple[to
 
 
 def _check_finite(tensor: torch.Tensor, name: str) -> None:
+    # A finite sum proves every entry finite (NaN and Inf propagate); only an overflow needs the scan.
+    if bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all()):
+        return
     if not bool(torch.isfinite(tensor).all()):
         raise NonFiniteValues(f"tensor {name}: folding produced NaN/Inf values")
 
