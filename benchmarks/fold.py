@@ -181,25 +181,36 @@ def child(kind: str, model: str, adapter: str, out: str, rank: int) -> None:
     print(json.dumps({"seconds": time.perf_counter() - started}))
 
 
+# Linux carries the parent's peak RSS into a child's ru_maxrss across fork/vfork + exec, so this
+# (large) process does not start the measured commands itself: a bare interpreter that imports
+# nothing heavy does, and reports the child's own rusage.
+LAUNCHER = """
+import json, os, subprocess, sys, time
+start = time.perf_counter()
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE, stderr=sys.stderr, text=True)
+out = proc.stdout.read()
+_, status, usage = os.wait4(proc.pid, 0)
+print(json.dumps({"status": os.waitstatus_to_exitcode(status), "wall": time.perf_counter() - start,
+                  "maxrss_kb": usage.ru_maxrss, "stdout": out}))
+"""
+
+
 def measure(argv: list[str]) -> dict[str, float]:
-    """Run ``argv`` as a child; its wall time (from outside and, if printed, from inside) and peak RSS."""
-    started = time.perf_counter()
+    """Run ``argv`` through the launcher; its wall time (outside and, if printed, inside) and peak RSS."""
     with tempfile.TemporaryFile("w+") as errors:
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errors, text=True)
-        stdout = proc.stdout.read() if proc.stdout else ""
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        wall = time.perf_counter() - started
-        if proc.returncode != 0:
+        done = subprocess.run([sys.executable, "-c", LAUNCHER, *argv], stdout=subprocess.PIPE, stderr=errors,
+                              text=True, check=False)
+        report = json.loads(done.stdout.strip().splitlines()[-1]) if done.stdout.strip() else {"status": -1}
+        if report["status"] != 0:
             errors.seek(0)
             tail = errors.read()[-3000:]
-            raise RuntimeError(f"{' '.join(argv[:4])}… failed with status {proc.returncode}:\n{tail}")
-    inner = wall
-    for line in stdout.splitlines()[::-1]:
+            raise RuntimeError(f"{' '.join(argv[:4])}… failed with status {report['status']}:\n{tail}")
+    inner = report["wall"]
+    for line in report["stdout"].splitlines()[::-1]:
         if line.startswith("{"):
             inner = json.loads(line)["seconds"]
             break
-    return {"wall": wall, "seconds": inner, "rss_gb": usage.ru_maxrss * 1024 / 1e9}
+    return {"wall": report["wall"], "seconds": inner, "rss_gb": report["maxrss_kb"] * 1024 / 1e9}
 
 
 def self_child(kind: str, model: Path, adapter: Path, out: Path, rank: int = 16) -> list[str]:

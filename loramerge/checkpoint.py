@@ -16,9 +16,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import re
 import struct
-from collections.abc import Iterable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -359,8 +361,13 @@ class OutEntry:
 class ShardWriter:
     """Write a safetensors file tensor by tensor: the header is written first, from ``entries``.
 
-    Tensors must then be given in the same order, each either as a tensor (:meth:`write`) or as a
-    byte range of another safetensors file (:meth:`copy`). :meth:`close` checks that all came.
+    Tensors must then be given in the same order, each either as a tensor (:meth:`write`, or row
+    blocks with :meth:`write_parts`) or as a byte range of another file (:meth:`copy`).
+    :meth:`close` checks that all came.
+
+    With ``background=True`` a thread does the writing, so the next block is computed while the
+    kernel takes (and, when dirty pages pile up, throttles) this one. At most two parts are in
+    flight, so a caller that reuses part buffers must rotate at least three.
 
     Example:
         >>> import tempfile
@@ -373,7 +380,8 @@ class ShardWriter:
         [1.0, 2.0]
     """
 
-    def __init__(self, path: Path, entries: Iterable[OutEntry], metadata: dict[str, str] | None = None) -> None:
+    def __init__(self, path: Path, entries: Iterable[OutEntry], metadata: dict[str, str] | None = None,
+                 background: bool = False) -> None:
         self.path = path
         self.entries = list(entries)
         header: dict[str, Any] = {}
@@ -389,6 +397,13 @@ class ShardWriter:
         self._fh.write(struct.pack("<Q", len(raw)))
         self._fh.write(raw)
         self._next = 0
+        self._error: BaseException | None = None
+        self._queue: queue.Queue[Callable[[], None] | None] | None = None
+        self._thread: threading.Thread | None = None
+        if background:
+            self._queue = queue.Queue(maxsize=1)
+            self._thread = threading.Thread(target=self._work, name="loramerge-writer", daemon=True)
+            self._thread.start()
 
     def _expect(self, name: str) -> OutEntry:
         if self._next >= len(self.entries) or self.entries[self._next].name != name:
@@ -411,7 +426,7 @@ class ShardWriter:
             if dtype_code(part.dtype) != entry.dtype:
                 raise RuntimeError(f"internal error: {name} part is {part.dtype}, header says {entry.dtype}")
             data = part.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-            self._fh.write(memoryview(data.numpy()))
+            self._submit(lambda data=data: self._fh.write(memoryview(data.numpy())))
             written += data.numel()
         if written != entry.nbytes:
             raise RuntimeError(f"internal error: {name} got {written} bytes, header says {entry.nbytes}")
@@ -421,6 +436,9 @@ class ShardWriter:
         entry = self._expect(name)
         if source.nbytes != entry.nbytes:
             raise RuntimeError(f"internal error: {name} has {source.nbytes} bytes, header says {entry.nbytes}")
+        self._submit(lambda: self._copy(name, source))
+
+    def _copy(self, name: str, source: TensorInfo) -> None:
         self._fh.flush()
         with open(source.shard, "rb") as src:
             remaining, offset = source.nbytes, source.start
@@ -432,8 +450,40 @@ class ShardWriter:
                 remaining -= done
                 offset += done
 
+    def _submit(self, job: Callable[[], None]) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._queue is None:
+            job()
+            return
+        while True:
+            try:
+                self._queue.put(job, timeout=0.05)
+                return
+            except queue.Full:
+                if self._error is not None:
+                    raise self._error from None
+
+    def _work(self) -> None:
+        assert self._queue is not None
+        while (job := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    job()
+                except BaseException as exc:  # re-raised in the caller's thread
+                    self._error = exc
+
+    def _finish(self) -> None:
+        if self._thread is not None and self._queue is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
     def close(self) -> None:
         try:
+            self._finish()
+            if self._error is not None:
+                raise self._error
             if self._next != len(self.entries):
                 missing = self.entries[self._next].name
                 raise RuntimeError(f"internal error: {self.path} closed before tensor {missing} was written")
@@ -441,7 +491,10 @@ class ShardWriter:
             self._fh.close()
 
     def abort(self) -> None:
-        self._fh.close()
+        try:
+            self._finish()
+        finally:
+            self._fh.close()
 
     def __enter__(self) -> ShardWriter:
         return self

@@ -520,3 +520,13 @@ def test_toy_model_output_runs(tmp_path):
         ours = load_toy(tmp_path / "out")(TOKENS % 40, image)
         adapted = peft_adapted(model, adapter)(TOKENS % 40, image)
     assert torch.allclose(ours, adapted, atol=1e-5)
+
+
+def test_disk_full_in_the_background_writer(tmp_path, monkeypatch, llama_base, llama_adapter):
+    def full(self, name, source):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ShardWriter, "_copy", full)
+    with pytest.raises(WriteFailed, match="no space left"):
+        fold(llama_base, llama_adapter, output=tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
