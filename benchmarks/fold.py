@@ -253,13 +253,15 @@ def fold_part(args: argparse.Namespace, root: Path) -> None:
           f"({args.dtype}), rank-{args.rank} adapter on {layers * len(LINEAR)} modules "
           f"(built in {time.perf_counter() - started:.0f}s)")
     kinds = ["floor", "loramerge"] + ([] if args.skip_peft else ["peft"])
+    # (within each repeat the order alternates, so neither tool always runs on a warmer cache)
     results: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
     for repeat in range(args.repeats):
-        for kind in kinds:
+        for kind in (kinds if repeat % 2 == 0 else [kinds[1], kinds[0], *kinds[2:]]):
             if kind == "peft" and repeat >= args.peft_repeats:
                 continue
             out = root / f"out-{kind}"
             shutil.rmtree(out, ignore_errors=True)
+            os.sync()  # every contender starts with no dirty pages of ours to write back
             results[kind].append(measure(self_child(kind, model, adapter, out, args.rank)))
             if kind == "floor":
                 shutil.rmtree(out, ignore_errors=True)
@@ -292,6 +294,7 @@ def extract_part(args: argparse.Namespace, root: Path) -> None:
     write_model(ft, layers, 2, torch.float32, seed=3, delta_rank=64)
     print(f"\nextract: {layers} layers × {len(LINEAR)} modules, float32, true update rank 64 (σᵢ ∝ 0.85ⁱ) + 1% noise;"
           f" rank {args.rank}")
+    os.sync()
     runs = {"loramerge": measure(self_child("extract", base, ft, root / "x-ours", args.rank))}
     tool = args.mergekit or shutil.which("mergekit-extract-lora")
     if tool and Path(tool).exists():
