@@ -75,7 +75,10 @@ from loramerge.sources import load, resolve_model
 
 RECIPE_NAME = "loramerge.json"
 TIED_MODES = ("refuse", "untie", "shared")
-_BLOCK_ELEMENTS = 1 << 20  # elements per streamed block: 4 MB of float32, about one L2 cache
+# Elements per block of maths and per write: 2 MB of float32. Small blocks stay in cache between
+# the conversion, the update and the writer's copy; on the 3.2 GB benchmark 512K-element blocks
+# folded in 4.6-5.6 s against 5.8-7.3 s at 1M, 6.4-9.5 s at 2M and 11-13 s at 32M.
+_BLOCK_ELEMENTS = 1 << 19
 _FOLD_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 UpdateKind = Literal["lora", "dora", "bias", "replace"]
@@ -542,18 +545,18 @@ def _folded_blocks(ckpt: Checkpoint, source: TensorInfo, updates: list[Update], 
         _check_finite(result, name)
         yield result.to(out_dtype)
         return
-    for start, stop in _blocks(source.shape):
-        rows = stop - start
-        shape = (rows, *source.shape[1:])
-        block = buffers.work(shape, compute, device)
-        block.copy_(ckpt.read_rows(source.name, start, stop, buffer=buffers.raw(rows * _row_bytes(source))))
-        for update, factors in zip(active, prepared):
-            _apply_rows(block, update, factors, start, stop)
-        result = buffers.out(shape, out_dtype)
-        result.copy_(block)
-        if out_dtype == torch.float16:  # the only cast of finite values that can overflow
-            _check_finite(result, name)
-        yield result
+    with ckpt.mapped(source.name) as stored:
+        for start, stop in _blocks(source.shape):
+            shape = (stop - start, *source.shape[1:])
+            block = buffers.work(shape, compute, device)
+            block.copy_(stored[start:stop])
+            for update, factors in zip(active, prepared):
+                _apply_rows(block, update, factors, start, stop)
+            result = buffers.out(shape, out_dtype)
+            result.copy_(block)
+            if out_dtype == torch.float16:  # the only cast of finite values that can overflow
+                _check_finite(result, name)
+            yield result
 
 
 @contextlib.contextmanager
@@ -617,14 +620,14 @@ def _block_rows(shape: tuple[int, ...]) -> int:
 
 
 def _blocks(shape: tuple[int, ...]) -> Iterator[tuple[int, int]]:
+    """Row ranges of about :data:`_BLOCK_ELEMENTS` entries covering a tensor of ``shape``."""
     if not shape:
         yield 0, 1
         return
-    rows = shape[0]
     step = _block_rows(shape)
-    for start in range(0, rows, step):
-        yield start, min(rows, start + step)
-    if rows == 0:
+    for start in range(0, shape[0], step):
+        yield start, min(shape[0], start + step)
+    if shape[0] == 0:
         yield 0, 0
 
 
