@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from loramerge.adapter import Adapter, LowRank
 from loramerge.checkpoint import Checkpoint, TensorInfo, open_checkpoint
-from loramerge.devices import dtype_name, parse_dtype, resolve_device
+from loramerge.devices import dtype_name, one_core_spare, parse_dtype, resolve_device
 from loramerge.errors import IncompatibleAdapters, InvalidParameter
 from loramerge.formats import get_format
 from loramerge.linalg import RankPolicy, dense_svd
@@ -266,7 +266,7 @@ def extract(
     reports: list[ExtractedModule] = []
     full_modules: set[str] = set()
     unchanged = 0
-    with tqdm(total=len(pairs), unit="tensor", desc="extract", disable=not progress) as bar:
+    with one_core_spare(), tqdm(total=len(pairs), unit="tensor", desc="extract", disable=not progress) as bar:
         for name, base_name in pairs.items():
             bar.update(1)
             ft_info = ft_ckpt.tensors[name]
@@ -406,12 +406,12 @@ def _decompose(module: str, role: str, delta: torch.Tensor, policy: RankPolicy, 
     else:
         matrix = delta
         template = LowRank(torch.zeros(1, stored_shape[1]), torch.zeros(stored_shape[0], 1))
-    total = float(matrix.double().square().sum())
+    total = float(torch.linalg.vector_norm(matrix)) ** 2
     full_rank = min(matrix.shape)
     S, factors, method = _svd(matrix, policy, total, exact_limit)
     B, A = factors
-    residual = float((matrix - B @ A).double().square().sum())
-    error = math.sqrt(residual / total) if total else 0.0
+    residual = float(torch.linalg.vector_norm(torch.addmm(matrix, B, A, alpha=-1.0)))  # measured, not assumed
+    error = residual / math.sqrt(total) if total else 0.0
     lowrank = template.from_matrices(B.contiguous(), A.contiguous())
     row = ExtractedModule(
         module=module, kind="conv" if role == "conv" else "linear", shape=stored_shape, rank=lowrank.rank,

@@ -57,7 +57,7 @@ from loramerge.checkpoint import (
     safetensors_name,
     shard_names,
 )
-from loramerge.devices import dtype_name, parse_dtype, resolve_device
+from loramerge.devices import dtype_name, one_core_spare, parse_dtype, resolve_device
 from loramerge.errors import (
     IncompatibleAdapters,
     InvalidParameter,
@@ -490,7 +490,7 @@ def _write_model(ckpt: Checkpoint, plan: FoldPlan, layout: list[OutShard], tmp: 
     weight_map: dict[str, str] = {}
     written = 0
     buffers = _Buffers()
-    with _leave_a_core_for_the_writer(), tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="fold", disable=not progress) as bar:
+    with one_core_spare(), tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="fold", disable=not progress) as bar:
         for number, shard in enumerate(layout, 1):
             bar.set_postfix_str(f"shard {number}/{len(layout)}")
             with ShardWriter(tmp / shard.name, shard.entries, shard.metadata, background=True) as writer:
@@ -557,22 +557,6 @@ def _folded_blocks(ckpt: Checkpoint, source: TensorInfo, updates: list[Update], 
             if out_dtype == torch.float16:  # the only cast of finite values that can overflow
                 _check_finite(result, name)
             yield result
-
-
-@contextlib.contextmanager
-def _leave_a_core_for_the_writer() -> Iterator[None]:
-    """Run torch's intra-op pool one thread short while the background writer works.
-
-    The block maths is a few memory-bound passes; with every core in torch's pool the writer
-    thread (and any other process) preempts a pool thread and the whole pool waits at the barrier.
-    Measured on 2 busy cores: 7-11 s with one torch thread against 21-22 s with two.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, before - 1))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 class _Buffers:
