@@ -65,7 +65,12 @@ def dtype_code(dtype: torch.dtype) -> str:
 
 
 def code_dtype(code: str) -> torch.dtype | None:
-    """The torch dtype of a safetensors code, or None when torch has no such dtype."""
+    """The torch dtype of a safetensors code, or None when torch has no such dtype.
+
+    Example:
+        >>> code_dtype("BF16"), code_dtype("NOPE")
+        (torch.bfloat16, None)
+    """
     return _CODES[code][1] if code in _CODES else None
 
 
@@ -281,6 +286,14 @@ def read_header(path: Path) -> tuple[list[TensorInfo], dict[str, str]]:
     """The tensors of one safetensors file in data order, with absolute offsets, and its metadata.
 
     Checks that every byte range lies inside the file and matches its dtype and shape.
+
+    Example:
+        >>> import tempfile
+        >>> from loramerge.formats.tensorfile import write_safetensors
+        >>> p = Path(tempfile.mkdtemp()) / "t.safetensors"
+        >>> write_safetensors({"b": torch.zeros(3), "a": torch.zeros(2, dtype=torch.float16)}, p)
+        >>> [(t.name, t.dtype, t.shape, t.nbytes) for t in read_header(p)[0]]
+        [('b', 'F32', (3,), 12), ('a', 'F16', (2,), 4)]
     """
     header, metadata = read_safetensors_header(path)
     with open(path, "rb") as fh:
@@ -598,7 +611,16 @@ def safetensors_name(shard: Path) -> str:
 
 
 def iter_plain_files(folder: Path, skip: set[str]) -> Iterator[Path]:
-    """Files of ``folder`` (recursively) that are not weights, hidden, or named in ``skip``."""
+    """Files of ``folder`` (recursively) that are not weights, hidden, or named in ``skip``.
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> for name in ("config.json", "tokenizer.json", "model.safetensors", "tf_model.h5", ".cache"):
+        ...     _ = (folder / name).write_text("x")
+        >>> [p.name for p in iter_plain_files(folder, {"config.json"})]
+        ['tokenizer.json']
+    """
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
         if any(part.startswith(".") for part in rel.parts) or not path.is_file():

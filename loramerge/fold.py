@@ -276,6 +276,16 @@ def plan_fold(ckpt: Checkpoint, units: Sequence[tuple[Adapter, float]], *, resol
     """Resolve every adapter module to a base tensor and check shapes, orientation, dtypes and ties.
 
     Nothing is read but headers; every refusal happens here, before any output exists.
+
+    Example:
+        >>> import tempfile
+        >>> from loramerge.formats.tensorfile import write_safetensors
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> write_safetensors({"model.fc.weight": torch.zeros(4, 3)}, folder / "model.safetensors")
+        >>> ad = Adapter({"fc": LowRank(torch.ones(2, 3), torch.ones(4, 2))})
+        >>> plan = plan_fold(open_checkpoint(folder), [(ad, 1.0)])
+        >>> [(name, [u.kind for u in ups]) for name, ups in plan.updates.items()]
+        [('model.fc.weight', ['lora'])]
     """
     names = set(ckpt.tensors)
     tie = tied_embeddings(ckpt.config, names)
@@ -727,7 +737,15 @@ def file_sha256(path: Path) -> str:
 
 
 def source_fingerprint(adapter: Adapter) -> dict[str, str]:
-    """sha256 of each file of an adapter read from disk (config and weights); empty for one built in memory."""
+    """sha256 of each file of an adapter read from disk (config and weights); empty for one built in memory.
+
+    Example:
+        >>> import tempfile
+        >>> path = Adapter({"fc": LowRank(torch.ones(1, 2), torch.ones(2, 1))}).save(tempfile.mkdtemp() + "/a")
+        >>> from loramerge.sources import load
+        >>> sorted(source_fingerprint(load(path)))
+        ['adapter_config.json', 'adapter_model.safetensors']
+    """
     if not adapter.source:
         return {}
     path = Path(adapter.source)

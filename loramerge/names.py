@@ -90,7 +90,12 @@ def is_input_embedding(name: str) -> bool:
 
 
 def config_value(config: dict[str, Any], key: str) -> Any:
-    """``config[key]``, looking into a nested ``text_config`` too (multimodal configs keep it there)."""
+    """``config[key]``, looking into a nested ``text_config`` too (multimodal configs keep it there).
+
+    Example:
+        >>> config_value({"text_config": {"tie_word_embeddings": True}}, "tie_word_embeddings")
+        True
+    """
     if key in config:
         return config[key]
     nested = config.get("text_config")
