@@ -23,20 +23,6 @@ def resolve_source(source: str | Path) -> Path:
     raise SourceNotFound(f"{source}: no such file or folder")
 
 
-def resolve_model(source: str | Path) -> Path:
-    """The local folder of a base model ``source``; Hub ids plug in here, like :func:`resolve_source`.
-
-    Example:
-        >>> import tempfile
-        >>> resolve_model(tempfile.gettempdir()).is_dir()
-        True
-    """
-    path = resolve_source(source)
-    if not path.is_dir():
-        raise SourceNotFound(f"{source}: a base model must be a folder with config.json and its weights")
-    return path
-
-
 def load(source: str | Path | Adapter, *, format: str | None = None, allow_pickle: bool = False) -> Adapter:
     """Load an adapter from a file or folder, detecting its format.
 
@@ -52,3 +38,22 @@ def load(source: str | Path | Adapter, *, format: str | None = None, allow_pickl
     if isinstance(source, Adapter):
         return source
     return read_adapter(resolve_source(source), format=format, allow_pickle=allow_pickle)
+
+
+def resolve_model(source: str | Path) -> Path:
+    """The local folder of a base model (``config.json`` and its weights) for fold and extract.
+
+    Base models resolve here, apart from adapters, so Hub ids for them can plug in without
+    touching the adapter path; today only local folders are accepted.
+
+    Example:
+        >>> import tempfile
+        >>> resolve_model(tempfile.gettempdir()).is_dir()
+        True
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise SourceNotFound(f"{source}: a base model must be a folder with config.json and its weights")
+    raise SourceNotFound(f"{source}: no such model folder")
