@@ -6,7 +6,6 @@ import json
 
 import click
 
-from loramerge.cli.options import source_options
 from loramerge.devices import DTYPE_CHOICES
 from loramerge.extract import DEFAULT_RANK, EXACT_LIMIT
 from loramerge.extract import extract as run_extract
@@ -29,7 +28,8 @@ from loramerge.output import check_output
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Also write the full report as JSON here.")
 @click.option("--force", is_flag=True, help="Overwrite an existing, non-empty output.")
-@source_options
+@click.option("--allow-pickle", is_flag=True,
+              help="Allow pickle .bin weights (read with torch.load(weights_only=True)).")
 def extract(base: str, finetuned: str, output: str, rank: int | None, energy: float | None, max_error: float | None,
             rank_max: int | None, modules: str | None, keep_full: bool, exact_limit: int, dtype: str, device: str,
             report_path: str | None, force: bool, allow_pickle: bool) -> None:

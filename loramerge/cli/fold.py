@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from loramerge.cli.options import merge_options, method_params_from, parse_weights, source_options
+from loramerge.cli.options import merge_options, method_params_from, parse_weights
 from loramerge.errors import LoramergeWarning
 from loramerge.fold import TIED_MODES
 from loramerge.fold import fold as run_fold
@@ -28,7 +28,8 @@ from loramerge.output import check_output
 @click.option("--strict", is_flag=True, help="Refuse adapters trained on a different base model (default: warn).")
 @click.option("--force", is_flag=True, help="Overwrite an existing, non-empty output.")
 @merge_options
-@source_options
+@click.option("--allow-pickle", is_flag=True,
+              help="Allow pickle .bin weights (read with torch.load(weights_only=True)).")
 def fold(base: str, adapters: tuple[str, ...], output: str, dtype: str, shard_size: str | None, tied_embeddings: str,
          strict: bool, force: bool, method: str, weights: str | None, rank: int | None, energy: float | None,
          max_error: float | None, rank_max: int | None, seed: int, device: str, compute_dtype: str,
