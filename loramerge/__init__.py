@@ -27,6 +27,8 @@ from loramerge.errors import (
     UnknownFormat,
     UnsupportedAdapter,
 )
+from loramerge.extract import extract
+from loramerge.fold import fold
 from loramerge.hub import push_to_hub
 from loramerge.linalg import RankPolicy
 from loramerge.merge import merge
@@ -66,6 +68,8 @@ __all__ = [
     "__version__",
     "available_methods",
     "convert",
+    "extract",
+    "fold",
     "get_method",
     "load",
     "load_recipe",

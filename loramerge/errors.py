@@ -58,3 +58,11 @@ class HubError(LoramergeError):
 
 class RecipeError(LoramergeError):
     """A recipe that does not validate; the message gives the file, line and key."""
+
+
+class WriteFailed(LoramergeError):
+    """The output could not be written (no space left, permissions); nothing was left behind."""
+
+
+class LoramergeWarning(UserWarning):
+    """Something suspicious that does not stop the work (the CLI prints it as ``warning: ...``)."""

@@ -82,3 +82,27 @@ def load(source: str | Path | Adapter | HubRef, *, format: str | None = None, al
         adapter.source = str(source)
     adapter.origin = origin
     return adapter
+
+
+def resolve_model(source: str | Path) -> Path:
+    """The local folder of a base model (``config.json`` and its weights) for fold and extract.
+
+    A local folder wins; otherwise a Hub id ``org/name[/subfolder][@revision]`` is downloaded
+    (configs, safetensors weights and tokenizer files) into the Hugging Face cache.
+
+    Example:
+        >>> import tempfile
+        >>> resolve_model(tempfile.gettempdir()).is_dir()
+        True
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise SourceNotFound(f"{source}: a base model must be a folder with config.json and its weights")
+    from loramerge.hub import fetch_model, parse_hub_id
+
+    ref = parse_hub_id(str(source)) if not isinstance(source, Path) else None
+    if ref is None:
+        raise SourceNotFound(f"{source}: no such model folder")
+    return fetch_model(ref).path

@@ -4,14 +4,14 @@ from loramerge.cli.app import main
 from loramerge.cli.combine import combine
 from loramerge.cli.convert import convert
 from loramerge.cli.demo import demo
+from loramerge.cli.extract import extract
+from loramerge.cli.fold import fold
 from loramerge.cli.inspect_adapter import inspect
 from loramerge.cli.methods import methods
 from loramerge.cli.push import push
 from loramerge.cli.run import run
 
-for command in (combine, convert, demo, inspect, methods):
+for command in (combine, convert, demo, extract, fold, inspect, methods, push, run):
     main.add_command(command)
-main.add_command(push)
-main.add_command(run)
 
 __all__ = ["main"]

@@ -1,0 +1,76 @@
+"""``loramerge fold``: fold adapters into a base model's weights, shard by shard."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from typing import Any
+
+import click
+
+from loramerge.cli.options import merge_options, method_params_from, parse_weights
+from loramerge.errors import LoramergeWarning
+from loramerge.fold import TIED_MODES
+from loramerge.fold import fold as run_fold
+from loramerge.output import check_output
+
+
+@click.command()
+@click.argument("base")
+@click.argument("adapters", nargs=-1, required=True)
+@click.option("--output", "-o", required=True, type=click.Path(), help="Output model folder.")
+@click.option("--dtype", type=click.Choice(["keep", "fp32", "fp16", "bf16"]), default="keep", show_default=True,
+              help="Stored dtype of the floating tensors.")
+@click.option("--shard-size", help="Re-shard to at most this size per file, e.g. 5GB or 2GiB [default: keep the base's shards].")
+@click.option("--tied-embeddings", type=click.Choice(TIED_MODES), default="refuse", show_default=True,
+              help="When an adapter changes one of two tied embeddings: refuse, untie (write both, "
+                   "tie_word_embeddings false) or shared (fold into the shared matrix, as PEFT does).")
+@click.option("--strict", is_flag=True, help="Refuse adapters trained on a different base model (default: warn).")
+@click.option("--force", is_flag=True, help="Overwrite an existing, non-empty output.")
+@merge_options
+@click.option("--allow-pickle", is_flag=True,
+              help="Allow pickle .bin weights (read with torch.load(weights_only=True)).")
+def fold(base: str, adapters: tuple[str, ...], output: str, dtype: str, shard_size: str | None, tied_embeddings: str,
+         strict: bool, force: bool, method: str, weights: str | None, rank: int | None, energy: float | None,
+         max_error: float | None, rank_max: int | None, seed: int, device: str, compute_dtype: str,
+         ignore_base_mismatch: bool, report_path: str | None, allow_pickle: bool, **method_options: Any) -> None:
+    """Fold ADAPTERS into the model at BASE and write the full model to -o OUTPUT.
+
+    Tensor names, shards and dtypes stay as they are; config, tokenizer and other files are
+    copied; loramerge.json records the recipe. The maths runs in float32 and is rounded once.
+    One adapter with --weights w folds w·ΔW (negative subtracts); several adapters are merged
+    with --method and the rank options of `combine`.
+
+    \b
+    Examples:
+      loramerge fold ./llama ./math-adapter -o llama-math
+      loramerge fold ./llama ./math ./code -o llama-mc --weights 0.7,0.3
+      loramerge fold ./llama ./math ./code -o llama-mc --method svd --rank 16 --dtype bf16
+      loramerge fold ./llama-math ./math-adapter -o llama --weights -1 --force
+      loramerge fold ./gemma ./embed-adapter -o out --tied-embeddings untie --shard-size 2GB
+    """
+    check_output(output, force=force)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", LoramergeWarning)
+        try:
+            result = run_fold(
+                base, list(adapters), output=output, weights=parse_weights(weights), method=method, rank=rank,
+                energy=energy, max_error=max_error, rank_max=rank_max, seed=seed, dtype=dtype, shard_size=shard_size,
+                device=device, compute_dtype=compute_dtype, tied_embeddings_mode=tied_embeddings, force=force,
+                strict=strict, allow_pickle=allow_pickle, ignore_base_mismatch=ignore_base_mismatch, progress=True,
+                **method_params_from(method_options),
+            )
+        finally:
+            for warning in caught:
+                if issubclass(warning.category, LoramergeWarning):
+                    click.echo(f"warning: {warning.message}", err=True)
+    if result.merge_report is not None:
+        click.echo(result.merge_report.summary())
+        if report_path:
+            result.merge_report.write_json(report_path)
+    elif report_path:
+        with open(report_path, "w") as fh:
+            json.dump(result.recipe, fh, indent=2)
+    for note in result.recipe.get("notes", []):
+        click.echo(f"note: {note}")
+    click.echo(result.summary())
