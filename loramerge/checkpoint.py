@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from loramerge.errors import CorruptFile, PickleRefused, SourceNotFound
-from loramerge.formats.tensorfile import read_safetensors_header
+from loramerge.formats.tensorfile import read_json_object, read_safetensors_header
 
 CONFIG_NAME = "config.json"
 SAFE_SINGLE = "model.safetensors"
@@ -252,15 +252,7 @@ def open_checkpoint(folder: str | Path, *, allow_pickle: bool = False) -> Checkp
 
 def _read_config(folder: Path) -> dict[str, Any]:
     path = folder / CONFIG_NAME
-    if not path.is_file():
-        return {}
-    try:
-        config = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CorruptFile(f"{path}: invalid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise CorruptFile(f"{path}: expected a JSON object")
-    return config
+    return read_json_object(path) if path.is_file() else {}
 
 
 def _read_index(path: Path) -> tuple[list[Path], dict[str, Any], dict[str, str]]:

@@ -20,7 +20,7 @@ import torch
 
 from loramerge.adapter import Adapter, LowRank
 from loramerge.errors import ConfigNotFound, CorruptFile, UnsupportedAdapter
-from loramerge.formats.tensorfile import check_finite, read_tensor_file, write_safetensors
+from loramerge.formats.tensorfile import check_finite, read_json_object, read_tensor_file, write_safetensors
 
 NAME = "peft"
 CONFIG_NAME = "adapter_config.json"
@@ -101,12 +101,7 @@ def read_config(folder: Path) -> dict[str, Any]:
     config_path = folder / CONFIG_NAME
     if not config_path.is_file():
         raise ConfigNotFound(f"{folder}: no {CONFIG_NAME}; it gives the rank and alpha the weights need")
-    try:
-        config = json.loads(config_path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CorruptFile(f"{config_path}: invalid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise CorruptFile(f"{config_path}: expected a JSON object")
+    config = read_json_object(config_path)
     check_config(config, config_path)
     return config
 

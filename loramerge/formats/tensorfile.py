@@ -85,6 +85,26 @@ def read_tensor_file(path: Path, *, allow_pickle: bool = False) -> tuple[dict[st
     return read_safetensors(path)
 
 
+def read_json_object(path: Path) -> dict:
+    """The JSON object stored in ``path``, or :class:`CorruptFile` naming the file.
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> p = Path(tempfile.mkdtemp()) / "c.json"
+        >>> _ = p.write_text('{"r": 8}')
+        >>> read_json_object(p)
+        {'r': 8}
+    """
+    try:
+        value = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptFile(f"{path}: invalid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise CorruptFile(f"{path}: expected a JSON object")
+    return value
+
+
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Write contiguous, unaliased CPU copies of ``tensors`` with ``{"format": "pt"}`` plus ``metadata``."""
     prepared = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
