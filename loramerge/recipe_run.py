@@ -183,6 +183,10 @@ def run_recipe(recipe: Recipe | str | Path, *, sets: Sequence[str] = (), output:
     repo = push_to_hub or (push.repo if push else None)
     private = private if private is not None else (push.private if push else False)
     commit_message = commit_message or (push.commit_message if push else None)
+    if repo is not None:
+        from loramerge.hub import check_push
+
+        check_push(repo)  # before any heavy work: no token, offline or a bad target fail here
     if recipe.base_model:
         from loramerge.recipe_fold import run_fold_recipe
 
