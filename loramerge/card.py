@@ -5,6 +5,10 @@ kohya/diffusers-style files), the tags ``lora``, ``loramerge`` and the method na
 license when every source declares the same one. The body lists the sources with their resolved
 commits, the method and its parameters, a per-module summary (ranks, energy kept, error), how to
 load the adapter, and the recipe that reproduces it (also saved as ``loramerge_recipe.yaml``).
+
+A model with adapters folded in gets :func:`folded_model_card` (``library_name: transformers``,
+or ``diffusers`` for a pipeline, tags ``loramerge`` and ``lora-fold``), an adapter extracted from a
+fine-tune :func:`extracted_adapter_card`, a converted adapter :func:`converted_card`.
 """
 
 from __future__ import annotations

@@ -7,7 +7,11 @@ its card and recipe are only uploaded, beside it in the repository, when it is p
 card names the repository in its loading example.
 
 Any command that writes an output calls :func:`publish_output` afterwards to push it; that is
-all ``--push-to-hub`` needs.
+all ``--push-to-hub`` needs. fold and extract outputs are recognised by the ``loramerge.json``
+they write: a folded model gets a model card (``library_name: transformers``, the base model, the
+adapters folded in) in place of the base model's own README, an extracted adapter one with its
+extraction report. :func:`push_fold` adds the fold recipe that reproduces the model, and
+:func:`push_output` (``loramerge.push_to_hub``) pushes any result or path from Python.
 """
 
 from __future__ import annotations

@@ -24,7 +24,10 @@ per-source parameters), the method and its parameters, the rank policy, the seed
       push: org/merged-lora          # or {repo, private, commit_message}
 
 Any setting that takes a number may be a constant, a per-layer gradient or a list of
-``{filter, value}`` rules (see :mod:`loramerge.schedule`). ``base_model`` makes a fold recipe.
+``{filter, value}`` rules (see :mod:`loramerge.schedule`). ``base_model`` (a local model folder
+or a Hub id) makes a fold recipe: ``output.path`` is then the model folder, ``output.dtype`` may
+also be ``keep``, ``output.shard_size`` (``5GB``) re-shards it and ``tied_embeddings`` (``refuse``,
+``untie``, ``shared``) is fold's choice for tied embeddings; see :mod:`loramerge.recipe_fold`.
 
 ``base_dir``, when relative, is resolved against the recipe file's folder (or the current
 directory when it comes from ``--set``); sources' ``path`` and ``output.path`` against
