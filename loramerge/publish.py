@@ -146,6 +146,11 @@ def publish_output(path: str | Path, repo_id: str, *, private: bool = False, com
         extra["README.md"] = _card_for_existing(path, repo_id, recipe).encode()
     if recipe is not None and not (path.is_dir() and (path / RECIPE_FILENAME).is_file()):
         extra[RECIPE_FILENAME] = dump_recipe(recipe, RECIPE_HEADER).encode()
+    record = read_record(path)
+    if record is not None:
+        import json
+
+        extra[RECORD_FILENAME] = (json.dumps(public_record(record), indent=2) + "\n").encode()
     return push_to_hub(path, repo_id, private=private, commit_message=commit_message, token=token,
                        extra_files=extra or None)
 
@@ -244,6 +249,34 @@ def read_record(path: str | Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) and record.get("command") in ("fold", "extract") else None
+
+
+def public_record(value: Any) -> Any:
+    """``value`` (a ``loramerge.json`` record) with every absolute local path cut to its last two
+    components, and Hugging Face cache paths named by their repository and commit: what is pushed
+    must not publish someone's directory layout.
+
+    Example:
+        >>> public_record({"base": {"source": "/home/ann/models/llama"}, "adapters": [{"source": "org/x@v1"}]})
+        {'base': {'source': 'models/llama'}, 'adapters': [{'source': 'org/x@v1'}]}
+    """
+    import os
+    import re
+
+    from loramerge.hub import model_origin
+
+    if isinstance(value, dict):
+        return {k: public_record(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [public_record(v) for v in value]
+    if isinstance(value, str) and (os.path.isabs(value) or value.startswith("~")):
+        if "/snapshots/" in value.replace("\\", "/"):
+            origin = model_origin(value)
+            if "repo_id" in origin:
+                return model_location(origin, None)
+        parts = [p for p in re.split(r"[\\/]", value) if p]
+        return "/".join(parts[-2:])
+    return value
 
 
 def output_card(path: str | Path, repo_id: str | None, *, adapters: list[Adapter] | None = None,

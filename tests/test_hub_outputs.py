@@ -3,6 +3,7 @@ client against the local test Hub, with the model cards parsed by huggingface_hu
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -92,6 +93,10 @@ def test_fold_pushes_the_model_with_a_card_and_a_recipe_that_reproduces_it(hub, 
     assert {"config.json", "model.safetensors", "loramerge.json", "README.md", RECIPE} <= set(files)
     assert files["model.safetensors"] == (out / "model.safetensors").read_bytes()
     assert (out / "README.md").read_bytes() == BASE_CARD  # the local folder is left as fold wrote it
+    record = json.loads(files["loramerge.json"])  # the pushed copy names no local directory
+    assert record["base"]["source"] == f"org/tiny-llama@{on_hub['base']}"
+    assert record["adapters"][1]["source"] == f"{tmp_path.name}/code" and str(tmp_path) not in files["loramerge.json"].decode()
+    assert str(tmp_path) in (out / "loramerge.json").read_text()
 
     card = ModelCard(files["README.md"].decode())
     assert card.data.library_name == "transformers"
@@ -140,6 +145,7 @@ def test_extract_pushes_an_adapter_with_its_extraction_report(hub, demo, tmp_pat
     assert code == 0, text
     files = pushed(hub, "me/extracted")
     assert {"adapter_config.json", "adapter_model.safetensors", "loramerge.json", "README.md"} <= set(files)
+    assert json.loads(files["loramerge.json"])["finetuned"] == f"{tmp_path.name}/folded"
     card = ModelCard(files["README.md"].decode())
     assert card.data.library_name == "peft"
     assert card.data.base_model == "loramerge-demo/tiny-llama"
