@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from loramerge.adapter import Adapter
-from loramerge.errors import RecipeError, UnsupportedAdapter
+from loramerge.errors import RecipeError
 from loramerge.recipe import RECIPE_FILENAME, Recipe, dump_recipe, saved_recipe
 
 if TYPE_CHECKING:
@@ -116,16 +116,10 @@ def run_fold_recipe(recipe: Recipe, target: Path | None, *, force: bool = False,
     )
     merged: Adapter | None = None
     if varies_by_module(recipe):
-        try:
-            plan = plan_recipe(recipe, adapters)
-            merged = merge(adapters, method=recipe.method, seed=recipe.seed, device=device, dtype=torch.float32,
-                           compute_dtype=recipe.compute_dtype, ignore_base_mismatch=recipe.ignore_base_mismatch,
-                           progress=progress, overrides=plan.overrides(), **constants)
-        except UnsupportedAdapter as exc:
-            raise UnsupportedAdapter(
-                f"{exc}; a fold recipe whose settings vary by module merges its sources first, so fold such "
-                "adapters with constant weights and method linear, which applies them one after another"
-            ) from None
+        plan = plan_recipe(recipe, adapters)  # refuses DoRA and full weights, which a merge cannot carry
+        merged = merge(adapters, method=recipe.method, seed=recipe.seed, device=device, dtype=torch.float32,
+                       compute_dtype=recipe.compute_dtype, ignore_base_mismatch=recipe.ignore_base_mismatch,
+                       progress=progress, overrides=plan.overrides(), **constants)
     with ExitStack() as stack:
         if target is not None:
             folder = stack.enter_context(atomic_output(target, force=force))

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loramerge.adapter import Adapter
-from loramerge.errors import LoramergeError, RecipeError
+from loramerge.errors import LoramergeError, RecipeError, UnsupportedAdapter
 from loramerge.overrides import module_settings
 from loramerge.recipe import Recipe, load_recipe, saved_recipe
 from loramerge.schedule import NO_VALUE, depths
@@ -121,7 +121,16 @@ def plan_recipe(recipe: Recipe, adapters: Sequence[Adapter] | None = None) -> Re
         modules_list = list(dict.fromkeys(m for a in loaded for m in a.modules))
         terms: dict[str, list[Any]] = {m: [a.layers.get(m) for a in loaded] for m in modules_list}
     else:
-        plan = plan_merge(loaded, ignore_base_mismatch=recipe.ignore_base_mismatch)
+        try:
+            plan = plan_merge(loaded, ignore_base_mismatch=recipe.ignore_base_mismatch)
+        except UnsupportedAdapter as exc:
+            if not recipe.base_model:
+                raise
+            raise UnsupportedAdapter(
+                f"{exc}; this fold recipe merges its sources first (its settings vary by module, or its method "
+                "or rank option needs a merge), so fold such adapters with constant weights and method linear, "
+                "which applies them one after another"
+            ) from None
         modules_list, terms = plan.modules, plan.terms
     spec = recipe.spec
     t_of = depths(modules_list)

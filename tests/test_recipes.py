@@ -517,9 +517,11 @@ def test_fold_recipe_matches_peft_including_dora_and_refuses_per_module_dora(tmp
     assert max(float((folded[k].double() - reference[k].double()).abs().max()) for k in folded) <= 2e-6
     bad = write(tmp_path, "base_model: base\nsources:\n  - path: a\n    weight: [0.5, 1]\n  - b\n"
                           "output: {path: out2}\n", name="bad.yaml")
-    with pytest.raises(loramerge.UnsupportedAdapter, match=r"DoRA.*vary by module merges its sources first"):
+    with pytest.raises(loramerge.UnsupportedAdapter, match=r"is DoRA.*this fold recipe merges its sources first"):
         run_recipe(bad)
     assert not (tmp_path / "out2").exists()
+    code, text = cli("run", str(bad), "--dry-run")
+    assert code == 1 and "this fold recipe merges its sources first" in text
 
 
 def test_fold_recipe_errors(demo, tmp_path):
