@@ -29,10 +29,10 @@ from loramerge.errors import (
 )
 from loramerge.extract import extract
 from loramerge.fold import fold
-from loramerge.hub import push_to_hub
 from loramerge.linalg import RankPolicy
 from loramerge.merge import merge
 from loramerge.methods import available_methods, get_method
+from loramerge.publish import push_output as push_to_hub
 from loramerge.recipe import load_recipe
 from loramerge.recipe_run import plan_recipe, run_recipe
 from loramerge.report import MergeReport, ModuleReport

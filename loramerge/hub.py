@@ -213,6 +213,37 @@ def fetch_model(ref: HubRef, *, token: str | bool | None = None) -> HubSnapshot:
     return snapshot
 
 
+_SNAPSHOT = re.compile(r"(?:^|/)models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/(?P<commit>[0-9a-f]{40})"
+                       r"(?:/(?P<sub>[^/].*?))?/?$")
+
+
+def model_origin(folder: str | Path) -> dict[str, Any]:
+    """Where a base model folder came from: the Hub repository, commit and subfolder when it lies in
+    the Hugging Face cache (fold and extract download Hub models there), else its local path; plus
+    the license its card declares.
+
+    Example:
+        >>> model_origin("/c/hub/models--org--base/snapshots/" + "a" * 40 + "/sub")["repo_id"]
+        'org/base'
+        >>> sorted(model_origin("/data/llama"))
+        ['path']
+    """
+    text = Path(folder).as_posix()
+    match = _SNAPSHOT.search(text)
+    if match is None:
+        info: dict[str, Any] = {"path": str(Path(folder).resolve())}
+        readme = Path(folder) / "README.md"
+    else:
+        info = {"repo_id": f"{match['org']}/{match['name']}", "commit": match["commit"]}
+        if match["sub"]:
+            info["subpath"] = match["sub"]
+        readme = Path(text[: match.end("commit")]) / "README.md"
+    license_ = card_metadata(readme).get("license")
+    if license_:
+        info["license"] = license_
+    return info
+
+
 def card_metadata(readme: Path) -> dict[str, Any]:
     """The YAML front matter of a model card (``README.md``), or ``{}`` when there is none.
 

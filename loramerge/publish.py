@@ -7,7 +7,11 @@ its card and recipe are only uploaded, beside it in the repository, when it is p
 card names the repository in its loading example.
 
 Any command that writes an output calls :func:`publish_output` afterwards to push it; that is
-all ``--push-to-hub`` needs.
+all ``--push-to-hub`` needs. fold and extract outputs are recognised by the ``loramerge.json``
+they write: a folded model gets a model card (``library_name: transformers``, the base model, the
+adapters folded in) in place of the base model's own README, an extracted adapter one with its
+extraction report. :func:`push_fold` adds the fold recipe that reproduces the model, and
+:func:`push_output` (``loramerge.push_to_hub``) pushes any result or path from Python.
 """
 
 from __future__ import annotations
@@ -20,7 +24,15 @@ from typing import Any
 import torch
 
 from loramerge.adapter import Adapter
-from loramerge.card import CARD_MARKER, REPO_PLACEHOLDER, fill_repo_id, generic_card, model_card
+from loramerge.card import (
+    CARD_MARKER,
+    extracted_adapter_card,
+    fill_repo_id,
+    folded_model_card,
+    generic_card,
+    has_placeholder,
+    model_card,
+)
 from loramerge.hub import PushResult, push_to_hub
 from loramerge.overrides import POLICY_KEYS
 from loramerge.recipe import RECIPE_FILENAME, dump_recipe, source_location
@@ -119,16 +131,26 @@ def publish_output(path: str | Path, repo_id: str, *, private: bool = False, com
     folder = path if path.is_dir() else path.parent
     extra: dict[str, bytes] = {}
     readme = folder / "README.md" if path.is_dir() else None
+    ours = readme is not None and readme.is_file() and CARD_MARKER in readme.read_text(encoding="utf-8",
+                                                                                           errors="replace")
+    if card is None and not ours:
+        # A fold output carries the base model's own README.md; its card must describe the fold.
+        card = output_card(path, repo_id, recipe=recipe)
     if card is not None:
         extra["README.md"] = fill_repo_id(card, repo_id).encode()
     elif readme is not None and readme.is_file():
         text = readme.read_text(encoding="utf-8", errors="replace")
-        if CARD_MARKER in text and REPO_PLACEHOLDER in text:
+        if ours and has_placeholder(text):
             extra["README.md"] = fill_repo_id(text, repo_id).encode()
     else:
         extra["README.md"] = _card_for_existing(path, repo_id, recipe).encode()
     if recipe is not None and not (path.is_dir() and (path / RECIPE_FILENAME).is_file()):
         extra[RECIPE_FILENAME] = dump_recipe(recipe, RECIPE_HEADER).encode()
+    record = read_record(path)
+    if record is not None:
+        import json
+
+        extra[RECORD_FILENAME] = (json.dumps(public_record(record), indent=2) + "\n").encode()
     return push_to_hub(path, repo_id, private=private, commit_message=commit_message, token=token,
                        extra_files=extra or None)
 
@@ -201,3 +223,197 @@ def _default_single_file(adapter: Adapter) -> bool:
     from loramerge.formats import FORMATS
 
     return any(f.name == adapter.source_format and f.write is not None and f.single_file for f in FORMATS)
+
+
+# --------------------------------------------------------------------------- fold, extract and convert outputs
+
+RECORD_FILENAME = "loramerge.json"  # what fold and extract write beside their output
+
+
+def read_record(path: str | Path) -> dict[str, Any] | None:
+    """The ``loramerge.json`` fold or extract wrote into the output folder ``path``, or None.
+
+    Example:
+        >>> import tempfile
+        >>> read_record(tempfile.mkdtemp()) is None
+        True
+    """
+    import json
+
+    path = Path(path)
+    file = path / RECORD_FILENAME if path.is_dir() else None
+    if file is None or not file.is_file():
+        return None
+    try:
+        record = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("command") in ("fold", "extract") else None
+
+
+def public_record(value: Any) -> Any:
+    """``value`` (a ``loramerge.json`` record) with every absolute local path cut to its last two
+    components, and Hugging Face cache paths named by their repository and commit: what is pushed
+    must not publish someone's directory layout.
+
+    Example:
+        >>> public_record({"base": {"source": "/home/ann/models/llama"}, "adapters": [{"source": "org/x@v1"}]})
+        {'base': {'source': 'models/llama'}, 'adapters': [{'source': 'org/x@v1'}]}
+    """
+    import os
+    import re
+
+    from loramerge.hub import model_origin
+
+    if isinstance(value, dict):
+        return {k: public_record(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [public_record(v) for v in value]
+    if isinstance(value, str) and (os.path.isabs(value) or value.startswith("~")):
+        if "/snapshots/" in value.replace("\\", "/"):
+            origin = model_origin(value)
+            if "repo_id" in origin:
+                return model_location(origin, None)
+        parts = [p for p in re.split(r"[\\/]", value) if p]
+        return "/".join(parts[-2:])
+    return value
+
+
+def output_card(path: str | Path, repo_id: str | None, *, adapters: list[Adapter] | None = None,
+                recipe: Mapping[str, Any] | None = None, description: str | None = None,
+                record: Mapping[str, Any] | None = None) -> str | None:
+    """The model card of a fold or extract output folder, built from its ``loramerge.json``; None
+    for any other output. ``adapters`` (the loaded sources of a fold) add their resolved commits."""
+    import json
+
+    from loramerge.errors import LoramergeError
+    from loramerge.hub import model_origin
+
+    path = Path(path)
+    record = record if record is not None else read_record(path)
+    if record is None:
+        return None
+    if record.get("command") == "extract":
+        from loramerge.sources import load
+
+        try:
+            adapter: Adapter | None = load(path)
+        except LoramergeError:
+            adapter = None
+        return extracted_adapter_card(record, adapter, repo_id=repo_id, description=description)
+    folder = path if path.is_dir() else path.parent
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}
+    library = "diffusers" if path.is_file() or (folder / "model_index.json").exists() else "transformers"
+    source = (record.get("base") or {}).get("source")
+    return folded_model_card(record, adapters=adapters, base_origin=model_origin(source) if source else None,
+                             library=library, config=config if isinstance(config, dict) else None,
+                             repo_id=repo_id, recipe=recipe, description=description)
+
+
+def model_location(origin: Mapping[str, Any], out_dir: Path | None) -> str:
+    """How a recipe names a base model: ``org/name[/sub]@commit`` for the Hub, else a path relative
+    to ``out_dir`` (see :func:`loramerge.hub.model_origin`).
+
+    Example:
+        >>> model_location({"repo_id": "org/base", "commit": "abc"}, None)
+        'org/base@abc'
+        >>> model_location({"path": "/data/base"}, Path("/data/folded"))
+        '../base'
+    """
+    from loramerge.hub import HubRef
+
+    entry = source_location(origin, origin.get("path"), out_dir)
+    if "repo" in entry:
+        return str(HubRef(entry["repo"], entry.get("revision"), entry.get("subfolder")))
+    return str(entry["path"])
+
+
+def recipe_from_fold(record: Mapping[str, Any], adapters: list[Adapter], out_dir: Path | None,
+                     **extra: Any) -> dict[str, Any]:
+    """The fold recipe that reproduces a ``loramerge fold`` run, from its ``loramerge.json`` and the
+    loaded sources: base model and sources pinned (Hub) or relative to ``out_dir`` (local).
+
+    ``extra`` adds top-level keys (``compute_dtype``, ``allow_pickle``, ...).
+
+    Example:
+        >>> import torch
+        >>> from loramerge import LowRank
+        >>> a = Adapter({"fc": LowRank(torch.ones(1, 3), torch.ones(2, 1))}, source="/d/a", origin={"path": "/d/a"})
+        >>> record = {"base": {"source": "/d/base"}, "adapters": [{"weight": 0.5}], "method": "linear",
+        ...           "parameters": {"seed": 0}, "dtype": "bf16", "shard_size": None, "tied_embeddings": "refuse"}
+        >>> recipe_from_fold(record, [a], Path("/d/out"))
+        {'base_model': '../base', 'sources': [{'path': '../a', 'weight': 0.5}], 'method': 'linear', 'seed': 0, \
+'output': {'dtype': 'bf16'}}
+    """
+    from loramerge.hub import model_origin
+
+    base = (record.get("base") or {}).get("source")
+    params = dict(record.get("parameters") or {})
+    seed = params.pop("seed", 0)
+    policy = {k: params.pop(k) for k in POLICY_KEYS if k in params}
+    entries = []
+    for adapter, entry in zip(adapters, record.get("adapters") or []):
+        location = source_location(adapter.origin, adapter.source, out_dir)
+        location["weight"] = entry.get("weight", 1.0)
+        entries.append(location)
+    doc: dict[str, Any] = {"base_model": model_location(model_origin(base), out_dir) if base else None,
+                           "sources": entries, "method": record.get("method", "linear")}
+    if params:
+        doc["parameters"] = params
+    doc.update(policy)
+    doc["seed"] = seed
+    if record.get("tied_embeddings") not in (None, "refuse"):
+        doc["tied_embeddings"] = record["tied_embeddings"]
+    doc.update({k: v for k, v in extra.items() if v not in (None, False, {})})
+    output = {k: v for k, v in (("dtype", record.get("dtype")), ("shard_size", record.get("shard_size")))
+              if v not in (None, "keep")}
+    if output:
+        doc["output"] = output
+    return doc
+
+
+def push_output(output: Any, repo_id: str, *, private: bool = False, commit_message: str | None = None,
+                token: str | None = None, description: str | None = None) -> PushResult:
+    """Push what a loramerge call produced, with a model card: an :class:`Adapter`, the result of
+    :func:`loramerge.fold` or :func:`loramerge.extract`, or the path of any written output.
+
+    This is ``loramerge.push_to_hub``. A fold output gets a card for a model (``library_name:
+    transformers``, its base model, the adapters and weights folded in); an extracted adapter one
+    with its extraction report; an adapter folder without a card one built from the adapter.
+
+    Example (a target with a revision is refused before any request):
+        >>> import tempfile
+        >>> from loramerge.errors import LoramergeError
+        >>> try:
+        ...     push_output(tempfile.mkdtemp(), "me/model@v1")
+        ... except LoramergeError as e:
+        ...     print(e)
+        me/model@v1: a push target must be a Hub repository id, org/name
+    """
+    if isinstance(output, Adapter):
+        return output.push_to_hub(repo_id, private=private, commit_message=commit_message, token=token,
+                                  description=description)
+    path = Path(getattr(output, "path", output))
+    card = output_card(path, repo_id, description=description) if description else None
+    return publish_output(path, repo_id, private=private, commit_message=commit_message, token=token, card=card)
+
+
+def push_fold(result: Any, repo_id: str, *, adapters: list[Any] | None = None, private: bool = False,
+              commit_message: str | None = None, token: str | None = None, description: str | None = None,
+              **recipe_extra: Any) -> PushResult:
+    """Push the model folder a :func:`loramerge.fold` call wrote (its ``FoldResult``) with a model card.
+
+    With ``adapters``, the loaded sources it folded, the card gives their resolved commits and the
+    push adds ``loramerge_recipe.yaml``, a fold recipe that reproduces the model (``recipe_extra``
+    adds top-level keys such as ``compute_dtype``).
+    """
+    loaded = [a for a in adapters or [] if isinstance(a, Adapter)]
+    known = bool(loaded) and len(loaded) == len(adapters or [])
+    recipe = recipe_from_fold(result.recipe, loaded, Path(result.path), **recipe_extra) if known else None
+    card = output_card(result.path, repo_id, adapters=loaded if known else None, recipe=recipe,
+                       description=description, record=result.recipe)
+    return publish_output(result.path, repo_id, private=private, commit_message=commit_message, token=token,
+                          card=card, recipe=recipe)

@@ -24,7 +24,10 @@ per-source parameters), the method and its parameters, the rank policy, the seed
       push: org/merged-lora          # or {repo, private, commit_message}
 
 Any setting that takes a number may be a constant, a per-layer gradient or a list of
-``{filter, value}`` rules (see :mod:`loramerge.schedule`). ``base_model`` makes a fold recipe.
+``{filter, value}`` rules (see :mod:`loramerge.schedule`). ``base_model`` (a local model folder
+or a Hub id) makes a fold recipe: ``output.path`` is then the model folder, ``output.dtype`` may
+also be ``keep``, ``output.shard_size`` (``5GB``) re-shards it and ``tied_embeddings`` (``refuse``,
+``untie``, ``shared``) is fold's choice for tied embeddings; see :mod:`loramerge.recipe_fold`.
 
 ``base_dir``, when relative, is resolved against the recipe file's folder (or the current
 directory when it comes from ``--set``); sources' ``path`` and ``output.path`` against
@@ -59,9 +62,11 @@ from loramerge.schedule import Rule, Schedule
 RECIPE_FILENAME = "loramerge_recipe.yaml"
 
 _TOP_KEYS = ("base_dir", "description", "sources", "method", "parameters", *POLICY_KEYS, "seed",
-             "compute_dtype", "ignore_base_mismatch", "allow_pickle", "output", "base_model")
+             "compute_dtype", "ignore_base_mismatch", "allow_pickle", "output", "base_model", "tied_embeddings")
 _SOURCE_KEYS = ("path", "repo", "revision", "subfolder", "format", "weight", "parameters")
-_OUTPUT_KEYS = ("path", "format", "dtype", "push", "card")
+_OUTPUT_KEYS = ("path", "format", "dtype", "push", "card", "shard_size")
+# Keys that only mean something when the recipe folds into a base model.
+_FOLD_ONLY = ("output.shard_size", "tied_embeddings")
 _PUSH_KEYS = ("repo", "private", "commit_message")
 
 
@@ -96,13 +101,15 @@ class PushSpec:
 
 @dataclass
 class OutputSpec:
-    """``output``: the path (optional when only pushing), format, dtype, push and model card."""
+    """``output``: the path (optional when only pushing), format, dtype, push and model card; for a
+    fold recipe the path is the model folder and ``shard_size`` re-shards it."""
 
     path: Path | None = None
     format: str | None = None
     dtype: str | None = None
     push: PushSpec | None = None
     card: bool = True
+    shard_size: str | int | None = None
 
 
 @dataclass
@@ -119,6 +126,7 @@ class Recipe:
     allow_pickle: bool = False
     output: OutputSpec = field(default_factory=OutputSpec)
     base_model: str | None = None
+    tied_embeddings: str = "refuse"
     description: str | None = None
     file: Path | None = None
     base_dir: Path = field(default_factory=Path.cwd)
@@ -149,7 +157,10 @@ class Recipe:
             doc["ignore_base_mismatch"] = True
         if self.allow_pickle:
             doc["allow_pickle"] = True
-        output = {k: v for k, v in (("format", self.output.format), ("dtype", self.output.dtype)) if v}
+        if self.tied_embeddings != "refuse":
+            doc["tied_embeddings"] = self.tied_embeddings
+        output = {k: v for k, v in (("format", self.output.format), ("dtype", self.output.dtype),
+                                    ("shard_size", self.output.shard_size)) if v}
         if output:
             doc["output"] = output
         return doc
@@ -436,12 +447,28 @@ class _Reader:
             allow_pickle=self.flag(top, "allow_pickle"),
             output=self.output(top["output"][1], base_dir) if "output" in top else OutputSpec(),
             base_model=self.base_model(top["base_model"][1], base_dir) if "base_model" in top else None,
+            tied_embeddings=self.choice(top, "tied_embeddings", _tied_modes(), "refuse"),
             description=self.scalar(top["description"][1], "description", "string") if "description" in top else None,
             file=Path(self.name) if not self.name.startswith("<") else None,
             base_dir=base_dir,
             locations=self.locations,
         )
+        self.check_fold(recipe)
         return recipe
+
+    def check_fold(self, recipe: Recipe) -> None:
+        """Fold-only keys need ``base_model``; a fold writes a model folder, not an adapter format."""
+        if recipe.base_model is None:
+            for key in _FOLD_ONLY:
+                if key in self.locations:
+                    raise RecipeError(f"{self.locations[key]}: {key}: only applies to a fold recipe (one with "
+                                      "`base_model`)")
+            if recipe.output.dtype == "keep":
+                raise RecipeError(f"{self.locations['output.dtype']}: output.dtype: `keep` only applies to a fold "
+                                  "recipe; leave it out to keep the sources' dtype")
+        elif "output.format" in self.locations:
+            raise RecipeError(f"{self.locations['output.format']}: output.format: a fold recipe writes a model "
+                              "folder (its tensors as in the base model), not an adapter format")
 
     def base_model(self, node: Node, base_dir: Path) -> str:
         """A local base model (relative to ``base_dir``) when one exists there, else a Hub id as written."""
@@ -571,10 +598,22 @@ class _Reader:
             from loramerge.devices import DTYPE_CHOICES
 
             dtype = self.scalar(entry["dtype"][1], "output.dtype", "string")
-            if dtype not in DTYPE_CHOICES:
-                raise self.fail(entry["dtype"][1], "output.dtype", f"must be one of {', '.join(DTYPE_CHOICES)}, "
-                                                                   f"got {dtype!r}")
+            if dtype not in (*DTYPE_CHOICES, "keep"):
+                raise self.fail(entry["dtype"][1], "output.dtype", f"must be one of {', '.join(DTYPE_CHOICES)} "
+                                                                   f"(or keep, for a fold), got {dtype!r}")
             out.dtype = dtype
+        if "shard_size" in entry:
+            from loramerge.checkpoint import parse_size
+
+            snode = entry["shard_size"][1]
+            size = self.value(snode) if isinstance(snode, ScalarNode) else None
+            if isinstance(size, bool) or not isinstance(size, (str, int)):
+                raise self.fail(snode, "output.shard_size", f"must be a size such as 5GB or 2GiB, got {_kind(snode)}")
+            try:
+                parse_size(size)
+            except LoramergeError as exc:
+                raise self.fail(snode, "output.shard_size", str(exc).replace("--shard-size ", "")) from None
+            out.shard_size = size
         if "card" in entry:
             out.card = self.scalar(entry["card"][1], "output.card", "boolean")
         if "push" in entry:
@@ -600,6 +639,12 @@ class _Reader:
         if ref is None or ref.revision or ref.subpath:
             raise self.fail(node, key, f"not a Hub repository id (org/name): {text!r}")
         return ref.repo_id
+
+
+def _tied_modes() -> tuple[str, ...]:
+    from loramerge.fold import TIED_MODES
+
+    return TIED_MODES
 
 
 _ARTICLE = {"string": "a string", "number": "a number", "integer": "an integer", "boolean": "true or false"}
@@ -649,16 +694,22 @@ _POLICY_COERCE = {key: _policy_coercer(key) for key in POLICY_KEYS}
 # --------------------------------------------------------------------------- saving
 
 
-def saved_recipe(recipe: Recipe, adapters: Sequence[Adapter], out_dir: Path | None) -> dict[str, Any]:
+def saved_recipe(recipe: Recipe, adapters: Sequence[Adapter], out_dir: Path | None, *,
+                 base_model: str | None = None) -> dict[str, Any]:
     """The recipe as it ran, to save beside the output: Hub sources pinned to their commit, local
-    paths relative to the output folder, and no output path or push (give them again on a rerun)."""
+    paths relative to the output folder, and no output path or push (give them again on a rerun).
+    ``base_model`` is how a fold recipe's base is written (pinned or relative, see
+    :func:`loramerge.publish.model_location`)."""
     entries = []
     for spec, adapter in zip(recipe.sources, adapters):
         entry = _source_dict(spec)
         entry.pop("path", None), entry.pop("repo", None), entry.pop("revision", None), entry.pop("subfolder", None)
         entry = {**source_location(adapter.origin, adapter.source, out_dir), **entry}
         entries.append(entry)
-    return recipe.to_dict(sources=entries)
+    doc = recipe.to_dict(sources=entries)
+    if base_model is not None:
+        doc["base_model"] = base_model
+    return doc
 
 
 def source_location(origin: Mapping[str, Any], source: str | None, out_dir: Path | None) -> dict[str, Any]:

@@ -2,21 +2,25 @@
 
 :func:`plan_recipe` is what ``loramerge run --dry-run`` prints; :func:`run_recipe` runs the merge
 with the per-module settings through :func:`loramerge.merge`'s ``overrides`` hook and writes the
-output with its model card and the recipe as it ran (see :mod:`loramerge.publish`).
+output with its model card and the recipe as it ran (see :mod:`loramerge.publish`). A recipe
+with ``base_model`` folds instead (see :mod:`loramerge.recipe_fold`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loramerge.adapter import Adapter
-from loramerge.errors import LoramergeError, RecipeError
+from loramerge.errors import LoramergeError, RecipeError, UnsupportedAdapter
 from loramerge.overrides import module_settings
 from loramerge.recipe import Recipe, load_recipe, saved_recipe
 from loramerge.schedule import NO_VALUE, depths
+
+if TYPE_CHECKING:
+    from loramerge.fold import FoldResult
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,7 @@ class RecipePlan:
     recipe: Recipe
     adapters: list[Adapter]
     modules: list[ModulePlan]
+    fold: list[str] = field(default_factory=list)
 
     def overrides(self) -> Callable[[str], Mapping[str, Any]]:
         """The per-module hook for :func:`loramerge.merge`."""
@@ -58,12 +63,14 @@ class RecipePlan:
             else:
                 resolved = origin.get("path", adapter.source or "")
             lines.append(f"  {i}. {spec.spelling} -> {resolved} ({len(adapter)} modules, {adapter.source_format})")
-        if r.base_model:
-            lines.append(f"fold into: {r.base_model}")
+        lines += self.fold
         out = r.output
         target = str(out.path) if out.path else "(not written)"
-        lines.append(f"output: {target}" + (f", format {out.format}" if out.format else "")
-                     + (f", dtype {out.dtype}" if out.dtype else "") + (f", push to {out.push.repo}" if out.push else ""))
+        lines.append(f"output: {target}" + (" (model folder)" if r.base_model and out.path else "")
+                     + (f", format {out.format}" if out.format else "")
+                     + (f", dtype {out.dtype}" if out.dtype else "")
+                     + (f", shards of at most {out.shard_size}" if out.shard_size else "")
+                     + (f", push to {out.push.repo}" if out.push else ""))
         lines.append(f"modules ({len(self.modules)}):")
         width = max((len(m.module) for m in self.modules), default=10)
         for m in self.modules:
@@ -104,14 +111,34 @@ def plan_recipe(recipe: Recipe, adapters: Sequence[Adapter] | None = None) -> Re
     from loramerge.plan import plan_merge
 
     loaded = list(adapters) if adapters is not None else load_sources(recipe)
-    plan = plan_merge(loaded, ignore_base_mismatch=recipe.ignore_base_mismatch)
+    fold_lines: list[str] = []
+    if recipe.base_model:
+        from loramerge.recipe_fold import fold_description, folds_sequentially
+
+        fold_lines = fold_description(recipe, loaded)
+    if recipe.base_model and folds_sequentially(recipe):
+        # Applied one after another, not merged: no merge checks (DoRA and full weights fold too).
+        modules_list = list(dict.fromkeys(m for a in loaded for m in a.modules))
+        terms: dict[str, list[Any]] = {m: [a.layers.get(m) for a in loaded] for m in modules_list}
+    else:
+        try:
+            plan = plan_merge(loaded, ignore_base_mismatch=recipe.ignore_base_mismatch)
+        except UnsupportedAdapter as exc:
+            if not recipe.base_model:
+                raise
+            raise UnsupportedAdapter(
+                f"{exc}; this fold recipe merges its sources first (its settings vary by module, or its method "
+                "or rank option needs a merge), so fold such adapters with constant weights and method linear, "
+                "which applies them one after another"
+            ) from None
+        modules_list, terms = plan.modules, plan.terms
     spec = recipe.spec
-    t_of = depths(plan.modules)
+    t_of = depths(modules_list)
     n = len(loaded)
     defaults = {p.key: p.default for p in spec.params}
     per_source = sorted({k for s in recipe.sources for k in s.parameters})
     modules = []
-    for module in plan.modules:
+    for module in modules_list:
         t = t_of[module]
         weights = []
         for s in recipe.sources:
@@ -130,9 +157,9 @@ def plan_recipe(recipe: Recipe, adapters: Sequence[Adapter] | None = None) -> Re
             params[key] = values
         policy = {k: v for k, sched in recipe.policy.items() if (v := sched.at(module, t)) is not NO_VALUE}
         module_settings(spec, {}, [1.0] * n, RankPolicy(), {**params, **policy, "weights": weights}, module)
-        present = tuple(term is not None for term in plan.terms[module])
+        present = tuple(term is not None for term in terms[module])
         modules.append(ModulePlan(module, t, weights, params, policy, present))
-    return RecipePlan(recipe, loaded, modules)
+    return RecipePlan(recipe, loaded, modules, fold_lines)
 
 
 # --------------------------------------------------------------------------- running
@@ -141,12 +168,15 @@ def plan_recipe(recipe: Recipe, adapters: Sequence[Adapter] | None = None) -> Re
 def run_recipe(recipe: Recipe | str | Path, *, sets: Sequence[str] = (), output: str | Path | None = None,
                force: bool = False, device: str = "auto", progress: bool = False,
                push_to_hub: str | None = None, private: bool | None = None,
-               commit_message: str | None = None) -> Adapter:
+               commit_message: str | None = None) -> Adapter | FoldResult:
     """Run a recipe: load, merge with per-module settings, write ``output`` (with its model card and
     ``loramerge_recipe.yaml``) and push when asked. Returns the merged adapter.
 
     ``output`` overrides ``output.path``; ``push_to_hub`` overrides ``output.push``. With neither
     an output path nor a push, nothing is written and the adapter is only returned.
+
+    A fold recipe (one with ``base_model``) writes the base model with the sources folded in and
+    returns the :class:`~loramerge.fold.FoldResult`; it needs an output path or a push.
     """
     from loramerge.merge import merge
     from loramerge.output import check_output
@@ -158,11 +188,19 @@ def run_recipe(recipe: Recipe | str | Path, *, sets: Sequence[str] = (), output:
     target = Path(output) if output is not None else recipe.output.path
     if target is not None:
         check_output(target, force=force)
+    push = recipe.output.push
+    repo = push_to_hub or (push.repo if push else None)
+    private = private if private is not None else (push.private if push else False)
+    commit_message = commit_message or (push.commit_message if push else None)
+    if repo is not None:
+        from loramerge.hub import check_push
+
+        check_push(repo)  # before any heavy work: no token, offline or a bad target fail here
     if recipe.base_model:
-        raise RecipeError(
-            f"{recipe.locations.get('base_model', recipe.file)}: base_model: fold recipes need `loramerge fold`, "
-            "which this build does not include"
-        )
+        from loramerge.recipe_fold import run_fold_recipe
+
+        return run_fold_recipe(recipe, target, force=force, device=device, progress=progress, repo=repo,
+                               private=private, commit_message=commit_message)
     plan = plan_recipe(recipe)
     constants = _constant_settings(recipe)
     merged = merge(
@@ -170,8 +208,6 @@ def run_recipe(recipe: Recipe | str | Path, *, sets: Sequence[str] = (), output:
         compute_dtype=recipe.compute_dtype, ignore_base_mismatch=recipe.ignore_base_mismatch, progress=progress,
         overrides=plan.overrides(), **constants,
     )
-    push = recipe.output.push
-    repo = push_to_hub or (push.repo if push else None)
     if target is None and repo is None:
         return merged
     from loramerge.publish import publish_merge
@@ -180,8 +216,7 @@ def run_recipe(recipe: Recipe | str | Path, *, sets: Sequence[str] = (), output:
     publish_merge(
         merged, target, format=recipe.output.format, dtype=recipe.output.dtype, force=force,
         card=recipe.output.card, recipe=saved, description=recipe.description, repo_id=repo,
-        private=private if private is not None else (push.private if push else False),
-        commit_message=commit_message or (push.commit_message if push else None),
+        private=private, commit_message=commit_message,
     )
     return merged
 

@@ -55,7 +55,7 @@ def tensors(output: Path) -> dict[str, torch.Tensor]:
 
 
 def test_there_are_examples():
-    assert {"linear.yaml", "svd-energy.yaml", "per-module.yaml"} <= {p.name for p in EXAMPLES}
+    assert {"linear.yaml", "svd-energy.yaml", "per-module.yaml", "fold.yaml"} <= {p.name for p in EXAMPLES}
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[p.stem for p in EXAMPLES])
@@ -311,6 +311,13 @@ BAD = [
     ("sources: [a]\nsources: [b]\n", r":2: sources: duplicate key \(first given at line 1\)"),
     ("sources: [a\nmethod: svd\n", r"recipe\.yaml:\d+: invalid YAML"),
     ("- a\n- b\n", r":1: the recipe must be a mapping with keys base_dir"),
+    ("sources: [a]\noutput:\n  shard_size: 5GB\n", r":3: output\.shard_size: only applies to a fold recipe"),
+    ("sources: [a]\ntied_embeddings: untie\n", r":2: tied_embeddings: only applies to a fold recipe"),
+    ("sources: [a]\noutput:\n  dtype: keep\n", r":3: output\.dtype: `keep` only applies to a fold recipe"),
+    ("base_model: m\nsources: [a]\noutput:\n  format: kohya\n", r":4: output\.format: a fold recipe writes a model"),
+    ("base_model: m\nsources: [a]\ntied_embeddings: maybe\n", r":3: tied_embeddings: must be one of refuse, untie"),
+    ("base_model: m\nsources: [a]\noutput:\n  shard_size: lots\n", r":4: output\.shard_size: must look like 5GB"),
+    ("base_model: m\nsources: [a]\noutput:\n  shard_size: [1]\n", r":4: output\.shard_size: must be a size"),
 ]
 
 
@@ -386,3 +393,145 @@ def test_the_recipe_saved_by_combine_reproduces_it(demo, tmp_path):
     code, text = cli("combine", str(demo / "adapters" / "math"), "-o", str(tmp_path / "bare"), "--no-card")
     assert code == 0 and sorted(p.name for p in (tmp_path / "bare").iterdir()) == [
         "adapter_config.json", "adapter_model.safetensors"]
+
+
+# ---------------------------------------------------------------------- fold recipes
+
+
+def raw_peft_deltas(folder: Path) -> dict[str, torch.Tensor]:
+    """Every module's ΔW in float64, straight from PEFT's files (scale α/r or α/√r, rank and alpha patterns)."""
+    import json
+    import re
+
+    config = json.loads((folder / "adapter_config.json").read_text())
+    state = load_file(folder / "adapter_model.safetensors")
+    out = {}
+    for key, A in state.items():
+        if ".lora_A." not in key:
+            continue
+        module = key.removeprefix("base_model.model.").split(".lora_A.")[0]
+        B = state[key.replace(".lora_A.", ".lora_B.")]
+
+        def pattern(table, default, module=module):
+            return next((v for k, v in table.items() if re.fullmatch(rf"(.*\.)?{k}", module)), default)
+
+        r = pattern(config.get("rank_pattern") or {}, config["r"])
+        alpha = pattern(config.get("alpha_pattern") or {}, config["lora_alpha"])
+        assert A.shape[0] == r
+        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        out[module] = scale * (B.double() @ A.double())
+    return out
+
+
+def model_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from loramerge.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(folder)
+    try:
+        return {name: ckpt.read(name) for name in ckpt.tensors}
+    finally:
+        ckpt.release()
+
+
+def test_fold_example_is_the_base_plus_the_weighted_sum(demo, tmp_path):
+    out = tmp_path / "fold"
+    result = run_recipe(ROOT / "recipes" / "fold.yaml", sets=[f"base_dir={demo}"], output=out)
+    assert result.path == out and len(list(out.glob("model-0000*-of-00003.safetensors"))) == 3  # shard_size
+    base = load_file(demo / "base-model" / "model.safetensors")
+    math_d, code_d = raw_peft_deltas(demo / "adapters" / "math"), raw_peft_deltas(demo / "adapters" / "code")
+    folded = model_tensors(out)
+    assert folded.keys() == base.keys()
+    changed = 0
+    for name, W in base.items():
+        module = name.removesuffix(".weight")
+        parts = [w * d[module] for w, d in ((0.7, math_d), (0.3, code_d)) if module in d]
+        if not parts:
+            assert torch.equal(folded[name], W), name
+            continue
+        changed += 1
+        expected = W.double() + sum(parts)
+        assert folded[name].dtype == torch.float32
+        assert torch.allclose(folded[name].double(), expected, rtol=0, atol=2e-7), name
+    assert changed == 12 == len(result.changed)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)  # the re-sharded folder loads as is
+    q = "model.layers.1.self_attn.q_proj.weight"
+    assert torch.equal(model.state_dict()[q], folded[q])
+
+
+def test_fold_recipe_with_per_module_weights_merges_first_and_reproduces(demo, tmp_path):
+    recipe = write(tmp_path, f"""
+        base_model: {demo}/base-model
+        sources:
+          - path: {demo}/adapters/math
+            weight: [0.2, 1.0]
+          - path: {demo}/adapters/style
+            weight:
+              - filter: \\.mlp\\.
+                value: -0.5
+              - value: 0.25
+        output:
+          path: out
+          dtype: bf16
+    """)
+    plan = plan_recipe(load_recipe(recipe)).describe()
+    assert "merge with linear and the per-module settings below, then fold" in plan
+    assert "model.layers.1.mlp.up_proj" in plan and "weights 1,-0.5" in plan
+    result = run_recipe(recipe)
+    assert result.merge_report is not None and result.merge_report.method == "linear"
+    base = load_file(demo / "base-model" / "model.safetensors")
+    math_d, style_d = raw_peft_deltas(demo / "adapters" / "math"), raw_peft_deltas(demo / "adapters" / "style")
+    folded = model_tensors(tmp_path / "out")
+    for name, W in base.items():
+        module = name.removesuffix(".weight")
+        layer = int(module.split(".")[2]) if ".layers." in module else None
+        expected = W.double()
+        if module in math_d:
+            expected = expected + (0.2 if layer == 0 else 1.0) * math_d[module]
+        if module in style_d:
+            expected = expected + (-0.5 if ".mlp." in module else 0.25) * style_d[module]
+        got = folded[name]
+        assert got.dtype == torch.bfloat16
+        # One rounding to bf16 of the float32 result: within half a bf16 ulp (2⁻⁸ relative) of the exact value.
+        assert bool(((got.double() - expected).abs() <= expected.abs() * 2**-8 * 1.01 + 1e-6).all()), name
+    code, text = cli("run", str(tmp_path / "out" / RECIPE_FILENAME), "-o", str(tmp_path / "again"))
+    assert code == 0, text
+    again = model_tensors(tmp_path / "again")
+    assert again.keys() == folded.keys() and all(torch.equal(again[k], folded[k]) for k in folded)
+
+
+def test_fold_recipe_matches_peft_including_dora_and_refuses_per_module_dora(tmp_path):
+    from tests.fold_models import make_adapter, peft_merged, save_base, tiny_llama
+
+    model = tiny_llama(seed=3)
+    save_base(model, tmp_path / "base")
+    make_adapter(model, tmp_path / "a", seed=5, target_modules=["q_proj", "v_proj"], use_dora=True)
+    make_adapter(model, tmp_path / "b", seed=6, target_modules=["q_proj", "o_proj"], r=2)
+    recipe = write(tmp_path, "base_model: base\nsources: [a, b]\noutput: {path: out}\n")
+    plan = plan_recipe(load_recipe(recipe)).describe()  # no merge checks: DoRA folds one after another
+    assert "fold: the sources one after another" in plan and "fold plan: " in plan
+    run_recipe(recipe)
+    reference = peft_merged(model, [tmp_path / "a", tmp_path / "b"]).state_dict()
+    folded = model_tensors(tmp_path / "out")
+    assert max(float((folded[k].double() - reference[k].double()).abs().max()) for k in folded) <= 2e-6
+    bad = write(tmp_path, "base_model: base\nsources:\n  - path: a\n    weight: [0.5, 1]\n  - b\n"
+                          "output: {path: out2}\n", name="bad.yaml")
+    with pytest.raises(loramerge.UnsupportedAdapter, match=r"is DoRA.*this fold recipe merges its sources first"):
+        run_recipe(bad)
+    assert not (tmp_path / "out2").exists()
+    code, text = cli("run", str(bad), "--dry-run")
+    assert code == 1 and "this fold recipe merges its sources first" in text
+
+
+def test_fold_recipe_errors(demo, tmp_path):
+    toy(1).save(tmp_path / "a")
+    no_output = write(tmp_path, f"base_model: {demo}/base-model\nsources: [{demo}/adapters/math]\n")
+    with pytest.raises(RecipeError, match=r"recipe\.yaml:1: base_model: a fold recipe writes a model folder"):
+        run_recipe(no_output)
+    mismatched = write(tmp_path, f"base_model: {demo}/base-model\nsources: [a]\noutput: {{path: out}}\n")
+    code, text = cli("run", str(mismatched), "--dry-run")  # the dry run checks the base's tensors too
+    assert code == 1 and text.startswith("error:")
+    assert "lm_head.weight has shape (256, 64)" in text
+    code, again = cli("run", str(mismatched))
+    assert code == 1 and again == text and not (tmp_path / "out").exists()

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import click
 
-from loramerge.cli.options import WRITE_FORMATS, source_options
+from loramerge.card import converted_card
+from loramerge.cli.options import WRITE_FORMATS, push_options, source_options
 from loramerge.convert import convert as run
 from loramerge.devices import DTYPE_CHOICES
+from loramerge.hub import check_push
+from loramerge.output import check_output
+from loramerge.publish import publish_output
+from loramerge.sources import load
 
 
 @click.command()
@@ -16,8 +21,10 @@ from loramerge.devices import DTYPE_CHOICES
 @click.option("--dtype", type=click.Choice(DTYPE_CHOICES), help="Stored dtype [default: the source's dtype].")
 @click.option("--force", is_flag=True, help="Overwrite an existing, non-empty output.")
 @source_options
+@push_options
 def convert(source: str, output: str, to: str | None, dtype: str | None, force: bool, allow_pickle: bool,
-            from_format: str | None, base: str | None) -> None:
+            from_format: str | None, base: str | None, push_to_hub: str | None, private: bool,
+            commit_message: str | None) -> None:
     """Rewrite the SOURCE adapter in another format; every module's update stays the same.
 
     \b
@@ -26,7 +33,15 @@ def convert(source: str, output: str, to: str | None, dtype: str | None, force: 
       loramerge convert ./diffusers-lora -o lora.safetensors --to kohya
       loramerge convert loha.safetensors -o locon.safetensors --to kohya     # exact B@A expansion
       loramerge convert lora.safetensors -o peft-dir --to peft --dtype bf16
+      loramerge convert org/sd-loras/pixel.safetensors -o pixel --to diffusers --push-to-hub me/pixel
     """
-    path = run(source, output, to=to, dtype=dtype, force=force, from_format=from_format, base=base,
-               allow_pickle=allow_pickle)
+    check_output(output, force=force)
+    if push_to_hub:
+        check_push(push_to_hub)
+    adapter = load(source, format=from_format, allow_pickle=allow_pickle, base=base)
+    path = run(adapter, output, to=to, dtype=dtype, force=force)
     click.echo(f"wrote {path}")
+    if push_to_hub:
+        card = converted_card(adapter, format_name=to or adapter.source_format, repo_id=push_to_hub)
+        pushed = publish_output(path, push_to_hub, private=private, commit_message=commit_message, card=card)
+        click.echo(f"pushed to {pushed.repo_id} (commit {pushed.commit}): {pushed.url}")

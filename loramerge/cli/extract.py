@@ -6,10 +6,13 @@ import json
 
 import click
 
+from loramerge.cli.options import push_options
 from loramerge.devices import DTYPE_CHOICES
 from loramerge.extract import DEFAULT_RANK, EXACT_LIMIT
 from loramerge.extract import extract as run_extract
+from loramerge.hub import check_push
 from loramerge.output import check_output
+from loramerge.publish import publish_output
 
 
 @click.command()
@@ -30,9 +33,11 @@ from loramerge.output import check_output
 @click.option("--force", is_flag=True, help="Overwrite an existing, non-empty output.")
 @click.option("--allow-pickle", is_flag=True,
               help="Allow pickle .bin weights (read with torch.load(weights_only=True)).")
+@push_options
 def extract(base: str, finetuned: str, output: str, rank: int | None, energy: float | None, max_error: float | None,
             rank_max: int | None, modules: str | None, keep_full: bool, exact_limit: int, dtype: str, device: str,
-            report_path: str | None, force: bool, allow_pickle: bool) -> None:
+            report_path: str | None, force: bool, allow_pickle: bool, push_to_hub: str | None, private: bool,
+            commit_message: str | None) -> None:
     """Extract a PEFT LoRA adapter of FINETUNED − BASE into -o OUTPUT.
 
     Each changed linear/conv weight is factored by an SVD (exact when cheap, randomized with a
@@ -45,8 +50,11 @@ def extract(base: str, finetuned: str, output: str, rank: int | None, energy: fl
       loramerge extract ./llama ./llama-sft -o sft-lora --rank 64
       loramerge extract ./llama ./llama-sft -o sft-lora --energy 0.9 --rank-max 256
       loramerge extract ./llama ./llama-sft -o sft-lora --max-error 0.1 --modules 'self_attn' --keep-full
+      loramerge extract org/llama org/llama-sft -o sft-lora --rank 64 --push-to-hub me/llama-sft-lora
     """
     check_output(output, force=force)
+    if push_to_hub:
+        check_push(push_to_hub)
     result = run_extract(
         base, finetuned, output=output, rank=rank, energy=energy, max_error=max_error, rank_max=rank_max,
         modules=modules, keep_full=keep_full, exact_limit=exact_limit, dtype=dtype, device=device, force=force,
@@ -58,3 +66,6 @@ def extract(base: str, finetuned: str, output: str, rank: int | None, energy: fl
     click.echo(result.report.summary())
     click.echo(f"wrote {result.path} ({len(result.adapter)} LoRA modules, {len(result.report.kept_full)} full tensors, "
                f"{result.report.seconds:.1f}s)")
+    if push_to_hub:
+        pushed = publish_output(result.path, push_to_hub, private=private, commit_message=commit_message)
+        click.echo(f"pushed to {pushed.repo_id} (commit {pushed.commit}): {pushed.url}")

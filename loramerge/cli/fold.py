@@ -8,11 +8,14 @@ from typing import Any
 
 import click
 
-from loramerge.cli.options import merge_options, method_params_from, parse_weights
+from loramerge.cli.options import merge_options, method_params_from, parse_weights, push_options
 from loramerge.errors import LoramergeWarning
 from loramerge.fold import TIED_MODES
 from loramerge.fold import fold as run_fold
+from loramerge.hub import check_push
 from loramerge.output import check_output
+from loramerge.publish import push_fold
+from loramerge.sources import load
 
 
 @click.command()
@@ -30,10 +33,12 @@ from loramerge.output import check_output
 @merge_options
 @click.option("--allow-pickle", is_flag=True,
               help="Allow pickle .bin weights (read with torch.load(weights_only=True)).")
+@push_options
 def fold(base: str, adapters: tuple[str, ...], output: str, dtype: str, shard_size: str | None, tied_embeddings: str,
          strict: bool, force: bool, method: str, weights: str | None, rank: int | None, energy: float | None,
          max_error: float | None, rank_max: int | None, seed: int, device: str, compute_dtype: str,
-         ignore_base_mismatch: bool, report_path: str | None, allow_pickle: bool, **method_options: Any) -> None:
+         ignore_base_mismatch: bool, report_path: str | None, allow_pickle: bool, push_to_hub: str | None,
+         private: bool, commit_message: str | None, **method_options: Any) -> None:
     """Fold ADAPTERS into the model at BASE and write the full model to -o OUTPUT.
 
     Tensor names, shards and dtypes stay as they are; config, tokenizer and other files are
@@ -48,13 +53,18 @@ def fold(base: str, adapters: tuple[str, ...], output: str, dtype: str, shard_si
       loramerge fold ./llama ./math ./code -o llama-mc --method svd --rank 16 --dtype bf16
       loramerge fold ./llama-math ./math-adapter -o llama --weights -1 --force
       loramerge fold ./gemma ./embed-adapter -o out --tied-embeddings untie --shard-size 2GB
+      loramerge fold org/llama org/math-lora -o llama-math --push-to-hub me/llama-math
     """
     check_output(output, force=force)
+    if push_to_hub:
+        check_push(push_to_hub)
+    # Loaded here when pushing, so the card and recipe know the commit each Hub source resolved to.
+    sources = [load(a, allow_pickle=allow_pickle) for a in adapters] if push_to_hub else list(adapters)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", LoramergeWarning)
         try:
             result = run_fold(
-                base, list(adapters), output=output, weights=parse_weights(weights), method=method, rank=rank,
+                base, sources, output=output, weights=parse_weights(weights), method=method, rank=rank,
                 energy=energy, max_error=max_error, rank_max=rank_max, seed=seed, dtype=dtype, shard_size=shard_size,
                 device=device, compute_dtype=compute_dtype, tied_embeddings_mode=tied_embeddings, force=force,
                 strict=strict, allow_pickle=allow_pickle, ignore_base_mismatch=ignore_base_mismatch, progress=True,
@@ -74,3 +84,8 @@ def fold(base: str, adapters: tuple[str, ...], output: str, dtype: str, shard_si
     for note in result.recipe.get("notes", []):
         click.echo(f"note: {note}")
     click.echo(result.summary())
+    if push_to_hub:
+        pushed = push_fold(result, push_to_hub, adapters=sources, private=private, commit_message=commit_message,
+                           compute_dtype=compute_dtype if compute_dtype != "fp32" else None,
+                           ignore_base_mismatch=ignore_base_mismatch, allow_pickle=allow_pickle)
+        click.echo(f"pushed to {pushed.repo_id} (commit {pushed.commit}): {pushed.url}")

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import click
 
+from loramerge.adapter import Adapter
 from loramerge.cli.options import push_options
 from loramerge.hub import check_push
 from loramerge.recipe import load_recipe
@@ -22,7 +26,7 @@ from loramerge.recipe_run import plan_recipe, run_recipe
 @push_options
 def run(recipe_path: str, sets: tuple[str, ...], dry_run: bool, output: str | None, force: bool, device: str,
         report_path: str | None, push_to_hub: str | None, private: bool, commit_message: str | None) -> None:
-    """Run the merge described by the YAML file RECIPE.
+    """Run the merge described by the YAML file RECIPE (or, with base_model, the fold).
 
     The output gets a model card and loramerge_recipe.yaml, the exact recipe with Hub sources
     pinned to their commits, so `loramerge run OUTPUT/loramerge_recipe.yaml -o AGAIN` reproduces
@@ -34,6 +38,7 @@ def run(recipe_path: str, sets: tuple[str, ...], dry_run: bool, output: str | No
       loramerge run recipes/linear.yaml --set base_dir=/data/demo --set sources.0.weight=0.7
       loramerge run recipe.yaml --dry-run
       loramerge run recipe.yaml -o merged --push-to-hub me/merged-lora
+      loramerge run recipes/fold.yaml          # a recipe with base_model: folds into that model
     """
     recipe = load_recipe(recipe_path, sets)
     if dry_run:
@@ -45,14 +50,29 @@ def run(recipe_path: str, sets: tuple[str, ...], dry_run: bool, output: str | No
         raise click.UsageError("no output: give -o OUTPUT, set output.path in the recipe, or push with --push-to-hub")
     if repo:
         check_push(repo)
-    merged = run_recipe(recipe, output=output, force=force, device=device, progress=True, push_to_hub=push_to_hub,
-                        private=True if private else None, commit_message=commit_message)
-    report = merged.report
+    done = run_recipe(recipe, output=output, force=force, device=device, progress=True, push_to_hub=push_to_hub,
+                      private=True if private else None, commit_message=commit_message)
+    if not isinstance(done, Adapter):  # a fold recipe
+        if done.merge_report is not None:
+            click.echo(done.merge_report.summary())
+        if report_path:
+            if done.merge_report is not None:
+                done.merge_report.write_json(report_path)
+            else:
+                Path(report_path).write_text(json.dumps(done.recipe, indent=2) + "\n")
+        for note in done.warnings:
+            click.echo(f"note: {note}")
+        if target:
+            click.echo(done.summary())
+        if repo:
+            click.echo(f"pushed to {repo}")
+        return
+    report = done.report
     assert report is not None
     if report_path:
         report.write_json(report_path)
     click.echo(report.summary())
     if target:
-        click.echo(f"wrote {target} ({report.method}, {len(merged)} modules, {report.seconds:.2f}s)")
+        click.echo(f"wrote {target} ({report.method}, {len(done)} modules, {report.seconds:.2f}s)")
     if repo:
         click.echo(f"pushed to {repo}")
