@@ -534,4 +534,5 @@ def test_fold_recipe_errors(demo, tmp_path):
     assert code == 1 and text.startswith("error:")
     assert "lm_head.weight has shape (256, 64)" in text
     code, again = cli("run", str(mismatched))
-    assert code == 1 and again == text and not (tmp_path / "out").exists()
+    # The real run fails with the same error (it may warn about the base model first).
+    assert code == 1 and again.splitlines()[-1] == text.splitlines()[-1] and not (tmp_path / "out").exists()

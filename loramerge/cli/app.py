@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 import sys
+import warnings
+from typing import Any
 
 import click
 
 from loramerge import __version__
-from loramerge.errors import LoramergeError
+from loramerge.errors import LoramergeError, LoramergeWarning
 
 
 class LoramergeGroup(click.Group):
-    """A click group that turns :class:`LoramergeError` into ``error: <message>`` and exit status 1."""
+    """A click group that turns :class:`LoramergeError` into ``error: <message>`` and exit status 1,
+    and prints a :class:`LoramergeWarning` as one ``warning: <message>`` line."""
 
     def invoke(self, ctx: click.Context) -> object:
+        default_show = warnings.showwarning
+
+        def show(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+            if issubclass(category, LoramergeWarning):
+                click.echo(f"warning: {message}", err=True)
+            else:
+                default_show(message, category, *args, **kwargs)
+
+        warnings.showwarning = show
         try:
             return super().invoke(ctx)
         except LoramergeError as exc:
@@ -22,6 +34,8 @@ class LoramergeGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted; no output was written", err=True)
             sys.exit(130)
+        finally:
+            warnings.showwarning = default_show
 
 
 @click.group(cls=LoramergeGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import warnings
 from typing import Any
 
 import click
 
 from loramerge.cli.options import merge_options, method_params_from, parse_weights, push_options
-from loramerge.errors import LoramergeWarning
 from loramerge.fold import TIED_MODES
 from loramerge.fold import fold as run_fold
 from loramerge.hub import check_push
@@ -60,20 +58,13 @@ def fold(base: str, adapters: tuple[str, ...], output: str, dtype: str, shard_si
         check_push(push_to_hub)
     # Loaded here when pushing, so the card and recipe know the commit each Hub source resolved to.
     sources = [load(a, allow_pickle=allow_pickle) for a in adapters] if push_to_hub else list(adapters)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", LoramergeWarning)
-        try:
-            result = run_fold(
-                base, sources, output=output, weights=parse_weights(weights), method=method, rank=rank,
-                energy=energy, max_error=max_error, rank_max=rank_max, seed=seed, dtype=dtype, shard_size=shard_size,
-                device=device, compute_dtype=compute_dtype, tied_embeddings_mode=tied_embeddings, force=force,
-                strict=strict, allow_pickle=allow_pickle, ignore_base_mismatch=ignore_base_mismatch, progress=True,
-                **method_params_from(method_options),
-            )
-        finally:
-            for warning in caught:
-                if issubclass(warning.category, LoramergeWarning):
-                    click.echo(f"warning: {warning.message}", err=True)
+    result = run_fold(
+        base, sources, output=output, weights=parse_weights(weights), method=method, rank=rank,
+        energy=energy, max_error=max_error, rank_max=rank_max, seed=seed, dtype=dtype, shard_size=shard_size,
+        device=device, compute_dtype=compute_dtype, tied_embeddings_mode=tied_embeddings, force=force,
+        strict=strict, allow_pickle=allow_pickle, ignore_base_mismatch=ignore_base_mismatch, progress=True,
+        **method_params_from(method_options),
+    )
     if result.merge_report is not None:
         click.echo(result.merge_report.summary())
         if report_path:
