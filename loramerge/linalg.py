@@ -342,7 +342,7 @@ def truncate_dense(delta: torch.Tensor, policy: RankPolicy, *, seed: int = 0) ->
     if m > n:
         t = truncate_dense(delta.T, policy, seed=seed)
         return Truncation(t.A.T, t.B.T, t.energy_kept, t.relative_error)
-    total = float(delta.square().sum(dtype=torch.float64))
+    total = float(torch.linalg.vector_norm(delta)) ** 2
     if total == 0.0:
         zero_b = torch.zeros(m, 1, dtype=delta.dtype, device=delta.device)
         return Truncation(zero_b, torch.zeros(1, n, dtype=delta.dtype, device=delta.device), 1.0, 0.0)
@@ -371,8 +371,8 @@ def truncate_dense(delta: torch.Tensor, policy: RankPolicy, *, seed: int = 0) ->
     U = U[:, :k]
     projected = U.T @ delta
     root = S[:k].clamp_min(torch.finfo(S.dtype).tiny).sqrt().to(delta.dtype)
-    residual = float((delta - U @ projected).square().sum(dtype=torch.float64))
-    kept = float(projected.square().sum(dtype=torch.float64)) / total
+    residual = float(torch.linalg.vector_norm(delta - U @ projected)) ** 2
+    kept = float(torch.linalg.vector_norm(projected)) ** 2 / total
     return Truncation(U * root, projected / root[:, None], min(1.0, kept), math.sqrt(min(1.0, residual / total)))
 
 

@@ -202,3 +202,20 @@ def test_kth_largest_with_many_ties():
     values = torch.cat([torch.ones(3_000_000), torch.zeros(2_500_000)])
     assert kth_largest(values, 3_000_001).item() == 0.0
     assert kth_largest(values, 2_999_999).item() == 1.0
+
+
+def test_kth_largest_brackets_low_rank_matrices_without_a_full_selection(monkeypatch):
+    """Rows of 11008 entries line up with a stride of 172: the bracket must still hold (no full kthvalue)."""
+    g = torch.Generator().manual_seed(0)
+    values = (torch.randn(512, 16, generator=g) @ torch.randn(16, 11008, generator=g)).abs()
+    calls = []
+    real = torch.kthvalue
+
+    def spy(tensor, k, *args, **kwargs):
+        calls.append(tensor.numel())
+        return real(tensor, k, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "kthvalue", spy)
+    k = int(0.2 * values.numel())
+    assert kth_largest(values, k) == real(values.flatten(), values.numel() - k + 1).values
+    assert calls and max(calls) < values.numel() // 20

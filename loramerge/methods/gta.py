@@ -63,17 +63,17 @@ RECIPES: dict[str, EntryRecipe] = {
 
 def sparsify_one(tensor: torch.Tensor, recipe: EntryRecipe, *, density: float, gamma: float, epsilon: float,
                  generator: Callable[[], torch.Generator]) -> torch.Tensor:
-    """One update through the recipe's sparsifier (2-D ``(rows, cols)``)."""
+    """One update through the recipe's sparsifier (2-D ``(rows, cols)``), overwriting ``tensor``."""
     if recipe.sparsifier is None:
         return tensor
     if recipe.sparsifier == "magnitude":
-        return sparsify.magnitude(tensor, density)
+        return sparsify.magnitude(tensor, density, inplace=True)
     if recipe.sparsifier == "random":
-        return sparsify.random_drop(tensor, density, generator())
+        return sparsify.random_drop(tensor, density, generator(), inplace=True)
     if recipe.sparsifier == "outliers":
-        return sparsify.outliers(tensor, density, gamma)
+        return sparsify.outliers(tensor, density, gamma, inplace=True)
     if recipe.sparsifier == "magprune":
-        return sparsify.magprune(tensor, density, epsilon, generator())
+        return sparsify.magprune(tensor, density, epsilon, generator(), inplace=True)
     raise ValueError(f"unknown sparsifier {recipe.sparsifier!r}")
 
 
@@ -90,6 +90,7 @@ def merge_entries(
 ) -> tuple[torch.Tensor | None, dict[str, float]]:
     """Sparsify, elect and fuse ``(source index, weighted update)`` pairs; ``None`` when there are none.
 
+    The updates are consumed: they are sparsified in place, to keep one m×n buffer per source.
     Per-source parameters are indexed by the source index. ``generator(i)`` gives source i's
     random generator. The statistics are the mean fraction of entries each sparsified update
     keeps (``density_kept``) and, with consensus, the fraction of entries where kept updates
@@ -97,7 +98,7 @@ def merge_entries(
 
     Example:
         >>> a, b = torch.tensor([[2.0, -1.0]]), torch.tensor([[1.0, 3.0]])
-        >>> merged, stats = merge_entries([(0, a), (1, b)], RECIPES["ties"], generator=None)
+        >>> merged, stats = merge_entries([(0, a.clone()), (1, b.clone())], RECIPES["ties"], generator=None)
         >>> merged.tolist(), stats["sign_conflicts"]
         ([[1.5, 3.0]], 0.5)
     """
@@ -107,47 +108,55 @@ def merge_entries(
     kept: list[torch.Tensor] = []
     fractions = []
     for index, tensor in terms:
-        out = sparsify_one(tensor, recipe, density=value(density, index), gamma=value(gamma, index),
-                           epsilon=value(epsilon, index), generator=lambda i=index: generator(i))
+        kept.append(sparsify_one(tensor, recipe, density=value(density, index), gamma=value(gamma, index),
+                                 epsilon=value(epsilon, index), generator=lambda i=index: generator(i)))
+        del tensor  # the loop variable would otherwise keep it alive while the next update is built
         if recipe.sparsifier is not None:
-            fractions.append(float((out != 0).sum()) / max(1, out.numel()))
-        kept.append(out)
+            fractions.append(float(torch.count_nonzero(kept[-1])) / max(1, kept[-1].numel()))
     stats: dict[str, float] = {}
     if fractions:
         stats["density_kept"] = sum(fractions) / len(fractions)
     if not kept:
         return None, stats
     if not recipe.consensus:
-        merged = kept[0].clone()
+        merged = kept[0]
         for other in kept[1:]:
             merged += other
     else:
         merged, stats["sign_conflicts"] = _disjoint_mean(kept, majority_sign)
+    del kept
     if lambda_ != 1.0:
         merged *= lambda_
     return merged, stats
 
 
 def _disjoint_mean(kept: list[torch.Tensor], majority_sign: str) -> tuple[torch.Tensor, float]:
-    # Accumulate one source at a time: stacking T dense updates would multiply the peak memory.
-    vote = torch.zeros_like(kept[0])
-    any_positive = torch.zeros(kept[0].shape, dtype=torch.bool, device=kept[0].device)
-    any_negative = torch.zeros_like(any_positive)
-    for t in kept:
-        vote += t if majority_sign == "total" else torch.sign(t)
-        any_positive |= t > 0
-        any_negative |= t < 0
-    conflicts = float((any_positive & any_negative).sum()) / max(1, vote.numel())
-    positive = vote >= 0
-    del vote, any_positive, any_negative
-    merged = torch.zeros_like(kept[0])
-    count = torch.zeros_like(kept[0])
-    for t in kept:
-        agree = torch.where(positive, t > 0, t < 0)
-        merged += torch.where(agree, t, torch.zeros((), dtype=t.dtype, device=t.device))
-        count += agree
-    merged /= count.clamp_min(1.0)
-    return merged, conflicts
+    # Row block by row block, writing the result into the first update's buffer: the peak memory
+    # stays at the T sparsified updates plus a few block-sized temporaries, whatever T is.
+    out = kept[0]
+    conflicting = 0
+    for rows in sparsify.row_blocks(out):
+        parts = [t[rows] for t in kept]
+        elected = parts[0].clone() if majority_sign == "total" else torch.sign(parts[0])
+        for part in parts[1:]:
+            elected += part if majority_sign == "total" else torch.sign(part)
+        elected.sign_()
+        elected.masked_fill_(elected == 0, 1.0)  # a zero vote elects +
+        merged = torch.zeros_like(elected)
+        count = torch.zeros(elected.shape, dtype=torch.int32, device=elected.device)
+        disagree = torch.zeros(elected.shape, dtype=torch.bool, device=elected.device)
+        for part in parts:
+            aligned = part * elected  # > 0 where the update agrees with the elected sign, < 0 where it opposes it
+            count += aligned > 0
+            disagree |= aligned < 0
+            merged += aligned.clamp_min_(0.0)
+        # An entry holding a value that opposes the vote holds values of both signs (the vote
+        # follows the only sign present otherwise): these are the entries whose signs conflict.
+        conflicting += int(torch.count_nonzero(disagree))
+        merged *= elected
+        merged /= count.clamp_min_(1)
+        out[rows] = merged
+    return out, conflicting / max(1, out.numel())
 
 
 def run_entry_method(inputs: ModuleInputs, recipe: EntryRecipe, **params: Any) -> MethodOutput:

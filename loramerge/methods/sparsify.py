@@ -1,6 +1,7 @@
 """Sparsifiers of the per-entry merges: which entries of one task update survive, and their rescale.
 
-Each function takes one dense ``(out, in·k)`` update and returns a tensor of the same shape.
+Each function takes one dense ``(out, in·k)`` update and returns a tensor of the same shape; with
+``inplace=True`` it overwrites and returns its input, which saves one m×n buffer per source.
 "Rows" are rows of that matrix (one output unit's incoming weights). Random draws come from a CPU
 ``torch.Generator`` and are then moved to the update's device, so a seed gives the same mask on
 every device. Large updates are processed in blocks of rows of a fixed size, which bounds the
@@ -31,7 +32,7 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     """The exact ``k``-th largest entry of ``values`` (any shape), as a 0-d tensor.
 
     ``torch.kthvalue`` on tens of millions of entries takes seconds on a CPU. For large inputs a
-    strided sample brackets the answer, one counting pass checks the bracket, and the selection
+    random sample brackets the answer, one counting pass checks the bracket, and the selection
     runs only on the few entries inside it; a bracket that misses falls back to the full selection,
     so the result is always exact.
 
@@ -45,7 +46,9 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
         raise ValueError(f"k must be in [1, {n}], got {k}")
     if n <= _DIRECT_SELECT:
         return torch.kthvalue(flat, n - k + 1).values
-    sample = flat[:: max(1, n // (1 << 18))]
+    # A random (fixed-seed) sample: a strided one can line up with the rows of a low-rank matrix.
+    picks = torch.randint(n, (1 << 18,), generator=torch.Generator().manual_seed(0)).to(flat.device)
+    sample = flat[picks]
     s = sample.numel()
     expected = k * s / n
     margin = 6.0 * math.sqrt(expected * (1.0 - k / n)) + 16.0
@@ -53,7 +56,7 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     hi_rank, lo_rank = math.floor(expected - margin), math.ceil(expected + margin)
     hi = ordered[hi_rank - 1] if hi_rank >= 1 else torch.tensor(math.inf, dtype=flat.dtype, device=flat.device)
     lo = ordered[lo_rank - 1] if lo_rank <= s else torch.tensor(-math.inf, dtype=flat.dtype, device=flat.device)
-    above = int((flat > hi).sum())
+    above = int(torch.count_nonzero(flat > hi))
     if above < k:
         window = flat[(flat <= hi) & (flat >= lo)]
         need = k - above
@@ -62,7 +65,7 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     return torch.kthvalue(flat, n - k + 1).values
 
 
-def magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
+def magnitude(delta: torch.Tensor, density: float, *, inplace: bool = False) -> torch.Tensor:
     """Keep the ``max(1, ⌊density·N⌋)`` entries of largest magnitude over the whole tensor (TIES's trim).
 
     Entries tied with the threshold are all kept. This is the per-tensor trim of PEFT and
@@ -78,11 +81,13 @@ def magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
     if k >= n:
         return delta
     size = delta.abs()
-    threshold = kth_largest(size, k)
-    return torch.where(size >= threshold, delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
+    keep = size >= kth_largest(size, k)
+    del size
+    return delta.mul_(keep) if inplace else delta * keep
 
 
-def random_drop(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+def random_drop(delta: torch.Tensor, density: float, generator: torch.Generator, *,
+                inplace: bool = False) -> torch.Tensor:
     """Keep each entry with probability ``density`` and divide the survivors by ``density`` (DARE).
 
     Unbiased: E[result] = delta. mergekit rescales to the original L1 norm instead of by 1/d,
@@ -95,15 +100,15 @@ def random_drop(delta: torch.Tensor, density: float, generator: torch.Generator)
     """
     if density >= 1.0:
         return delta
-    out = torch.empty_like(delta)
-    for rows in _row_blocks(delta):
+    out = delta if inplace else torch.empty_like(delta)
+    for rows in row_blocks(delta):
         block = delta[rows]
         keep = (torch.rand(block.shape, generator=generator) < density).to(block.device)
         out[rows] = torch.where(keep, block / density, torch.zeros((), dtype=block.dtype, device=block.device))
     return out
 
 
-def outliers(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+def outliers(delta: torch.Tensor, density: float, gamma: float, *, inplace: bool = False) -> torch.Tensor:
     """Per row: drop the ``⌊γ·n⌋`` largest-magnitude entries, keep the next ``max(1, ⌊d·n⌋)``, zero the rest.
 
     This is Model Breadcrumbs' mask as in its reference code (per row, outliers first). mergekit
@@ -119,9 +124,9 @@ def outliers(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
     keep = min(max(1, math.floor(density * n)), n - top)
     if top == 0 and keep >= n:
         return delta
-    out = torch.empty_like(delta)
+    out = delta if inplace else torch.empty_like(delta)
     zero = torch.zeros((), dtype=delta.dtype, device=delta.device)
-    for rows in _row_blocks(delta):
+    for rows in row_blocks(delta):
         block = delta[rows]
         size = block.abs()
         largest = torch.topk(size, top + keep, dim=1).values
@@ -132,7 +137,8 @@ def outliers(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
     return out
 
 
-def magprune(delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator) -> torch.Tensor:
+def magprune(delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator, *,
+             inplace: bool = False) -> torch.Tensor:
     """DELLA's MAGPRUNE: per row, keep probability pᵢ = (d − ε) + 2ε·rankᵢ/(n − 1), survivors divided by pᵢ.
 
     ``rankᵢ`` is the entry's magnitude rank within its row (0 = smallest), so the kept fraction
@@ -146,10 +152,10 @@ def magprune(delta: torch.Tensor, density: float, epsilon: float, generator: tor
         True
     """
     n = delta.shape[1]
-    out = torch.empty_like(delta)
+    out = delta if inplace else torch.empty_like(delta)
     zero = torch.zeros((), dtype=delta.dtype, device=delta.device)
     steps = torch.arange(n, dtype=delta.dtype, device=delta.device) / max(1, n - 1)
-    for rows in _row_blocks(delta):
+    for rows in row_blocks(delta):
         block = delta[rows]
         order = torch.argsort(block.abs(), dim=1)
         rank = torch.empty_like(block).scatter_(1, order, steps.expand_as(block))
@@ -161,7 +167,8 @@ def magprune(delta: torch.Tensor, density: float, epsilon: float, generator: tor
     return out
 
 
-def _row_blocks(delta: torch.Tensor) -> Iterator[slice]:
+def row_blocks(delta: torch.Tensor) -> Iterator[slice]:
+    """Slices of consecutive rows of about 4M entries each (the same for every device)."""
     rows, cols = delta.shape
     step = max(1, _BLOCK_ENTRIES // max(1, cols))
     for start in range(0, rows, step):
