@@ -367,7 +367,9 @@ def truncate_dense(delta: torch.Tensor, policy: RankPolicy, *, seed: int = 0) ->
             if exact or size >= cap or policy.reached(S, total, k):
                 break
             size = min(cap, 2 * size)
-    k = max(1, min(k, int(S.numel())))
+    # Directions at rounding level carry no energy, and 1/√σ would blow up their A rows (and
+    # overflow fp16/bf16 storage): keep at most the numerical rank.
+    k = max(1, min(k, numerical_rank(S, 10 * torch.finfo(S.dtype).eps)))
     U = U[:, :k]
     projected = U.T @ delta
     root = S[:k].clamp_min(torch.finfo(S.dtype).tiny).sqrt().to(delta.dtype)

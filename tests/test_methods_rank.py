@@ -118,3 +118,13 @@ def test_a_zero_module_stays_a_zero_update():
     for name in ("ties", "knots", "iso_c", "tsv"):
         merged = loramerge.merge([zero, zero], method=name)
         assert float(merged.delta("m").abs().max()) == 0.0, name
+
+
+def test_a_rank_above_the_numerical_rank_keeps_factors_storable_in_fp16(tmp_path):
+    sources = [random_adapter(i, rank=2, shapes={"m": (30, 20)}) for i in range(2)]
+    merged = loramerge.merge(sources, method="dare_linear", density=1.0, rank=20)  # dense, numerical rank 4
+    assert merged["m"].rank == 4
+    reloaded = loramerge.load(merged.save(tmp_path / "fp16", dtype="fp16"))
+    assert torch.isfinite(reloaded["m"].A).all() and torch.isfinite(reloaded["m"].B).all()
+    exact = sum(s.delta("m", torch.float64) for s in sources)
+    assert relative_error(reloaded.delta("m"), exact) < 1e-3
