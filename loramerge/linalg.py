@@ -159,9 +159,11 @@ def polar_factor(M: torch.Tensor, rtol: float = RANK_RTOL) -> torch.Tensor:
         >>> polar_factor(M).tolist()
         [[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]
     """
-    P, S, Qh = torch.linalg.svd(M, full_matrices=False)
+    # M = Q·R with Q orthonormal, so polar(M) = Q·polar(R): only a small SVD, O(m·R²) in all.
+    R, basis = orthogonalize(M)
+    P, S, Qh = torch.linalg.svd(R.double(), full_matrices=False)
     keep = numerical_rank(S, rtol)
-    return P[:, :keep] @ Qh[:keep]
+    return basis(P[:, :keep] @ Qh[:keep]).to(M.dtype)
 
 
 def randomized_svd(delta: torch.Tensor, size: int, *, power_iterations: int = 2, seed: int = 0) -> ThinSVD:

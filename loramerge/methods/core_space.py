@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from loramerge.adapter import LowRank
-from loramerge.linalg import numerical_rank
+from loramerge.linalg import numerical_rank, orthogonalize
 from loramerge.methods.base import MergeMethod, MethodOutput, ModuleInputs, Param
 from loramerge.methods.gta import (
     LAMBDA,
@@ -40,17 +40,20 @@ from loramerge.methods.gta import (
     merge_entries,
 )
 from loramerge.methods.iso import COMMON_FRACTION, iso_c_pairs, iso_cts_pairs
-from loramerge.methods.subspace import balanced, to_lowrank
+from loramerge.methods.subspace import to_lowrank
 from loramerge.methods.tsv import tsv_pairs
 
 SPECTRAL_INNERS = ("tsv", "iso_c", "iso_cts")
 
 
 def reference_basis(M: torch.Tensor, side: str) -> torch.Tensor:
-    """Orthonormal singular vectors of ``M`` over its non-zero spectrum: left (``"left"``) or right."""
-    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-    keep = numerical_rank(S)
-    return U[:, :keep] if side == "left" else Vh[:keep].T
+    """Orthonormal singular vectors of ``M`` over its non-zero spectrum: left (``"left"``) or right.
+
+    Computed as the SVD of the small triangular-like factor of ``M`` (or ``Mᵀ``), O((m + n)·R²).
+    """
+    R, basis = orthogonalize(M if side == "left" else M.T)
+    P, S, _ = torch.linalg.svd(R, full_matrices=False)
+    return basis(P[:, :numerical_rank(S)])
 
 
 def core_space(inputs: ModuleInputs, *, inner: str, density: tuple[float, ...], gamma: tuple[float, ...],
@@ -83,8 +86,11 @@ def core_space(inputs: ModuleInputs, *, inner: str, density: tuple[float, ...], 
         majority_sign=majority_sign, lambda_=lambda_,
     )
     assert merged is not None
-    B_core, A_core = balanced(U_B @ merged, V_A.T)
-    return MethodOutput(to_lowrank(inputs, B_core, A_core), stats | inner_stats)
+    # merged = P S Wᵀ (a small SVD), so ΔW = (U_B P √S)(√S Wᵀ V_Aᵀ) with balanced factors.
+    P, S, Wh = torch.linalg.svd(merged, full_matrices=False)
+    root = S[:numerical_rank(S)].sqrt()
+    B_out, A_out = (U_B @ P[:, :root.numel()]) * root, root[:, None] * (Wh[:root.numel()] @ V_A.T)
+    return MethodOutput(to_lowrank(inputs, B_out, A_out), stats | inner_stats)
 
 
 CORE_SPACE = MergeMethod(

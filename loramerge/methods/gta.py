@@ -132,30 +132,19 @@ def merge_entries(
 
 def _disjoint_mean(kept: list[torch.Tensor], majority_sign: str) -> tuple[torch.Tensor, float]:
     # Row block by row block, writing the result into the first update's buffer: the peak memory
-    # stays at the T sparsified updates plus a few block-sized temporaries, whatever T is.
+    # stays at the T sparsified updates plus one stacked block, whatever T is.
     out = kept[0]
     conflicting = 0
-    for rows in sparsify.row_blocks(out):
-        parts = [t[rows] for t in kept]
-        elected = parts[0].clone() if majority_sign == "total" else torch.sign(parts[0])
-        for part in parts[1:]:
-            elected += part if majority_sign == "total" else torch.sign(part)
-        elected.sign_()
-        elected.masked_fill_(elected == 0, 1.0)  # a zero vote elects +
-        merged = torch.zeros_like(elected)
-        count = torch.zeros(elected.shape, dtype=torch.int32, device=elected.device)
-        disagree = torch.zeros(elected.shape, dtype=torch.bool, device=elected.device)
-        for part in parts:
-            aligned = part * elected  # > 0 where the update agrees with the elected sign, < 0 where it opposes it
-            count += aligned > 0
-            disagree |= aligned < 0
-            merged += aligned.clamp_min_(0.0)
+    for rows in sparsify.row_blocks(out, max(1, (1 << 22) // len(kept))):
+        stacked = torch.stack([t[rows] for t in kept])
+        vote = stacked.sum(0) if majority_sign == "total" else torch.sign(stacked).sum(0)
+        elected = (vote >= 0).to(stacked.dtype).mul_(2.0).sub_(1.0)  # a zero vote elects +
+        aligned = stacked.mul_(elected)  # > 0 where an update agrees with the elected sign, < 0 where it opposes it
+        count = (aligned > 0).sum(0)
         # An entry holding a value that opposes the vote holds values of both signs (the vote
         # follows the only sign present otherwise): these are the entries whose signs conflict.
-        conflicting += int(torch.count_nonzero(disagree))
-        merged *= elected
-        merged /= count.clamp_min_(1)
-        out[rows] = merged
+        conflicting += int(torch.count_nonzero((aligned < 0).any(0)))
+        out[rows] = aligned.clamp_min_(0.0).sum(0).mul_(elected).div_(count.clamp_min_(1))
     return out, conflicting / max(1, out.numel())
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from loramerge.adapter import LowRank
-from loramerge.linalg import ThinSVD
+from loramerge.linalg import numerical_rank, orthogonalize
 from loramerge.methods.base import MergeMethod, MethodOutput, ModuleInputs, Param
 from loramerge.methods.gta import (
     LAMBDA,
@@ -36,7 +36,7 @@ from loramerge.methods.gta import (
     gamma_param,
     merge_entries,
 )
-from loramerge.methods.subspace import balanced, to_lowrank, weighted_pairs
+from loramerge.methods.subspace import balanced_after, to_lowrank, weighted_pairs
 
 
 def aligned_coefficients(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -50,19 +50,17 @@ def aligned_coefficients(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tupl
         >>> all(torch.allclose(U @ z, B @ A) for z, (B, A) in zip(Z, pairs))
         True
     """
-    Q_B, R_B = torch.linalg.qr(torch.cat([B for B, _ in pairs], dim=1))
-    Q_A, R_A = zip(*(torch.linalg.qr(A.T) for _, A in pairs))
-    core = torch.block_diag(*(r.T for r in R_A))
-    U_core, S, Vh_core = torch.linalg.svd(R_B @ core, full_matrices=False)
-    svd = ThinSVD(S=S, left=Q_B @ U_core, right=Vh_core.T).nonzero()
-    k = svd.rank
+    R_B, basis_B = orthogonalize(torch.cat([B for B, _ in pairs], dim=1))
+    R_A, bases_A = zip(*(orthogonalize(A.T) for _, A in pairs))
+    # [u₁ … u_T] = B_cat · blockdiag(A₁ … A_T) = Q_B · (R_B · blockdiag(R_Aₜᵀ)) · blockdiag(Q_Aₜᵀ)
+    U_core, S, Vh_core = torch.linalg.svd(R_B @ torch.block_diag(*(r.T for r in R_A)), full_matrices=False)
+    k = numerical_rank(S)
     coefficients, start = [], 0
-    for q in Q_A:
-        width = q.shape[1]
-        block = svd.V[start:start + width, :k]
-        coefficients.append((svd.S[:k, None] * block.T) @ q.T)
+    for r, basis in zip(R_A, bases_A):
+        width = r.shape[0]
+        coefficients.append(basis(Vh_core[:k, start:start + width].T * S[:k]).T.contiguous())
         start += width
-    return svd.U, coefficients
+    return basis_B(U_core[:, :k]), coefficients
 
 
 def knots(inputs: ModuleInputs, *, inner: str, density: tuple[float, ...], gamma: tuple[float, ...],
@@ -79,7 +77,7 @@ def knots(inputs: ModuleInputs, *, inner: str, density: tuple[float, ...], gamma
     )
     assert merged is not None
     stats["aligned_rank"] = float(U.shape[1])
-    return MethodOutput(to_lowrank(inputs, *balanced(U, merged)), stats)
+    return MethodOutput(to_lowrank(inputs, *balanced_after(U, merged)), stats)
 
 
 KNOTS = MergeMethod(

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import torch
 
 # Above this many entries an exact k-th value is found by sampling a bracket first (see kth_largest).
-_DIRECT_SELECT = 1 << 22
+_DIRECT_SELECT = 1 << 16
 # Rows per block for the row-wise sparsifiers: about this many entries per block.
 _BLOCK_ENTRIES = 1 << 22
 
@@ -47,7 +47,8 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     if n <= _DIRECT_SELECT:
         return torch.kthvalue(flat, n - k + 1).values
     # A random (fixed-seed) sample: a strided one can line up with the rows of a low-rank matrix.
-    picks = torch.randint(n, (1 << 18,), generator=torch.Generator().manual_seed(0)).to(flat.device)
+    size = min(1 << 18, max(1 << 12, n // 32))
+    picks = torch.randint(n, (size,), generator=torch.Generator().manual_seed(0)).to(flat.device)
     sample = flat[picks]
     s = sample.numel()
     expected = k * s / n
@@ -167,9 +168,9 @@ def magprune(delta: torch.Tensor, density: float, epsilon: float, generator: tor
     return out
 
 
-def row_blocks(delta: torch.Tensor) -> Iterator[slice]:
-    """Slices of consecutive rows of about 4M entries each (the same for every device)."""
+def row_blocks(delta: torch.Tensor, entries: int = _BLOCK_ENTRIES) -> Iterator[slice]:
+    """Slices of consecutive rows of about ``entries`` entries each (the same for every device)."""
     rows, cols = delta.shape
-    step = max(1, _BLOCK_ENTRIES // max(1, cols))
+    step = max(1, entries // max(1, cols))
     for start in range(0, rows, step):
         yield slice(start, min(rows, start + step))

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from loramerge.adapter import LowRank
-from loramerge.linalg import factored_svd
+from loramerge.linalg import factored_svd, numerical_rank, orthogonalize
 from loramerge.methods.base import ModuleInputs
 
 Pair = tuple[torch.Tensor, torch.Tensor]
@@ -41,6 +41,23 @@ def balanced(B: torch.Tensor, A: torch.Tensor) -> Pair:
     """
     svd = factored_svd(B, A).nonzero()
     return svd.factors(svd.rank)
+
+
+def balanced_after(U: torch.Tensor, Z: torch.Tensor) -> Pair:
+    """Balanced factors of ``U @ Z`` when ``U`` has orthonormal columns: only ``Z`` is decomposed.
+
+    Example:
+        >>> U = torch.linalg.qr(torch.randn(6, 2, dtype=torch.float64))[0]
+        >>> Z = torch.randn(2, 5, dtype=torch.float64)
+        >>> b, a = balanced_after(U, Z)
+        >>> bool(torch.allclose(b @ a, U @ Z))
+        True
+    """
+    R, basis = orthogonalize(Z.T)  # Z = Rᵀ Qᵀ
+    P, S, Wh = torch.linalg.svd(R.T, full_matrices=False)
+    keep = numerical_rank(S)
+    root = S[:keep].sqrt()
+    return (U @ P[:, :keep]) * root, (basis(Wh[:keep].T) * root).T
 
 
 def to_lowrank(inputs: ModuleInputs, B: torch.Tensor, A: torch.Tensor, scale: float = 1.0) -> LowRank:
