@@ -70,14 +70,17 @@ def knots(inputs: ModuleInputs, *, inner: str, density: tuple[float, ...], gamma
     if not indexed:
         return to_lowrank(inputs, torch.zeros(1, 0), torch.zeros(0, 1))
     U, coefficients = aligned_coefficients([(B, A) for _, B, A in indexed])
+    # The basis needs float64 to tell a zero direction from a small one; the entry-wise merge of the
+    # coefficients does not, and runs in the compute dtype (half the memory traffic).
+    compute = inputs.template.dtype
     merged, stats = merge_entries(
-        ((index, z) for (index, _, _), z in zip(indexed, coefficients)), RECIPES[inner],
+        ((index, z.to(compute)) for (index, _, _), z in zip(indexed, coefficients)), RECIPES[inner],
         generator=inputs.generator, density=density, gamma=gamma, epsilon=epsilon,
         majority_sign=majority_sign, lambda_=lambda_,
     )
     assert merged is not None
     stats["aligned_rank"] = float(U.shape[1])
-    return MethodOutput(to_lowrank(inputs, *balanced_after(U, merged)), stats)
+    return MethodOutput(to_lowrank(inputs, *balanced_after(U, merged.double())), stats)
 
 
 KNOTS = MergeMethod(
