@@ -123,10 +123,14 @@ def worker(methods: list[str], layers: int, repeats: int) -> None:
         print(json.dumps(best[method] | {"layers": layers, "inputs_mb": inputs_mb, "repeats": repeats}))
 
 
-def part1(methods: list[str], layers: int, entry_layers: int, repeats: int, threads: int | None) -> list[dict]:
+def part1(methods: list[str], layers: int, entry_layers: int, repeats: int, threads: int | None,
+          separate: bool = False) -> list[dict]:
     env = dict(os.environ) | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
     factored = [m for m in methods if m not in RECIPES or m == "task_arithmetic"]
-    jobs = [(factored, layers, repeats)] if factored else []
+    if separate:  # one fresh process per method: its peak memory is not hidden by memory freed before
+        jobs = [([m], layers, repeats) for m in factored]
+    else:
+        jobs = [(factored, layers, repeats)] if factored else []
     # Each per-entry method in a fresh process, so that its peak memory is its own.
     jobs += [([m], entry_layers, 1) for m in methods if m not in factored]
     rows = []
@@ -229,6 +233,8 @@ def main() -> None:
     parser.add_argument("--methods", help="comma-separated subset (default: all)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of the factor-space methods")
     parser.add_argument("--threads", type=int, help="torch/OpenMP threads for both tools (default: torch's choice)")
+    parser.add_argument("--separate", action="store_true",
+                        help="run each factor-space method in its own process (for peak memory)")
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument("--skip-methods", action="store_true")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -242,7 +248,7 @@ def main() -> None:
     methods = args.methods.split(",") if args.methods else [m.name for m in available_methods()]
     if not args.skip_methods:
         print(f"part 1: {SOURCES} sources of rank {RANK}, Llama-2-7B shapes, default parameters and rank policy")
-        rows = part1(methods, args.layers, args.entry_layers, args.repeats, args.threads)
+        rows = part1(methods, args.layers, args.entry_layers, args.repeats, args.threads, args.separate)
         print_part1(rows, args.layers)
     if not args.skip_peft:
         part2({"ties": 0.2, "dare_ties": 0.5})

@@ -214,7 +214,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--pretrain-steps", type=int, default=400)
     parser.add_argument("--finetune-steps", type=int, default=1500)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: the model is tiny, and one thread is immune to other jobs)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     started = time.perf_counter()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
     runs = [run_seed(seed, args.tasks, args.pretrain_steps, args.finetune_steps) for seed in range(args.seeds)]
