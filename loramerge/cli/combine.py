@@ -38,9 +38,6 @@ def combine(sources: tuple[str, ...], output: str, dtype: str | None, force: boo
       loramerge combine ./math ./code -o merged --method svd --rank 16
       loramerge combine ./a ./b ./c -o merged --method svd --energy 0.99 --rank-max 64
       loramerge combine ./a ./b -o diff --weights 1,-1 --dtype bf16 --force
-      loramerge combine ./a ./b ./c -o merged --method ties --density 0.3 --report report.json
-      loramerge combine ./a ./b ./c -o merged --method dare-ties --density 0.2,0.5,0.5 --seed 1
-      loramerge combine ./a ./b ./c -o merged --method knots --inner ties --lambda 0.8
     """
     check_output(output, force=force)
     adapters = [load(s, allow_pickle=allow_pickle) for s in sources]
