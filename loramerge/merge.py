@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from loramerge.adapter import Adapter, LowRank
 from loramerge.devices import parse_dtype, resolve_device
 from loramerge.errors import InvalidParameter, NonFiniteValues
-from loramerge.linalg import RankPolicy, dense_svd, factored_svd, spectrum_stats
+from loramerge.linalg import RankPolicy, factored_svd, spectrum_stats, truncate_dense
 from loramerge.methods import MergeMethod, MethodOutput, ModuleInputs, get_method, module_seed
 from loramerge.overrides import Overrides, module_settings
 from loramerge.plan import plan_merge
@@ -70,11 +70,12 @@ def merge(
         2
     """
     spec = get_method(method)
-    resolved = spec.resolve(params)
+    given = spec.resolve(params)
     sources = [load(a) for a in adapters]
     if not sources:
         raise InvalidParameter("no sources to merge")
     spec.check_source_count(len(sources))
+    resolved = spec.resolve(params, sources=len(sources))
     weight_list = _check_weights(weights, len(sources))
     policy = RankPolicy(rank=rank, energy=energy, max_error=max_error, rank_max=rank_max)
     if not spec.accepts_rank and not policy.is_exact:
@@ -113,7 +114,7 @@ def merge(
     report = MergeReport(
         method=spec.name,
         weights=weight_list,
-        parameters={**{p.key: resolved[p.name] for p in spec.params}, **_policy_dict(policy), "seed": seed},
+        parameters={**{p.key: _plain(given[p.name]) for p in spec.params}, **_policy_dict(policy), "seed": seed},
         modules=reports,
         sources=[s.source or f"source {i + 1}" for i, s in enumerate(sources)],
         origins=[dict(s.origin) for s in sources],
@@ -174,7 +175,7 @@ def finalize(result: LowRank | torch.Tensor | MethodOutput, inputs: ModuleInputs
             energy, error = spectrum_stats(svd.S, k)
             lowrank = template.from_matrices(*svd.factors(k))
     else:
-        lowrank, energy, error = rerank_dense(result, template, effective)
+        lowrank, energy, error = rerank_dense(result, template, effective, seed=inputs.seed)
     _check_finite_result(lowrank, inputs.module)
     report = ModuleReport(
         module=inputs.module, source_ranks=source_ranks, output_rank=lowrank.rank,
@@ -183,24 +184,16 @@ def finalize(result: LowRank | torch.Tensor | MethodOutput, inputs: ModuleInputs
     return lowrank, report
 
 
-def rerank_dense(delta: torch.Tensor, template: LowRank, policy: RankPolicy) -> tuple[LowRank, float, float]:
+def rerank_dense(delta: torch.Tensor, template: LowRank, policy: RankPolicy,
+                 seed: int = 0) -> tuple[LowRank, float, float]:
     """Factor a dense ``(out, in·k)`` update under ``policy``; energy and error are measured, not assumed.
 
-    A fixed rank well below min(m, n) uses a randomized SVD; energy and error targets need the full
-    spectrum and use an exact one. An empty policy keeps the numerical rank (error ≤ 1e-6).
+    See :func:`~loramerge.linalg.truncate_dense`: a randomized SVD (seeded by ``seed``) for ranks
+    well below min(m, n), an exact one otherwise. An empty policy keeps the numerical rank
+    (error ≤ 1e-6).
     """
-    if policy.is_exact:
-        policy = RankPolicy(max_error=1e-6)
-    only_rank = policy.rank is not None
-    svd = dense_svd(delta, max_rank=policy.rank if only_rank else None)
-    k = policy.choose(svd.S)
-    B, A = svd.factors(k)
-    total = float(delta.double().square().sum())
-    if total == 0.0:
-        return template.from_matrices(B, A), 1.0, 0.0
-    residual = float((delta - B @ A).double().square().sum())
-    kept = float(svd.S[:k].double().square().sum()) / total
-    return template.from_matrices(B, A), min(1.0, kept), math.sqrt(residual / total)
+    t = truncate_dense(delta, policy, seed=seed)
+    return template.from_matrices(t.B, t.A), t.energy_kept, t.relative_error
 
 
 def _check_weights(weights: Sequence[float] | None, count: int) -> list[float]:
@@ -222,6 +215,10 @@ def _common_dtype(sources: Sequence[Adapter]) -> torch.dtype:
 def _policy_dict(policy: RankPolicy) -> Mapping[str, Any]:
     fields = {"rank": policy.rank, "energy": policy.energy, "max_error": policy.max_error, "rank_max": policy.rank_max}
     return {k: v for k, v in fields.items() if v is not None}
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _check_finite_result(lowrank: LowRank, module: str) -> None:

@@ -23,7 +23,10 @@ def methods(verbose: bool) -> None:
         if not m.accepts_rank:
             rank = "Σ rᵢ (fixed)"
         click.echo(f"{m.name:<16} {m.summary}")
-        click.echo(f"{'':<16} params: {params}; default rank: {rank}")
+        sources = ""
+        if m.max_sources is not None:
+            sources = f"; sources: exactly {m.max_sources}" if m.max_sources == m.min_sources else f"; sources: ≤ {m.max_sources}"
+        click.echo(f"{'':<16} params: {params}; default rank: {rank}{sources}")
         if verbose:
             click.echo(f"{'':<16} formula: {m.formula}")
             click.echo(f"{'':<16} paper: {m.paper}")

@@ -53,12 +53,16 @@ source_options = _apply([
 def _method_param_options() -> list[Decorator]:
     options = []
     for p in all_params():
-        kwargs: dict[str, Any] = {"default": None, "help": p.help + f" [default: {p.default}]"}
+        default = "depends on --method, see `loramerge methods`" if p.default is None else p.default
+        kwargs: dict[str, Any] = {"default": None, "help": p.help + f" [default: {default}]"}
         if p.choices:
             kwargs["type"] = click.Choice(p.choices)
         elif p.type is bool:
             options.append(click.option(f"{p.option}/--no-{p.key.replace('_', '-')}", p.key, **kwargs))
             continue
+        elif p.per_source:
+            # One value, or one per source like --weights; the method parses and checks each.
+            kwargs["metavar"] = "X[,X…]"
         else:
             kwargs["type"] = p.type
         options.append(click.option(p.option, p.key, **kwargs))

@@ -8,12 +8,36 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from loramerge.errors import InvalidParameter
-from loramerge.methods import linear
+from loramerge.methods import (
+    breadcrumbs,
+    core_space,
+    dare,
+    della,
+    iso,
+    knots,
+    linear,
+    slerp,
+    task_arithmetic,
+    ties,
+    tsv,
+)
 from loramerge.methods.base import MergeMethod, MethodOutput, ModuleInputs, Param, module_seed
 
 _FAMILIES = (
     linear.METHODS,
+    task_arithmetic.METHODS,
+    ties.METHODS,
+    dare.METHODS,
+    breadcrumbs.METHODS,
+    della.METHODS,
+    knots.METHODS,
+    tsv.METHODS,
+    iso.METHODS,
+    core_space.METHODS,
+    slerp.METHODS,
 )
 
 REGISTRY: dict[str, MergeMethod] = {m.name: m for family in _FAMILIES for m in family}
@@ -38,11 +62,22 @@ def available_methods() -> list[MergeMethod]:
 
 
 def all_params() -> list[Param]:
-    """Every distinct parameter any method takes (the CLI turns each into one option)."""
+    """Every distinct parameter any method takes (the CLI turns each into one option).
+
+    A parameter several methods share appears once, with the union of their choices, and with
+    default ``None`` when the methods' defaults differ (each method fills in its own).
+    """
     seen: dict[str, Param] = {}
     for method in REGISTRY.values():
         for p in method.params:
-            seen.setdefault(p.key, p)
+            first = seen.setdefault(p.key, p)
+            if first is p:
+                continue
+            choices = first.choices
+            if first.choices is not None and p.choices is not None:
+                choices = tuple(dict.fromkeys(first.choices + p.choices))
+            default = first.default if first.default == p.default else None
+            seen[p.key] = replace(first, choices=choices, default=default)
     return list(seen.values())
 
 

@@ -13,6 +13,7 @@ an ``(out, in·k)`` matrix; the merge engine applies the rank policy to either. 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -31,9 +32,15 @@ class Param:
     ``--name`` with underscores as hyphens and a trailing underscore dropped (``lambda_`` →
     ``--lambda``); recipes use the same spelling without the trailing underscore.
 
+    A ``per_source`` parameter takes one value for every source or one value per source (like
+    mergekit's per-model ``tensor_parameters``): a number, a sequence, or a comma-separated
+    string as on the command line. Each value is checked on its own.
+
     Example:
         >>> Param("lambda_", 1.0, float, "scale").option
         '--lambda'
+        >>> Param("density", 0.5, float, "kept fraction", per_source=True).coerce("0.5, 0.3", "ties")
+        (0.5, 0.3)
     """
 
     name: str
@@ -42,6 +49,7 @@ class Param:
     help: str
     choices: tuple[str, ...] | None = None
     check: Callable[[Any], str | None] | None = None
+    per_source: bool = False
 
     @property
     def key(self) -> str:
@@ -53,7 +61,19 @@ class Param:
         return "--" + self.key.replace("_", "-")
 
     def coerce(self, value: Any, method: str) -> Any:
-        """``value`` converted to this parameter's type and checked, or :class:`InvalidParameter`."""
+        """``value`` converted to this parameter's type and checked, or :class:`InvalidParameter`.
+
+        A per-source parameter given several values comes back as a tuple, one value as a scalar.
+        """
+        if self.per_source:
+            parts = _split_values(value)
+            if not parts:
+                raise InvalidParameter(f"method {method!r}: parameter {self.key!r} needs a value, got {value!r}")
+            converted = tuple(self._coerce_one(part, method) for part in parts)
+            return converted[0] if len(converted) == 1 and not isinstance(value, (list, tuple)) else converted
+        return self._coerce_one(value, method)
+
+    def _coerce_one(self, value: Any, method: str) -> Any:
         try:
             if self.type is bool and isinstance(value, str):
                 if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
@@ -76,6 +96,26 @@ class Param:
             if problem:
                 raise InvalidParameter(f"method {method!r}: parameter {self.key!r} {problem}, got {converted!r}")
         return converted
+
+
+def _split_values(value: Any) -> list[Any]:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
+
+
+def per_source(value: Any, count: int) -> tuple[Any, ...]:
+    """A per-source parameter's value as one entry per source (a scalar is repeated).
+
+    Example:
+        >>> per_source(0.5, 3), per_source((0.2, 0.4), 2)
+        ((0.5, 0.5, 0.5), (0.2, 0.4))
+    """
+    if isinstance(value, tuple):
+        return value
+    return (value,) * count
 
 
 def module_seed(seed: int, module: str) -> int:
@@ -129,10 +169,33 @@ class ModuleInputs:
                 out.append(t.scale * (B @ A))
         return out
 
-    def generator(self) -> torch.Generator:
-        """A generator seeded from the merge seed and this module's path, on the compute device."""
-        device = self.template.A.device
-        return torch.Generator(device=device).manual_seed(self.seed)
+    def weighted_factors(self, dtype: torch.dtype | None = None) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """``(source index, B, A)`` with ``B @ A = wᵢ·sᵢ·Bᵢ Aᵢ`` for each present source of non-zero weight.
+
+        The factor c = w·s is split as √|c| on each side (sign on B), so neither factor is tiny.
+        """
+        out = []
+        for index, (term, weight) in enumerate(zip(self.terms, self.weights)):
+            c = weight * term.scale if term is not None else 0.0
+            if term is None or c == 0.0:
+                continue
+            B, A = term.matrices(dtype or term.dtype)
+            root = math.sqrt(abs(c))
+            out.append((index, B * math.copysign(root, c), A * root))
+        return out
+
+    def weighted_deltas(self) -> list[tuple[int, torch.Tensor]]:
+        """``(source index, wᵢ·sᵢ·Bᵢ Aᵢ)`` as dense ``(out, in·k)`` matrices, for present sources of non-zero weight."""
+        return [(index, B @ A) for index, B, A in self.weighted_factors()]
+
+    def generator(self, source: int | None = None) -> torch.Generator:
+        """A CPU generator seeded from the merge seed, this module's path and optionally a source index.
+
+        Random draws are made on the CPU and then moved, so that the same seed gives the same masks
+        whatever the compute device, and each source's mask does not depend on the other sources.
+        """
+        seed = self.seed if source is None else module_seed(self.seed, f"source {source}")
+        return torch.Generator(device="cpu").manual_seed(seed)
 
 
 @dataclass(frozen=True)
@@ -167,13 +230,18 @@ class MergeMethod:
     max_sources: int | None = None
     check: Callable[[Mapping[str, Any]], str | None] | None = None
 
-    def resolve(self, given: Mapping[str, Any]) -> dict[str, Any]:
+    def resolve(self, given: Mapping[str, Any], sources: int | None = None) -> dict[str, Any]:
         """The full parameter set: ``given`` checked and converted, defaults filled in.
+
+        With ``sources`` (the number of sources), every per-source parameter becomes a tuple of
+        that length, and a list of the wrong length is refused.
 
         Example:
             >>> from loramerge.methods import get_method
             >>> get_method("linear").resolve({})
             {}
+            >>> get_method("ties").resolve({"density": [0.2, 0.4]}, sources=2)["density"]
+            (0.2, 0.4)
         """
         by_key = {p.key: p for p in self.params} | {p.name: p for p in self.params}
         unknown = [k for k in given if k not in by_key]
@@ -186,6 +254,17 @@ class MergeMethod:
         for key, value in given.items():
             param = by_key[key]
             values[param.name] = param.coerce(value, self.name)
+        if sources is not None:
+            for p in self.params:
+                if not p.per_source:
+                    continue
+                value = values[p.name]
+                if isinstance(value, tuple) and len(value) != sources:
+                    raise InvalidParameter(
+                        f"method {self.name!r}: parameter {p.key!r} has {len(value)} values for {sources} "
+                        "source(s); give one value, or one per source"
+                    )
+                values[p.name] = per_source(value, sources)
         if self.check is not None:
             problem = self.check(values)
             if problem:
