@@ -104,7 +104,7 @@ def merge(
 
     layers: dict[str, LowRank] = {}
     reports: list[ModuleReport] = []
-    results = map_modules(merge_module, plan.modules, target)
+    results = map_modules(merge_module, plan.modules, target, parallel=not spec.dense)
     for module, (lowrank, module_report) in tqdm(zip(plan.modules, results), total=len(plan.modules),
                                                  desc=f"merge ({spec.name})", unit="module",
                                                  disable=not progress, leave=False):
@@ -132,15 +132,17 @@ def merge(
     )
 
 
-def map_modules(work: Callable[[str], T], modules: Sequence[str], device: torch.device) -> Iterator[T]:
+def map_modules(work: Callable[[str], T], modules: Sequence[str], device: torch.device, *,
+                parallel: bool = True) -> Iterator[T]:
     """``work`` applied to every module, in order.
 
     On the CPU, modules run on a small thread pool with single-threaded torch ops: a LoRA module's
     linear algebra is too small to keep several threads busy, while independent modules are not,
     and each module's result no longer depends on the machine's thread count. On an accelerator
-    modules run one after another.
+    modules run one after another, and so do methods that build dense per-module updates
+    (``parallel=False``), whose memory would otherwise multiply by the number of workers.
     """
-    workers = min(torch.get_num_threads(), len(modules)) if device.type == "cpu" else 1
+    workers = min(torch.get_num_threads(), len(modules)) if device.type == "cpu" and parallel else 1
     if workers <= 1:
         yield from map(work, modules)
         return

@@ -216,6 +216,8 @@ class MergeMethod:
     ``default_rank`` says what happens when the user gives no rank policy: ``"exact"`` keeps the
     result as it is (factored results only), ``"max_source_rank"`` re-ranks to the largest source
     rank (as PEFT's svd does). ``accepts_rank=False`` refuses any rank option (``cat``).
+    ``dense=True`` marks methods that build dense per-module updates; the engine runs their
+    modules one at a time to bound memory.
     """
 
     name: str
@@ -229,6 +231,7 @@ class MergeMethod:
     min_sources: int = 1
     max_sources: int | None = None
     check: Callable[[Mapping[str, Any]], str | None] | None = None
+    dense: bool = False
 
     def resolve(self, given: Mapping[str, Any], sources: int | None = None) -> dict[str, Any]:
         """The full parameter set: ``given`` checked and converted, defaults filled in.

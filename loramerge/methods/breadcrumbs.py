@@ -39,6 +39,7 @@ BREADCRUMBS = MergeMethod(
     paper="Davari & Belilovsky, Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks, ECCV 2024",
     params=(density_param(0.15), gamma_param(0.006), LAMBDA),
     default_rank="max_source_rank",
+    dense=True,
     check=check_entry_params,
 )
 

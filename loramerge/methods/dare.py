@@ -44,6 +44,7 @@ DARE_LINEAR = MergeMethod(
     paper="Yu et al., Language Models are Super Mario (DARE), ICML 2024",
     params=(density_param(0.5), LAMBDA),
     default_rank="max_source_rank",
+    dense=True,
 )
 
 DARE_TIES = MergeMethod(
@@ -54,6 +55,7 @@ DARE_TIES = MergeMethod(
     paper="Yu et al., ICML 2024 (DARE) with Yadav et al., NeurIPS 2023 (TIES)",
     params=(density_param(0.5), MAJORITY_SIGN, LAMBDA),
     default_rank="max_source_rank",
+    dense=True,
 )
 
 METHODS = (DARE_LINEAR, DARE_TIES)

@@ -43,6 +43,7 @@ DELLA = MergeMethod(
     paper="Deep, Bhardwaj & Poria, DELLA-Merging, arXiv 2406.11617, 2024",
     params=(density_param(0.5), epsilon_param(0.1), MAJORITY_SIGN, LAMBDA),
     default_rank="max_source_rank",
+    dense=True,
     check=check_entry_params,
 )
 

@@ -45,6 +45,7 @@ TIES = MergeMethod(
     paper="Yadav et al., TIES-Merging: Resolving Interference When Merging Models, NeurIPS 2023",
     params=(density_param(0.2), MAJORITY_SIGN, LAMBDA),
     default_rank="max_source_rank",
+    dense=True,
 )
 
 MAGNITUDE_PRUNE = MergeMethod(
@@ -55,6 +56,7 @@ MAGNITUDE_PRUNE = MergeMethod(
     paper="Yadav et al., NeurIPS 2023 (trim step); PEFT combination_type='magnitude_prune_svd'",
     params=(density_param(0.2), LAMBDA),
     default_rank="max_source_rank",
+    dense=True,
 )
 
 METHODS = (TIES, MAGNITUDE_PRUNE)
