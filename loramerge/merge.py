@@ -22,11 +22,14 @@ from loramerge.errors import InvalidParameter, NonFiniteValues
 from loramerge.linalg import RankPolicy, factored_svd, spectrum_stats, truncate_dense
 from loramerge.methods import MergeMethod, MethodOutput, ModuleInputs, get_method, module_seed
 from loramerge.overrides import Overrides, module_settings
-from loramerge.plan import plan_merge
+from loramerge.plan import MergePlan, plan_merge
 from loramerge.report import MergeReport, ModuleReport
 from loramerge.sources import load
 
 DEFAULT_SEED = 0
+# Dense methods hold every source's full update of a module at once; above this many bytes per
+# module they run one module at a time (with multi-threaded ops) rather than on the thread pool.
+DENSE_PARALLEL_LIMIT = 64 * 2**20
 T = TypeVar("T")
 
 
@@ -104,7 +107,7 @@ def merge(
 
     layers: dict[str, LowRank] = {}
     reports: list[ModuleReport] = []
-    results = map_modules(merge_module, plan.modules, target, parallel=not spec.dense)
+    results = map_modules(merge_module, plan.modules, target, parallel=not (spec.dense and _largest_dense(plan) > DENSE_PARALLEL_LIMIT))
     for module, (lowrank, module_report) in tqdm(zip(plan.modules, results), total=len(plan.modules),
                                                  desc=f"merge ({spec.name})", unit="module",
                                                  disable=not progress, leave=False):
@@ -196,6 +199,16 @@ def rerank_dense(delta: torch.Tensor, template: LowRank, policy: RankPolicy,
     """
     t = truncate_dense(delta, policy, seed=seed)
     return template.from_matrices(t.B, t.A), t.energy_kept, t.relative_error
+
+
+def _largest_dense(plan: MergePlan) -> int:
+    """Bytes of float32 dense updates one module of ``plan`` needs (all its sources at once)."""
+    largest = 0
+    for row in plan.terms.values():
+        present = [t for t in row if t is not None]
+        out_f, in_f = present[0].matrix_shape
+        largest = max(largest, 4 * out_f * in_f * len(row))
+    return largest
 
 
 def _check_weights(weights: Sequence[float] | None, count: int) -> list[float]:
