@@ -68,7 +68,7 @@ from loramerge.errors import (
 )
 from loramerge.linalg import RankPolicy
 from loramerge.merge import merge
-from loramerge.names import Resolver, hf_resolver, nearest, stored_transposed, tied_embeddings
+from loramerge.names import Resolver, as_targets, hf_resolver, nearest, stored_transposed, tied_embeddings
 from loramerge.output import atomic_output, check_output
 from loramerge.report import MergeReport
 from loramerge.sources import load, resolve_model
@@ -95,6 +95,7 @@ class Update:
     lowrank: LowRank | None = None
     transposed: bool = False
     tensor: torch.Tensor | None = None
+    rows: tuple[int, int, int] | None = None  # (source, start, size): update rows → tensor rows; None: whole
 
 
 @dataclass
@@ -298,37 +299,32 @@ def plan_fold(ckpt: Checkpoint, units: Sequence[tuple[Adapter, float]], *, resol
         # Full weights first: PEFT loads them into the base layers before it merges the LoRA updates
         # (an adapter that targets lm_head saves the base lm_head weight itself).
         for key, value in adapter.full_weights.items():
-            tensor = _resolve(resolver, key, lookup, label, key, what="full weight (modules_to_save / bias)")
+            what = "full weight (modules_to_save / bias)"
             _check_weight_for_full(weight, label, key, "a full replacement weight")
-            _check_shape(_tensor_shape(ckpt, tensor, tie), tuple(value.shape), label, key, tensor)
-            owners = [u.source for u in updates.get(tensor, []) if u.kind == "replace"
-                      and u.tensor is not None and not torch.equal(u.tensor, value)]
-            if owners:
-                raise IncompatibleAdapters(
-                    f"{label} and {owners[0]} both replace {tensor} (modules_to_save); fold them one at a time"
-                )
-            updates.setdefault(tensor, []).append(Update("replace", label, key, weight, tensor=value))
+            for tensor, rows, _ in _place(ckpt, resolver, key, lookup, tie, tuple(value.shape), False, label, key, what):
+                owners = [u.source for u in updates.get(tensor, []) if u.kind == "replace" and u.rows == rows
+                          and u.tensor is not None and not torch.equal(u.tensor, value)]
+                if owners:
+                    raise IncompatibleAdapters(
+                        f"{label} and {owners[0]} both replace {tensor} (modules_to_save); fold them one at a time"
+                    )
+                updates.setdefault(tensor, []).append(Update("replace", label, key, weight, tensor=value, rows=rows))
             count += 1
         for module, lr in adapter.layers.items():
-            tensor = _resolve(resolver, f"{module}.weight", lookup, label, module)
-            shape = _tensor_shape(ckpt, tensor, tie)
-            transposed = _orientation(tensor, shape, lr, ckpt.config, label, module)
             kind: UpdateKind = "dora" if lr.magnitude is not None else "lora"
             if kind == "dora":
                 _check_weight_for_full(weight, label, module, "a DoRA update")
-                channels = shape[1] if transposed else shape[0]
-                if lr.magnitude is not None and lr.magnitude.numel() != channels:
-                    raise IncompatibleAdapters(
-                        f"{label}: module {module} has a DoRA magnitude of {lr.magnitude.numel()} values but "
-                        f"{tensor} has {channels} output channels"
-                    )
-            updates.setdefault(tensor, []).append(Update(kind, label, module, weight, lr, transposed))
+            for tensor, rows, transposed in _place(ckpt, resolver, f"{module}.weight", lookup, tie, lr, lr.kind == "linear",
+                                                   label, module, "module"):
+                if kind == "dora":
+                    _check_magnitude(lr, transposed, tensor, label, module)
+                updates.setdefault(tensor, []).append(Update(kind, label, module, weight, lr, transposed, rows=rows))
             count += 1
             if lr.bias is not None:
-                bias_name = _resolve(resolver, f"{module}.bias", names, label, module, what="bias (lora_bias)")
-                _check_shape(ckpt.tensors[bias_name].shape, tuple(lr.bias.shape), label, module, bias_name)
-                updates.setdefault(bias_name, []).append(
-                    Update("bias", label, module, weight, tensor=lr.bias.float() * lr.scale))
+                bias = lr.bias.float() * lr.scale
+                for tensor, rows, _ in _place(ckpt, resolver, f"{module}.bias", names, None, tuple(bias.shape), False,
+                                              label, module, "bias (lora_bias)"):
+                    updates.setdefault(tensor, []).append(Update("bias", label, module, weight, tensor=bias, rows=rows))
     for tensor in updates:
         info = ckpt.tensors.get(tensor) or ckpt.tensors[tie[0]]  # type: ignore[index]
         if info.dtype not in FLOAT_CODES:
@@ -342,13 +338,59 @@ def plan_fold(ckpt: Checkpoint, units: Sequence[tuple[Adapter, float]], *, resol
     return plan
 
 
-def _resolve(resolver: Resolver, path: str, names: set[str], label: str, module: str, what: str = "module") -> str:
-    found = resolver(path, names)
-    if found is None:
-        close = nearest(path, names)
+def _place(ckpt: Checkpoint, resolver: Resolver, path: str, lookup: set[str], tie: tuple[str, str] | None,
+           update: LowRank | tuple[int, ...], may_transpose: bool, label: str, module: str, what: str
+           ) -> list[tuple[str, tuple[int, int, int] | None, bool]]:
+    """Where ``update`` (a LoRA, or a tensor of the given shape) goes: ``(tensor, rows, transposed)`` per target.
+
+    ``rows`` is ``(source, start, size)`` for a row slice (q/k/v inside a fused weight), None for
+    the whole tensor. A plain tensor name from the resolver is checked against the shape, with the
+    orientation decided as for Hugging Face checkpoints; :class:`~loramerge.names.Target` answers
+    say it themselves. The slices must cover every row of the update.
+    """
+    found = resolver(path, lookup)
+    targets = as_targets(found)
+    missing = [t.name for t in targets or [] if t.name not in lookup]
+    if targets is None or missing:
+        close = nearest(missing[0] if missing else path, lookup)
         hint = f"; nearest: {', '.join(close)}" if close else ""
-        raise IncompatibleAdapters(f"{label}: {what} {module} not found in the base model (no tensor {path}){hint}")
-    return found
+        raise IncompatibleAdapters(f"{label}: {what} {module} not found in the base model "
+                                   f"(no tensor {missing[0] if missing else path}){hint}")
+    lowrank = update if isinstance(update, LowRank) else None
+    shape_of_update = tuple(lowrank.delta_shape) if lowrank is not None else tuple(update)  # type: ignore[arg-type]
+    if isinstance(found, str):
+        shape = _tensor_shape(ckpt, found, tie)
+        if lowrank is None:
+            _check_shape(shape, shape_of_update, label, module, found)
+            return [(found, None, False)]
+        return [(found, None, _orientation(found, shape, lowrank, ckpt.config, label, module))]
+    out = shape_of_update[0] if shape_of_update else 1
+    placed = []
+    covered = 0
+    for target in targets:
+        shape = _tensor_shape(ckpt, target.name, tie)
+        source, start, size = target.rows(out)
+        whole = target.start == 0 and target.source == 0 and target.size is None
+        flip = target.transposed != (lowrank is not None and lowrank.transposed_in_base)
+        if flip:
+            fits = (may_transpose or (lowrank is not None and lowrank.transposed_in_base)) and whole and \
+                len(shape) == 2 and lowrank is not None and tuple(shape) == lowrank.matrix_shape[::-1]
+        else:
+            fits = (source >= 0 and start >= 0 and size > 0 and source + size <= out and len(shape) >= 1
+                    and start + size <= shape[0] and (not whole or out == shape[0])
+                    and _same_trailing(tuple(shape[1:]), shape_of_update[1:]))
+        if not fits:
+            where = "" if whole else f" (rows {start}:{start + size} for this module)"
+            kind = f"a {lowrank.kind} update" if lowrank is not None else "a tensor"
+            raise IncompatibleAdapters(f"{label}: {what} {module} has {kind} of shape {shape_of_update} but base "
+                                       f"tensor {target.name} has shape {tuple(shape)}{where}")
+        rows = None if flip or (source == 0 and start == 0 and size == out == shape[0]) else (source, start, size)
+        placed.append((target.name, rows, flip))
+        covered += size
+    if covered != out:
+        raise IncompatibleAdapters(f"{label}: {what} {module} has {out} rows but its places in the base model "
+                                   f"({', '.join(t.name for t in targets)}) hold {covered}")
+    return placed
 
 
 def _tensor_shape(ckpt: Checkpoint, tensor: str, tie: tuple[str, str] | None) -> tuple[int, ...]:
@@ -369,6 +411,52 @@ def _orientation(tensor: str, shape: tuple[int, ...], lr: LowRank, config: dict[
     raise IncompatibleAdapters(
         f"{label}: module {module} has a {lr.kind} update of shape {tuple(lr.base_shape)} but base tensor "
         f"{tensor} has shape {tuple(shape)}"
+    )
+
+
+def _same_trailing(base: tuple[int, ...], update: tuple[int, ...]) -> bool:
+    # A Linear update fits a 1×1 convolution and the other way round; other kernels must match.
+    def core(dims: tuple[int, ...]) -> tuple[int, ...]:
+        while len(dims) > 1 and dims[-1] == 1:
+            dims = dims[:-1]
+        return dims
+
+    return base == update or core(base) == core(update)
+
+
+def dora_axis(lr: LowRank) -> Literal["out", "in"] | None:
+    """Which axis a DoRA magnitude normalises: ``out`` (PEFT: ``(out,)``, or ``(1, out, 1, 1)`` for a conv),
+    ``in`` (old LyCORIS: ``(1, in[, 1, 1])``), or None when its size fits neither.
+
+    A conv magnitude ``(1, c, 1, 1)`` with ``c`` equal to both channel counts is read as PEFT's.
+
+    Example:
+        >>> lr = LowRank(torch.ones(1, 3), torch.ones(4, 1), magnitude=torch.ones(1, 3))
+        >>> dora_axis(lr), dora_axis(LowRank(torch.ones(1, 3), torch.ones(4, 1), magnitude=torch.ones(4)))
+        ('in', 'out')
+    """
+    magnitude = lr.magnitude
+    if magnitude is None:
+        return None
+    out = lr.delta_shape[0]
+    inputs = lr.delta_shape[1] if len(lr.delta_shape) > 1 else 0
+    if magnitude.ndim == 1:
+        return "out" if magnitude.numel() == out else None
+    if magnitude.ndim == 2 and lr.kind == "linear":  # PEFT's linear magnitude is 1-D
+        return "in" if magnitude.shape[0] == 1 and magnitude.numel() == inputs else None
+    if magnitude.numel() == out:
+        return "out"
+    return "in" if magnitude.shape[0] == 1 and magnitude.numel() == inputs else None
+
+
+def _check_magnitude(lr: LowRank, transposed: bool, tensor: str, label: str, module: str) -> None:
+    axis = dora_axis(lr)
+    if axis == "out" or (axis == "in" and not transposed):
+        return
+    assert lr.magnitude is not None
+    raise IncompatibleAdapters(
+        f"{label}: module {module} has a DoRA magnitude of shape {tuple(lr.magnitude.shape)}, which fits neither the "
+        f"output nor the input channels of its {tuple(lr.delta_shape)} update to {tensor}"
     )
 
 
@@ -646,6 +734,19 @@ def _lora_rows(update: Update, factors: tuple[torch.Tensor, ...], start: int, st
 
 def _apply_rows(block: torch.Tensor, update: Update, factors: tuple[torch.Tensor, ...], start: int,
                 stop: int) -> torch.Tensor:
+    """Add ``update`` to ``block``, which holds rows ``start:stop`` of the tensor (in place)."""
+    if update.rows is None:
+        return _apply_range(block, update, factors, start, stop)
+    source, first, size = update.rows
+    low, high = max(start, first), min(stop, first + size)
+    if low < high:
+        _apply_range(block[low - start:high - start], update, factors, low - first + source, high - first + source)
+    return block
+
+
+def _apply_range(block: torch.Tensor, update: Update, factors: tuple[torch.Tensor, ...], start: int,
+                 stop: int) -> torch.Tensor:
+    """Add rows ``start:stop`` of ``update`` to ``block`` (in place)."""
     if update.kind == "lora":
         B, A = factors
         flat = block.view(block.shape[0], -1)  # a view: addmm_ adds B@A in place, without a temporary
@@ -667,13 +768,26 @@ def _apply_whole(W: torch.Tensor, updates: list[Update], prepared: list[tuple[to
     rows = W.shape[0] if W.ndim else 1
     for update, factors in zip(updates, prepared):
         if update.kind == "dora":
-            delta = _lora_rows(update, factors, 0, rows, tuple(W.shape))
-            norm_dims = (0,) if update.transposed else tuple(range(1, W.ndim))
-            norms = (original + delta).norm(p=2, dim=norm_dims, keepdim=True)
             assert update.lowrank is not None and update.lowrank.magnitude is not None
-            magnitude = update.lowrank.magnitude.to(device=W.device, dtype=W.dtype).reshape(norms.shape)
-            target = (magnitude / norms) * (current + delta)
-            current = target if update.weight == 1.0 else current + update.weight * (target - current)
+            source, start, size = update.rows or (0, 0, rows)
+            # DoRA on a slice of a fused weight normalises that module's own rows, as in the unfused model.
+            part, base = current[start:start + size], original[start:start + size]
+            delta = _lora_rows(update, factors, source, source + size, tuple(part.shape))
+            if dora_axis(update.lowrank) == "in":
+                norm_dims = tuple(d for d in range(W.ndim) if d != 1)
+                magnitude = update.lowrank.magnitude
+            else:
+                norm_dims = (0,) if update.transposed else tuple(range(1, W.ndim))
+                magnitude = update.lowrank.magnitude
+                if update.rows is not None:
+                    magnitude = magnitude.reshape(-1)[source:source + size]
+            norms = (base + delta).norm(p=2, dim=norm_dims, keepdim=True)
+            magnitude = magnitude.to(device=W.device, dtype=W.dtype).reshape(norms.shape)
+            target = (magnitude / norms) * (part + delta)
+            moved = target if update.weight == 1.0 else part + update.weight * (target - part)
+            if current is original:
+                current = current.clone()
+            current[start:start + size] = moved
         else:
             current = _apply_rows(current if current is not original else current.clone(), update, factors, 0, rows)
             if update.kind == "replace":
