@@ -44,7 +44,6 @@ from tqdm.auto import tqdm
 from loramerge.adapter import Adapter, LowRank
 from loramerge.checkpoint import (
     FLOAT_CODES,
-    SAFE_INDEX,
     Checkpoint,
     OutEntry,
     ShardWriter,
@@ -74,6 +73,7 @@ from loramerge.report import MergeReport
 from loramerge.sources import load, resolve_model
 
 RECIPE_NAME = "loramerge.json"
+RECIPE_KEY = "loramerge"  # metadata key of the recipe in a folded single file
 TIED_MODES = ("refuse", "untie", "shared")
 # Elements per block of maths and per write: 2 MB of float32. Small blocks stay in cache between
 # the conversion, the update and the writer's copy; on the 3.2 GB benchmark 512K-element blocks
@@ -141,11 +141,18 @@ def fold(
     strict: bool = False,
     allow_pickle: bool = False,
     ignore_base_mismatch: bool = False,
-    resolver: Resolver = hf_resolver,
+    resolver: Resolver | None = None,
     progress: bool = False,
     **params: Any,
 ) -> FoldResult:
     """Fold one or more adapters into the base model at ``base`` and write the model to ``output``.
+
+    ``base`` is a model folder (written as a folder), or a single-file ``.safetensors`` checkpoint
+    (SD 1.x/2.x, SDXL, Flux.1 …, written as one ``.safetensors`` file at ``output`` with the same
+    tensor names, order, dtypes and metadata, plus the recipe under the ``loramerge`` metadata key).
+    ``resolver`` maps module paths to tensor names (:data:`~loramerge.names.Resolver`); by default
+    :func:`~loramerge.names.hf_resolver` for a folder and a
+    :class:`~loramerge.single_file.SingleFileResolver` for a single file.
 
     ``weights`` (one per adapter, default 1; negative subtracts a LoRA) scale each adapter. With
     several adapters, ``method`` and the rank options are those of :func:`loramerge.merge`.
@@ -185,10 +192,17 @@ def fold(
     shard_limit = parse_size(shard_size)
     target = resolve_device(device)
 
-    folder = resolve_model(base)
+    single = Path(base).expanduser().is_file()
+    if single and shard_limit is not None:
+        raise InvalidParameter(f"{base}: a single-file checkpoint is written as one file; drop --shard-size")
+    folder = Path(base).expanduser() if single else resolve_model(base)
     ckpt = open_checkpoint(folder, allow_pickle=allow_pickle)
     loaded = [load(s, allow_pickle=allow_pickle) for s in sources]
     notes = _check_bases(loaded, folder, ckpt.config, strict)
+    if resolver is None:
+        resolver = default_resolver(ckpt)
+    if not ignore_base_mismatch:
+        _check_family(loaded, resolver, folder)
 
     policy = RankPolicy(rank=rank, energy=energy, max_error=max_error, rank_max=rank_max)
     merge_report = None
@@ -211,16 +225,23 @@ def fold(
 
     written = 0
     try:
-        with atomic_output(output, force=force) as tmp:
-            written = _write_model(ckpt, plan, layout, tmp, compute, target, progress, shard_limit is None)
-            config_changes = _write_config(ckpt, tmp, out_dtype, plan.untie)
-            for path in iter_plain_files(folder, ckpt.weight_files | {"config.json", RECIPE_NAME}):
-                dest = tmp / path.relative_to(folder)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(path, dest)
-            recipe = _recipe(folder, ckpt, loaded, weight_list, method, policy, seed, params, out_dtype, shard_limit,
-                             tied_embeddings_mode, plan, config_changes, merge_report)
-            (tmp / RECIPE_NAME).write_text(json.dumps(recipe, indent=2) + "\n")
+        if single:
+            recipe = _recipe(folder, ckpt, loaded, weight_list, method, policy, seed, params, out_dtype, None,
+                             tied_embeddings_mode, plan, {}, merge_report)
+            layout[0].metadata = single_file_metadata(layout[0].metadata, recipe)
+            with atomic_output(output, force=force, directory=False) as tmp:
+                written = _write_model(ckpt, plan, layout, tmp.parent, compute, target, progress, file=tmp)
+        else:
+            with atomic_output(output, force=force) as tmp:
+                written = _write_model(ckpt, plan, layout, tmp, compute, target, progress, shard_limit is None)
+                config_changes = _write_config(ckpt, tmp, out_dtype, plan.untie)
+                for path in iter_plain_files(folder, ckpt.weight_files | {"config.json", RECIPE_NAME}):
+                    dest = tmp / path.relative_to(folder)
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(path, dest)
+                recipe = _recipe(folder, ckpt, loaded, weight_list, method, policy, seed, params, out_dtype,
+                                 shard_limit, tied_embeddings_mode, plan, config_changes, merge_report)
+                (tmp / RECIPE_NAME).write_text(json.dumps(recipe, indent=2) + "\n")
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
             raise WriteFailed(f"{output}: no space left on the device while writing the folded model; "
@@ -234,6 +255,53 @@ def fold(
         bytes_written=written, seconds=time.perf_counter() - started, warnings=notes + plan.notes,
         recipe=recipe, merge_report=merge_report,
     )
+
+
+def default_resolver(ckpt: Checkpoint) -> Resolver:
+    """:func:`~loramerge.names.hf_resolver` for a model folder; for a single file, one built from its tensors.
+
+    Example:
+        >>> import tempfile
+        >>> from loramerge.formats.tensorfile import write_safetensors
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> write_safetensors({"fc.weight": torch.zeros(4, 3)}, folder / "model.safetensors")
+        >>> default_resolver(open_checkpoint(folder)) is hf_resolver
+        True
+    """
+    if ckpt.file is None:
+        return hf_resolver
+    from loramerge.single_file import SingleFileResolver
+
+    return SingleFileResolver({name: info.shape for name, info in ckpt.tensors.items()})
+
+
+def _check_family(adapters: Sequence[Adapter], resolver: Resolver, base: Path) -> None:
+    """Refuse an image-generation LoRA for one architecture folded into a checkpoint of another."""
+    from loramerge.formats.sd_names import ARCHITECTURES
+
+    family = getattr(resolver, "family", None)
+    if family is None:
+        return
+    for adapter in adapters:
+        recorded = [a for a in adapter.config.get("architectures") or [] if a in ARCHITECTURES]
+        if recorded and family not in recorded:
+            labels = "/".join(ARCHITECTURES[a].label for a in recorded)
+            raise IncompatibleAdapters(
+                f"{adapter.source or 'adapter'} is a LoRA for {labels}, but {base} is {resolver.describe()}; "
+                "pass --ignore-base-mismatch to fold it anyway"
+            )
+
+
+def single_file_metadata(metadata: dict[str, str], recipe: dict[str, Any]) -> dict[str, str]:
+    """A folded single file's metadata: the base's, less hashes of its old bytes, plus the recipe.
+
+    Example:
+        >>> single_file_metadata({"modelspec.title": "x", "modelspec.hash_sha256": "0x12"}, {"tool": "loramerge"})
+        {'modelspec.title': 'x', 'loramerge': '{"tool": "loramerge"}'}
+    """
+    kept = {k: v for k, v in metadata.items() if "hash" not in k.lower() and k != RECIPE_KEY}
+    kept[RECIPE_KEY] = json.dumps(recipe)
+    return kept
 
 
 def _as_list(adapters: Adapter | str | Path | Sequence[Adapter | str | Path]) -> list[Adapter | str | Path]:
@@ -352,7 +420,8 @@ def _place(ckpt: Checkpoint, resolver: Resolver, path: str, lookup: set[str], ti
     targets = as_targets(found)
     missing = [t.name for t in targets or [] if t.name not in lookup]
     if targets is None or missing:
-        close = nearest(missing[0] if missing else path, lookup)
+        suggest = getattr(resolver, "nearest", None)
+        close = suggest(path) if suggest is not None and not missing else nearest(missing[0] if missing else path, lookup)
         hint = f"; nearest: {', '.join(close)}" if close else ""
         raise IncompatibleAdapters(f"{label}: {what} {module} not found in the base model "
                                    f"(no tensor {missing[0] if missing else path}){hint}")
@@ -365,7 +434,9 @@ def _place(ckpt: Checkpoint, resolver: Resolver, path: str, lookup: set[str], ti
             return [(found, None, False)]
         return [(found, None, _orientation(found, shape, lowrank, ckpt.config, label, module))]
     out = shape_of_update[0] if shape_of_update else 1
+    kind = f"a {lowrank.kind} update" if lowrank is not None else "a tensor"
     placed = []
+    places = []
     covered = 0
     for target in targets:
         shape = _tensor_shape(ckpt, target.name, tie)
@@ -379,17 +450,17 @@ def _place(ckpt: Checkpoint, resolver: Resolver, path: str, lookup: set[str], ti
             fits = (source >= 0 and start >= 0 and size > 0 and source + size <= out and len(shape) >= 1
                     and start + size <= shape[0] and (not whole or out == shape[0])
                     and _same_trailing(tuple(shape[1:]), shape_of_update[1:]))
+        where = "" if whole else f" (rows {start}:{start + size} for this module)"
         if not fits:
-            where = "" if whole else f" (rows {start}:{start + size} for this module)"
-            kind = f"a {lowrank.kind} update" if lowrank is not None else "a tensor"
             raise IncompatibleAdapters(f"{label}: {what} {module} has {kind} of shape {shape_of_update} but base "
                                        f"tensor {target.name} has shape {tuple(shape)}{where}")
         rows = None if flip or (source == 0 and start == 0 and size == out == shape[0]) else (source, start, size)
         placed.append((target.name, rows, flip))
+        places.append(f"{target.name} of shape {tuple(shape)}{where}")
         covered += size
     if covered != out:
-        raise IncompatibleAdapters(f"{label}: {what} {module} has {out} rows but its places in the base model "
-                                   f"({', '.join(t.name for t in targets)}) hold {covered}")
+        raise IncompatibleAdapters(f"{label}: {what} {module} has {kind} of shape {shape_of_update} but its place in "
+                                   f"the base model holds {covered} of its {out} rows: {'; '.join(places)}")
     return placed
 
 
@@ -563,7 +634,7 @@ def _layout(ckpt: Checkpoint, plan: FoldPlan, out_dtype: torch.dtype | None, lim
     packed = pack_shards([e for e, _ in flat], limit)
     meta = groups[0][2] if groups else {"format": "pt"}
     return [OutShard(name, group, {e.name: sources[e.name] for e in group}, meta)
-            for name, group in zip(shard_names(len(packed)), packed)]
+            for name, group in zip(shard_names(len(packed), ckpt.shard_stem), packed)]
 
 
 def _check_space(output: Path, layout: list[OutShard]) -> None:
@@ -583,7 +654,8 @@ def _check_space(output: Path, layout: list[OutShard]) -> None:
 
 
 def _write_model(ckpt: Checkpoint, plan: FoldPlan, layout: list[OutShard], tmp: Path, compute: torch.dtype,
-                 device: torch.device, progress: bool, keep_index: bool = True) -> int:
+                 device: torch.device, progress: bool, keep_index: bool = True, file: Path | None = None) -> int:
+    """Write the layout's shards into folder ``tmp`` (or its one shard to ``file``) and, when sharded, the index."""
     total = sum(e.nbytes for shard in layout for e in shard.entries)
     weight_map: dict[str, str] = {}
     written = 0
@@ -591,7 +663,7 @@ def _write_model(ckpt: Checkpoint, plan: FoldPlan, layout: list[OutShard], tmp: 
     with one_core_spare(), tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="fold", disable=not progress) as bar:
         for number, shard in enumerate(layout, 1):
             bar.set_postfix_str(f"shard {number}/{len(layout)}")
-            with ShardWriter(tmp / shard.name, shard.entries, shard.metadata, background=True) as writer:
+            with ShardWriter(file or tmp / shard.name, shard.entries, shard.metadata, background=True) as writer:
                 for entry in shard.entries:
                     source = shard.sources[entry.name]
                     updates = plan.updates.get(entry.name)
@@ -606,13 +678,14 @@ def _write_model(ckpt: Checkpoint, plan: FoldPlan, layout: list[OutShard], tmp: 
                     bar.update(entry.nbytes)
             if ckpt.pickled:
                 ckpt.release()
-    if len(layout) > 1 or (ckpt.index_file is not None and keep_index):
+    if file is None and (len(layout) > 1 or (ckpt.index_file is not None and keep_index)):
         metadata = {k: v for k, v in ckpt.index_metadata.items() if k not in ("total_size", "total_parameters")}
         metadata["total_size"] = total
         if "total_parameters" in ckpt.index_metadata:
             metadata["total_parameters"] = sum(math.prod(e.shape) for s in layout for e in s.entries)
         index = {"metadata": metadata, "weight_map": weight_map}
-        (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        index_name = ckpt.index_file.name if ckpt.index_file is not None else f"{ckpt.shard_stem}.safetensors.index.json"
+        (tmp / index_name).write_text(json.dumps(index, indent=2) + "\n")
     return written
 
 
@@ -903,6 +976,9 @@ def _recipe(folder: Path, ckpt: Checkpoint, adapters: Sequence[Adapter], weights
     if previous.is_file():
         with contextlib.suppress(ValueError, UnicodeDecodeError):
             recipe["base"]["recipe"] = json.loads(previous.read_text())
+    elif ckpt.file is not None and RECIPE_KEY in ckpt.shard_metadata.get(ckpt.file, {}):
+        with contextlib.suppress(ValueError):
+            recipe["base"]["recipe"] = json.loads(ckpt.shard_metadata[ckpt.file][RECIPE_KEY])
     if merge_report is not None:
         recipe["merge"] = {"totals": merge_report.totals()}
     return recipe

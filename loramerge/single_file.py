@@ -35,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Collection, Mapping
 
@@ -182,13 +183,19 @@ class SingleFileResolver:
                     break
 
     def describe(self) -> str:
-        """What the resolver found, for error messages ('an SDXL checkpoint (UNet, 2 text encoders)')."""
-        label = ARCHITECTURES[self.family].label if self.family else "an unrecognised"
+        """What the checkpoint is, for messages: 'a single-file SDXL checkpoint (UNet, text_encoder, text_encoder_2)'."""
         parts = [p for p, found in (("UNet", any(m.startswith("unet.") for m in self.modules)),
                                     ("transformer", any(m.startswith("transformer.") for m in self.modules)))
                  if found]
-        parts += [c for c in self.components]
-        return f"{label} checkpoint ({', '.join(parts) or 'no known components'})"
+        parts += list(self.components)
+        label = ARCHITECTURES[self.family].label if self.family else "unrecognised"
+        return f"a single-file {label} checkpoint ({', '.join(parts) or 'no known components'})"
+
+    def nearest(self, path: str, count: int = 3) -> list[str]:
+        """The known modules most like ``path``, each with its tensor in the checkpoint, for 'did you mean'."""
+        module = path.rpartition(".")[0]
+        close = difflib.get_close_matches(module, list(self.modules), n=count, cutoff=0.6)
+        return [f"{m} ({self.modules[m][0][0]}.weight)" for m in close]
 
 
 def infer_unet_spec(shapes: Mapping[str, Shape]) -> UNetSpec | None:
