@@ -33,8 +33,8 @@ import math
 import shutil
 import time
 import warnings
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from loramerge.adapter import Adapter, LowRank
 from loramerge.checkpoint import (
     FLOAT_CODES,
+    WEIGHT_SUFFIXES,
     Checkpoint,
     OutEntry,
     ShardWriter,
@@ -58,22 +59,33 @@ from loramerge.checkpoint import (
 )
 from loramerge.devices import dtype_name, one_core_spare, parse_dtype, resolve_device
 from loramerge.errors import (
+    CorruptFile,
     IncompatibleAdapters,
     InvalidParameter,
     LoramergeWarning,
     NonFiniteValues,
+    SourceNotFound,
     UnsupportedAdapter,
     WriteFailed,
 )
 from loramerge.linalg import RankPolicy
 from loramerge.merge import merge
-from loramerge.names import Resolver, as_targets, hf_resolver, nearest, stored_transposed, tied_embeddings
+from loramerge.names import (
+    Resolver,
+    ResolverResult,
+    as_targets,
+    hf_resolver,
+    nearest,
+    stored_transposed,
+    tied_embeddings,
+)
 from loramerge.output import atomic_output, check_output
 from loramerge.report import MergeReport
 from loramerge.sources import load, resolve_model
 
 RECIPE_NAME = "loramerge.json"
 RECIPE_KEY = "loramerge"  # metadata key of the recipe in a folded single file
+PIPELINE_INDEX = "model_index.json"  # a diffusers pipeline folder: one model folder per component
 TIED_MODES = ("refuse", "untie", "shared")
 # Elements per block of maths and per write: 2 MB of float32. Small blocks stay in cache between
 # the conversion, the update and the writer's copy; on the 3.2 GB benchmark 512K-element blocks
@@ -192,17 +204,27 @@ def fold(
     shard_limit = parse_size(shard_size)
     target = resolve_device(device)
 
-    single = Path(base).expanduser().is_file()
+    base_path = Path(base).expanduser()
+    single = base_path.is_file()
     if single and shard_limit is not None:
         raise InvalidParameter(f"{base}: a single-file checkpoint is written as one file; drop --shard-size")
-    folder = Path(base).expanduser() if single else resolve_model(base)
-    ckpt = open_checkpoint(folder, allow_pickle=allow_pickle)
+    folder = base_path if single else resolve_model(base)
+    pipeline = not single and (folder / PIPELINE_INDEX).is_file()
     loaded = [load(s, allow_pickle=allow_pickle) for s in sources]
-    notes = _check_bases(loaded, folder, ckpt.config, strict)
-    if resolver is None:
-        resolver = default_resolver(ckpt)
+    ckpt: Checkpoint | None = None
+    if pipeline:
+        index = _read_pipeline_index(folder)
+        notes = _check_bases(loaded, folder, {"_name_or_path": index.get("_name_or_path")}, strict)
+        families, described = _pipeline_family(index), f"a diffusers {index.get('_class_name', 'pipeline')} folder"
+    else:
+        ckpt = open_checkpoint(folder, allow_pickle=allow_pickle)
+        notes = _check_bases(loaded, folder, ckpt.config, strict)
+        if resolver is None:
+            resolver = default_resolver(ckpt)
+        family = getattr(resolver, "family", None)
+        families, described = ([family] if family else None), getattr(resolver, "describe", lambda: "")()
     if not ignore_base_mismatch:
-        _check_family(loaded, resolver, folder)
+        _check_family(loaded, families, f"{folder} is {described}")
 
     policy = RankPolicy(rank=rank, energy=energy, max_error=max_error, rank_max=rank_max)
     merge_report = None
@@ -218,16 +240,18 @@ def fold(
                                      "which applies them one after another") from None
         merge_report = merged.report
         units = [(merged, 1.0)]
+    job = _Job(Path(output), force, weight_list, method, policy, seed, params, out_dtype, shard_limit,
+               tied_embeddings_mode, compute, target, progress, merge_report)
 
-    plan = plan_fold(ckpt, units, resolver=resolver, tied_mode=tied_embeddings_mode)
-    layout = _layout(ckpt, plan, out_dtype, shard_limit)
-    _check_space(Path(output), layout)
-
-    written = 0
     try:
+        if pipeline:
+            return _fold_pipeline(folder, index, units, loaded, job, resolver, allow_pickle, notes, started)
+        assert ckpt is not None and resolver is not None
+        plan = plan_fold(ckpt, units, resolver=resolver, tied_mode=tied_embeddings_mode)
+        layout = _layout(ckpt, plan, out_dtype, shard_limit)
+        _check_space(Path(output), layout)
         if single:
-            recipe = _recipe(folder, ckpt, loaded, weight_list, method, policy, seed, params, out_dtype, None,
-                             tied_embeddings_mode, plan, {}, merge_report)
+            recipe = _recipe(job, _base_info(folder, ckpt), loaded, sorted(plan.updates), plan.notes, {})
             layout[0].metadata = single_file_metadata(layout[0].metadata, recipe)
             with atomic_output(output, force=force, directory=False) as tmp:
                 written = _write_model(ckpt, plan, layout, tmp.parent, compute, target, progress, file=tmp)
@@ -239,8 +263,8 @@ def fold(
                     dest = tmp / path.relative_to(folder)
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(path, dest)
-                recipe = _recipe(folder, ckpt, loaded, weight_list, method, policy, seed, params, out_dtype,
-                                 shard_limit, tied_embeddings_mode, plan, config_changes, merge_report)
+                recipe = _recipe(job, _base_info(folder, ckpt), loaded, sorted(plan.updates), plan.notes,
+                                 config_changes)
                 (tmp / RECIPE_NAME).write_text(json.dumps(recipe, indent=2) + "\n")
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
@@ -249,11 +273,194 @@ def fold(
         raise WriteFailed(f"{output}: could not write the folded model ({exc.strerror or exc}); "
                           "nothing was written") from None
     finally:
-        ckpt.release()
+        if ckpt is not None:
+            ckpt.release()
     return FoldResult(
         path=Path(output), changed=sorted(plan.updates), modules=plan.module_count, shards=len(layout),
         bytes_written=written, seconds=time.perf_counter() - started, warnings=notes + plan.notes,
         recipe=recipe, merge_report=merge_report,
+    )
+
+
+@dataclass
+class _Job:
+    """The settings of one fold, as the writers and the recipe need them."""
+
+    output: Path
+    force: bool
+    weights: list[float]
+    method: str
+    policy: RankPolicy
+    seed: int
+    params: dict[str, Any]
+    out_dtype: torch.dtype | None
+    shard_limit: int | None
+    tied_mode: str
+    compute: torch.dtype
+    device: torch.device
+    progress: bool
+    merge_report: MergeReport | None
+
+
+# ---------------------------------------------------------------------------------- pipelines
+
+
+def _read_pipeline_index(folder: Path) -> dict[str, Any]:
+    path = folder / PIPELINE_INDEX
+    try:
+        index = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptFile(f"{path}: invalid JSON ({exc})") from None
+    if not isinstance(index, dict):
+        raise CorruptFile(f"{path}: expected a JSON object")
+    return index
+
+
+def _pipeline_family(index: dict[str, Any]) -> list[str] | None:
+    """The architectures a diffusers pipeline class stands for (None: one the name tables do not cover)."""
+    name = str(index.get("_class_name", ""))
+    if name.startswith("StableDiffusionXL"):
+        return ["sdxl"]
+    if name.startswith("StableDiffusion") and not name.startswith("StableDiffusion3"):
+        return ["sd1", "sd2"]
+    if name.startswith("Flux"):
+        return ["flux"]
+    return None
+
+
+def pipeline_components(folder: Path, index: dict[str, Any]) -> list[str]:
+    """The components of a diffusers pipeline folder that are model folders (have a config.json).
+
+    Example:
+        >>> import tempfile
+        >>> root = Path(tempfile.mkdtemp())
+        >>> for name in ("unet", "scheduler"):
+        ...     (root / name).mkdir()
+        >>> _ = (root / "unet" / "config.json").write_text("{}")
+        >>> pipeline_components(root, {"_class_name": "X", "unet": ["diffusers", "U"], "scheduler": ["diffusers", "S"]})
+        ['unet']
+    """
+    return [name for name, value in index.items()
+            if not name.startswith("_") and isinstance(value, list) and (folder / name / "config.json").is_file()]
+
+
+def component_resolver(path: str, names: Collection[str]) -> ResolverResult:
+    """:func:`~loramerge.names.hf_resolver` inside one pipeline component, with or without CLIP's ``text_model.``.
+
+    Example:
+        >>> component_resolver("text_model.encoder.layers.0.mlp.fc1.weight", {"encoder.layers.0.mlp.fc1.weight"})
+        'encoder.layers.0.mlp.fc1.weight'
+    """
+    found = hf_resolver(path, names)
+    if found is None:
+        other = path.removeprefix("text_model.") if path.startswith("text_model.") else "text_model." + path
+        found = hf_resolver(other, names)
+    return found
+
+
+def split_by_component(adapter: Adapter, components: Sequence[str], where: Path) -> dict[str, Adapter]:
+    """The adapter's modules per pipeline component, named inside the component (``unet.x`` → ``x``).
+
+    Example:
+        >>> ad = Adapter({"unet.fc": LowRank(torch.ones(1, 2), torch.ones(3, 1))})
+        >>> {c: a.modules for c, a in split_by_component(ad, ["unet", "vae"], Path("p")).items()}
+        {'unet': ['fc']}
+    """
+    parts: dict[str, tuple[dict[str, LowRank], dict[str, torch.Tensor]]] = {}
+
+    def owner(name: str) -> tuple[str, str]:
+        component, _, rest = name.partition(".")
+        if component not in components or not rest:
+            raise IncompatibleAdapters(
+                f"{adapter.source or 'adapter'}: module {name} belongs to no model of the pipeline {where} "
+                f"({', '.join(components)})"
+            )
+        return component, rest
+
+    for module, lowrank in adapter.layers.items():
+        component, rest = owner(module)
+        parts.setdefault(component, ({}, {}))[0][rest] = lowrank
+    for key, value in adapter.full_weights.items():
+        component, rest = owner(key)
+        parts.setdefault(component, ({}, {}))[1][rest] = value
+    return {c: replace(adapter, layers=layers, full_weights=full) for c, (layers, full) in parts.items()}
+
+
+def _fold_pipeline(folder: Path, index: dict[str, Any], units: Sequence[tuple[Adapter, float]],
+                   loaded: Sequence[Adapter], job: _Job, resolver: Resolver | None, allow_pickle: bool,
+                   notes: list[str], started: float) -> FoldResult:
+    """Fold into a diffusers pipeline folder: each touched component folded as its own model folder.
+
+    Components no adapter touches are copied as they are (converted when ``dtype`` asks for it);
+    scheduler, tokenizer and other files are copied; ``loramerge.json`` sits at the top.
+    """
+    components = pipeline_components(folder, index)
+    per_component: dict[str, list[tuple[Adapter, float]]] = {}
+    for adapter, weight in units:
+        for component, part in split_by_component(adapter, components, folder).items():
+            per_component.setdefault(component, []).append((part, weight))
+    opened: dict[str, Checkpoint] = {}
+    plans: dict[str, FoldPlan] = {}
+    layouts: dict[str, list[OutShard]] = {}
+    kept: list[str] = []
+    for component in components:
+        touched = component in per_component
+        if not touched and job.out_dtype is None:
+            kept.append(component)
+            continue
+        try:
+            ckpt = open_checkpoint(folder / component, allow_pickle=allow_pickle)
+        except SourceNotFound:
+            if touched:
+                raise
+            kept.append(component)  # no weights this tool reads (variants only, say): copied untouched
+            notes.append(f"{component}: weights kept as they are (not in a layout fold reads)")
+            continue
+        opened[component] = ckpt
+        plans[component] = plan_fold(ckpt, per_component.get(component, []), resolver=resolver or component_resolver,
+                                     tied_mode=job.tied_mode)
+        layouts[component] = _layout(ckpt, plans[component], job.out_dtype, job.shard_limit)
+    _check_space(job.output, [shard for layout in layouts.values() for shard in layout])
+    changed = sorted(f"{c}.{name}" for c, plan in plans.items() for name in plan.updates)
+    plan_notes = [f"{c}: {note}" for c, plan in plans.items() for note in plan.notes]
+    written = 0
+    config_changes: dict[str, Any] = {}
+    try:
+        with atomic_output(job.output, force=job.force) as tmp:
+            for component, ckpt in opened.items():
+                (tmp / component).mkdir()
+                written += _write_model(ckpt, plans[component], layouts[component], tmp / component, job.compute,
+                                        job.device, job.progress, job.shard_limit is None)
+                change = _write_config(ckpt, tmp / component, job.out_dtype, plans[component].untie)
+                if change:
+                    config_changes[component] = change
+            for path in sorted(folder.rglob("*")):
+                rel = path.relative_to(folder)
+                if not path.is_file() or any(p.startswith(".") for p in rel.parts) or rel.as_posix() == RECIPE_NAME:
+                    continue
+                component = rel.parts[0] if len(rel.parts) > 1 else ""
+                if component in opened and (rel.parts[1:] == ("config.json",) or path.name.endswith(WEIGHT_SUFFIXES)
+                                            or path.name.endswith(".index.json")):
+                    if path.name not in opened[component].weight_files and rel.parts[1:] != ("config.json",):
+                        plan_notes.append(f"{rel}: left out (not the weights that were folded)")
+                    continue
+                dest = tmp / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, dest)
+            info = {"source": str(folder), "name_or_path": index.get("_name_or_path"),
+                    "files": {PIPELINE_INDEX: file_sha256(folder / PIPELINE_INDEX)},
+                    "shards": {f"{c}/{p.name}": p.stat().st_size for c, ck in opened.items() for p in ck.shards},
+                    "kept": kept}
+            recipe = _recipe(job, info, loaded, changed, plan_notes, config_changes)
+            (tmp / RECIPE_NAME).write_text(json.dumps(recipe, indent=2) + "\n")
+    finally:
+        for ckpt in opened.values():
+            ckpt.release()
+    return FoldResult(
+        path=job.output, changed=changed, modules=sum(p.module_count for p in plans.values()),
+        shards=sum(len(layout) for layout in layouts.values()), bytes_written=written,
+        seconds=time.perf_counter() - started, warnings=notes + plan_notes, recipe=recipe,
+        merge_report=job.merge_report,
     )
 
 
@@ -275,19 +482,18 @@ def default_resolver(ckpt: Checkpoint) -> Resolver:
     return SingleFileResolver({name: info.shape for name, info in ckpt.tensors.items()})
 
 
-def _check_family(adapters: Sequence[Adapter], resolver: Resolver, base: Path) -> None:
-    """Refuse an image-generation LoRA for one architecture folded into a checkpoint of another."""
+def _check_family(adapters: Sequence[Adapter], families: Sequence[str] | None, described: str) -> None:
+    """Refuse an image-generation LoRA for one architecture folded into a model of another."""
     from loramerge.formats.sd_names import ARCHITECTURES
 
-    family = getattr(resolver, "family", None)
-    if family is None:
+    if not families:
         return
     for adapter in adapters:
         recorded = [a for a in adapter.config.get("architectures") or [] if a in ARCHITECTURES]
-        if recorded and family not in recorded:
+        if recorded and not set(recorded) & set(families):
             labels = "/".join(ARCHITECTURES[a].label for a in recorded)
             raise IncompatibleAdapters(
-                f"{adapter.source or 'adapter'} is a LoRA for {labels}, but {base} is {resolver.describe()}; "
+                f"{adapter.source or 'adapter'} is a LoRA for {labels}, but {described}; "
                 "pass --ignore-base-mismatch to fold it anyway"
             )
 
@@ -940,45 +1146,49 @@ def source_fingerprint(adapter: Adapter) -> dict[str, str]:
     return {p.name: file_sha256(p) for p in files if p.suffix in (".json", ".safetensors", ".bin")}
 
 
-def _recipe(folder: Path, ckpt: Checkpoint, adapters: Sequence[Adapter], weights: list[float], method: str,
-            policy: RankPolicy, seed: int, params: dict[str, Any], out_dtype: torch.dtype | None,
-            shard_limit: int | None, tied_mode: str, plan: FoldPlan, config_changes: dict[str, Any],
-            merge_report: MergeReport | None) -> dict[str, Any]:
+def _base_info(folder: Path, ckpt: Checkpoint) -> dict[str, Any]:
+    """The base model's part of the recipe: where it came from and fingerprints of its small files."""
+    info: dict[str, Any] = {
+        "source": str(folder),
+        "name_or_path": ckpt.config.get("_name_or_path"),
+        "files": {p.name: file_sha256(p) for p in (folder / "config.json", ckpt.index_file) if p and p.is_file()},
+        "shards": {p.name: p.stat().st_size for p in ckpt.shards},
+    }
+    previous = folder / RECIPE_NAME
+    if previous.is_file():
+        with contextlib.suppress(ValueError, UnicodeDecodeError):
+            info["recipe"] = json.loads(previous.read_text())
+    elif ckpt.file is not None and RECIPE_KEY in ckpt.shard_metadata.get(ckpt.file, {}):
+        with contextlib.suppress(ValueError):
+            info["recipe"] = json.loads(ckpt.shard_metadata[ckpt.file][RECIPE_KEY])
+    return info
+
+
+def _recipe(job: _Job, base_info: dict[str, Any], adapters: Sequence[Adapter], changed: list[str], notes: list[str],
+            config_changes: dict[str, Any]) -> dict[str, Any]:
     from loramerge import __version__
 
-    base_files = {p.name: file_sha256(p) for p in (folder / "config.json", ckpt.index_file) if p and p.is_file()}
+    policy = job.policy
     policy_fields = {"rank": policy.rank, "energy": policy.energy, "max_error": policy.max_error,
                      "rank_max": policy.rank_max}
     recipe: dict[str, Any] = {
         "tool": "loramerge",
         "version": __version__,
         "command": "fold",
-        "base": {
-            "source": str(folder),
-            "name_or_path": ckpt.config.get("_name_or_path"),
-            "files": base_files,
-            "shards": {p.name: p.stat().st_size for p in ckpt.shards},
-        },
+        "base": base_info,
         "adapters": [
             {"source": a.source, "base_model": a.base_model, "weight": w, "modules": len(a), "files": source_fingerprint(a)}
-            for a, w in zip(adapters, weights)
+            for a, w in zip(adapters, job.weights)
         ],
-        "method": method,
-        "parameters": {**{k: v for k, v in policy_fields.items() if v is not None}, "seed": seed, **params},
-        "dtype": dtype_name(out_dtype) if out_dtype is not None else "keep",
-        "shard_size": shard_limit,
-        "tied_embeddings": tied_mode,
+        "method": job.method,
+        "parameters": {**{k: v for k, v in policy_fields.items() if v is not None}, "seed": job.seed, **job.params},
+        "dtype": dtype_name(job.out_dtype) if job.out_dtype is not None else "keep",
+        "shard_size": job.shard_limit,
+        "tied_embeddings": job.tied_mode,
         "config_changes": config_changes,
-        "changed_tensors": sorted(plan.updates),
-        "notes": plan.notes,
+        "changed_tensors": changed,
+        "notes": notes,
     }
-    previous = folder / RECIPE_NAME
-    if previous.is_file():
-        with contextlib.suppress(ValueError, UnicodeDecodeError):
-            recipe["base"]["recipe"] = json.loads(previous.read_text())
-    elif ckpt.file is not None and RECIPE_KEY in ckpt.shard_metadata.get(ckpt.file, {}):
-        with contextlib.suppress(ValueError):
-            recipe["base"]["recipe"] = json.loads(ckpt.shard_metadata[ckpt.file][RECIPE_KEY])
-    if merge_report is not None:
-        recipe["merge"] = {"totals": merge_report.totals()}
+    if job.merge_report is not None:
+        recipe["merge"] = {"totals": job.merge_report.totals()}
     return recipe

@@ -366,6 +366,59 @@ def test_two_loras_fold_as_their_weighted_sum(tmp_path):
     assert_state_close(read_all(tmp_path / "svd.safetensors"), expected_state("sdxl", components, total), rtol=1e-5)
 
 
+# ------------------------------------------------------------------------------ diffusers pipeline folders
+
+_PIPELINES = {"sd1": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "flux": "FluxPipeline"}
+
+
+def write_pipeline(folder, kind: str, components) -> None:
+    """A diffusers pipeline folder as save_pretrained lays it out (model folders, a scheduler, model_index.json)."""
+    index = {"_class_name": _PIPELINES[kind], "_diffusers_version": diffusers.__version__,
+             "scheduler": ["diffusers", "EulerDiscreteScheduler"]}
+    for name, model in components.items():
+        model.save_pretrained(folder / name)
+        library = "transformers" if name.startswith("text_encoder") else "diffusers"
+        index[name] = [library, type(model).__name__]
+    diffusers.EulerDiscreteScheduler().save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(json.dumps(index))
+
+
+def test_fold_into_a_diffusers_pipeline_folder(case, tmp_path):
+    kind, components, _, lora, deltas, _, _ = case
+    write_pipeline(tmp_path / "pipe", kind, components)
+    result = fold(tmp_path / "pipe", lora, output=tmp_path / "out")
+    out = tmp_path / "out"
+    assert (out / "scheduler" / "scheduler_config.json").is_file() and (out / "model_index.json").is_file()
+    assert json.loads((out / "loramerge.json").read_text())["changed_tensors"] == result.changed
+    expected = states(components)
+    for module, delta in deltas.items():
+        expected[f"{module}.weight"] = expected[f"{module}.weight"] + delta.reshape(expected[f"{module}.weight"].shape)
+    for name, model in components.items():
+        loaded = type(model).from_pretrained(out / name).eval()  # diffusers / transformers load the result
+        mine = states({name: loaded})
+        assert_state_close(mine, {k: v for k, v in expected.items() if k.startswith(name + ".")})
+    assert len(result.changed) == sum(1 for k in expected if not torch.equal(expected[k], states(components)[k]))
+
+
+def test_a_pipeline_component_nobody_touches_is_copied_byte_for_byte(tmp_path):
+    components = models("sdxl")
+    write_pipeline(tmp_path / "pipe", "sdxl", components)
+    tensors, _ = kohya_lora("sdxl", components, seed=8, skip=lambda m: not m.startswith("unet."))
+    safetensors.torch.save_file(tensors, str(tmp_path / "unet-only.safetensors"))
+    fold(tmp_path / "pipe", tmp_path / "unet-only.safetensors", output=tmp_path / "out")
+    for name in ("text_encoder", "text_encoder_2"):
+        for file in (tmp_path / "pipe" / name).iterdir():
+            assert (tmp_path / "out" / name / file.name).read_bytes() == file.read_bytes()
+    sdxl_lora = tmp_path / "unet-only.safetensors"
+    flux_pipe = tmp_path / "flux"
+    write_pipeline(flux_pipe, "flux", models("flux"))
+    with pytest.raises(IncompatibleAdapters, match="is a LoRA for SDXL, but .* is a diffusers FluxPipeline folder"):
+        fold(flux_pipe, sdxl_lora, output=tmp_path / "bad")
+    with pytest.raises(IncompatibleAdapters, match=r"module unet\..* belongs to no model of the pipeline"):
+        fold(flux_pipe, sdxl_lora, output=tmp_path / "bad", ignore_base_mismatch=True)
+    assert not (tmp_path / "bad").exists()
+
+
 # ------------------------------------------------------------------------------------ name inference
 
 
