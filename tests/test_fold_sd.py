@@ -412,7 +412,7 @@ def test_a_pipeline_component_nobody_touches_is_copied_byte_for_byte(tmp_path):
     sdxl_lora = tmp_path / "unet-only.safetensors"
     flux_pipe = tmp_path / "flux"
     write_pipeline(flux_pipe, "flux", models("flux"))
-    with pytest.raises(IncompatibleAdapters, match="is a LoRA for SDXL, but .* is a diffusers FluxPipeline folder"):
+    with pytest.raises(IncompatibleAdapters, match=r"is a LoRA for SDXL, but .* is a diffusers FluxPipeline folder"):
         fold(flux_pipe, sdxl_lora, output=tmp_path / "bad")
     with pytest.raises(IncompatibleAdapters, match=r"module unet\..* belongs to no model of the pipeline"):
         fold(flux_pipe, sdxl_lora, output=tmp_path / "bad", ignore_base_mismatch=True)
@@ -436,6 +436,38 @@ def test_real_sizes_resolve_every_table_module():
         for canonical, original in table.original.items():
             if canonical.startswith("unet."):
                 assert [t.name for t in resolve(f"{canonical}.weight", shapes)] == [f"{container}{original}.weight"]
+
+
+def test_other_single_file_layouts_resolve():
+    """SD 2.x (OpenCLIP-H behind cond_stage_model.model.), a bare UNet file, and ComfyUI's bundled Flux
+    (model.diffusion_model. + text_encoders.clip_l / t5xxl) — names only."""
+    sd2 = {f"{UNET}{o}.weight": s for _, o, s in unet_modules(SD2_UNET)}
+    sd2["cond_stage_model.model.transformer.resblocks.22.attn.in_proj_weight"] = (3072, 1024)
+    sd2["cond_stage_model.model.transformer.resblocks.22.mlp.c_fc.weight"] = (4096, 1024)
+    resolve = SingleFileResolver(sd2)
+    assert resolve.family == "sd2"
+    v = resolve("text_encoder.text_model.encoder.layers.22.self_attn.v_proj.weight", sd2)
+    assert (v.name, v.start, v.size) == ("cond_stage_model.model.transformer.resblocks.22.attn.in_proj_weight", 2048, 1024)
+    assert resolve("text_encoder.text_model.encoder.layers.22.mlp.fc1.weight", sd2).endswith("mlp.c_fc.weight")
+    assert [t.name for t in resolve("unet.mid_block.attentions.0.proj_in.weight", sd2)] == [f"{UNET}middle_block.1.proj_in.weight"]
+    bare = {f"{o}.weight": s for _, o, s in unet_modules(SD1_UNET)}
+    resolve = SingleFileResolver(bare)
+    assert resolve.family is None  # no text encoder, no added embedding: SD 1.x or 2.x cannot be told
+    assert [t.name for t in resolve("unet.up_blocks.3.attentions.2.transformer_blocks.0.ff.net.2.weight", bare)] == [
+        "output_blocks.11.1.transformer_blocks.0.ff.net.2.weight"]
+    flux = ARCHITECTURES["flux"]
+    comfy = {f"{UNET}{o}.weight": flux.shapes[c] for c, o in flux.original.items()}
+    comfy.update({f"{UNET}{o}.weight": flux.kohya[k].shape for k, o in flux.fused_original.items()})
+    comfy["text_encoders.clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.weight"] = (3072, 768)
+    comfy["text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.weight"] = (4096, 4096)
+    resolve = SingleFileResolver(comfy)
+    assert resolve.family == "flux"
+    mlp = resolve("transformer.single_transformer_blocks.37.proj_mlp.weight", comfy)
+    assert [(t.name, t.start, t.size) for t in mlp] == [(f"{UNET}single_blocks.37.linear1.weight", 9216, 12288)]
+    assert resolve("text_encoder.text_model.encoder.layers.0.mlp.fc1.weight", comfy).startswith("text_encoders.clip_l.")
+    assert resolve("text_encoder_2.encoder.block.0.layer.0.SelfAttention.q.weight", comfy).startswith("text_encoders.t5xxl.")
+    # A kohya name no table knows is matched against the flattened checkpoint names.
+    assert resolve("lora_unet_double_blocks_0_img_attn_proj.weight", comfy) == f"{UNET}double_blocks.0.img_attn.proj.weight"
 
 
 # ---------------------------------------------------------------------------------------- bad input
