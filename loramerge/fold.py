@@ -2,7 +2,11 @@
 
 ``fold(base, adapters, output=...)`` writes a new model folder: the same tensor names, sharding
 (or ``shard_size``) and dtypes (or ``dtype``), a rewritten index, every non-weight file copied,
-and a ``loramerge.json`` with the recipe and the sources' fingerprints.
+and a ``loramerge.json`` with the recipe and the sources' fingerprints. Two image-generation
+bases are handled too: a single-file ``.safetensors`` checkpoint (SD/SDXL/Flux; written as one
+file, recipe in its metadata; names resolved by :mod:`loramerge.single_file`, where q/k/v may be
+row slices of a fused weight) and a diffusers pipeline folder (each touched component folded as
+its own model folder).
 
 What is added to each weight, in float32 and rounded once to the stored dtype (PEFT's
 ``merge_and_unload``, see reference/peft.md §3):
@@ -35,6 +39,7 @@ import time
 import warnings
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -465,7 +470,9 @@ def _fold_pipeline(folder: Path, index: dict[str, Any], units: Sequence[tuple[Ad
 
 
 def default_resolver(ckpt: Checkpoint) -> Resolver:
-    """:func:`~loramerge.names.hf_resolver` for a model folder; for a single file, one built from its tensors.
+    """The resolver for a base: :func:`~loramerge.names.hf_resolver` for a model folder, the same inside
+    the component for a diffusers UNet/transformer folder (``unet.x`` → ``x``), and for a single file
+    a :class:`~loramerge.single_file.SingleFileResolver` built from its tensors.
 
     Example:
         >>> import tempfile
@@ -474,12 +481,37 @@ def default_resolver(ckpt: Checkpoint) -> Resolver:
         >>> write_safetensors({"fc.weight": torch.zeros(4, 3)}, folder / "model.safetensors")
         >>> default_resolver(open_checkpoint(folder)) is hf_resolver
         True
+        >>> _ = (folder / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}')
+        >>> default_resolver(open_checkpoint(folder))("unet.fc.weight", {"fc.weight"})
+        'fc.weight'
     """
-    if ckpt.file is None:
-        return hf_resolver
-    from loramerge.single_file import SingleFileResolver
+    if ckpt.file is not None:
+        from loramerge.single_file import SingleFileResolver
 
-    return SingleFileResolver({name: info.shape for name, info in ckpt.tensors.items()})
+        return SingleFileResolver({name: info.shape for name, info in ckpt.tensors.items()})
+    component = diffusers_component(ckpt.config)
+    return hf_resolver if component is None else partial(_inside_component, component)
+
+
+def diffusers_component(config: dict[str, Any]) -> str | None:
+    """The pipeline component a diffusers model folder's config names (``unet``, ``transformer``), if any.
+
+    Example:
+        >>> diffusers_component({"_class_name": "FluxTransformer2DModel"}), diffusers_component({"model_type": "llama"})
+        ('transformer', None)
+    """
+    name = str(config.get("_class_name", ""))
+    if name.startswith("UNet2DConditionModel"):
+        return "unet"
+    if name.endswith("Transformer2DModel"):
+        return "transformer"
+    return None
+
+
+def _inside_component(component: str, path: str, names: Collection[str]) -> ResolverResult:
+    if path.startswith(component + "."):
+        return component_resolver(path[len(component) + 1:], names)
+    return hf_resolver(path, names)
 
 
 def _check_family(adapters: Sequence[Adapter], families: Sequence[str] | None, described: str) -> None:

@@ -409,6 +409,12 @@ def test_a_pipeline_component_nobody_touches_is_copied_byte_for_byte(tmp_path):
     for name in ("text_encoder", "text_encoder_2"):
         for file in (tmp_path / "pipe" / name).iterdir():
             assert (tmp_path / "out" / name / file.name).read_bytes() == file.read_bytes()
+    # The UNet folder alone is a base too: the adapter's unet.… names are looked up inside it.
+    fold(tmp_path / "pipe" / "unet", tmp_path / "unet-only.safetensors", output=tmp_path / "unet")
+    weights = "diffusion_pytorch_model.safetensors"
+    assert read_all(tmp_path / "unet" / weights).keys() == read_all(tmp_path / "out" / "unet" / weights).keys()
+    assert all(torch.equal(v, read_all(tmp_path / "out" / "unet" / weights)[k])
+               for k, v in read_all(tmp_path / "unet" / weights).items())
     sdxl_lora = tmp_path / "unet-only.safetensors"
     flux_pipe = tmp_path / "flux"
     write_pipeline(flux_pipe, "flux", models("flux"))
