@@ -659,7 +659,8 @@ def _place(ckpt: Checkpoint, resolver: Resolver, path: str, lookup: set[str], ti
     missing = [t.name for t in targets or [] if t.name not in lookup]
     if targets is None or missing:
         suggest = getattr(resolver, "nearest", None)
-        close = suggest(path) if suggest is not None and not missing else nearest(missing[0] if missing else path, lookup)
+        close = (suggest(path) if suggest is not None and not missing else []) or \
+            nearest(missing[0] if missing else path, lookup)
         hint = f"; nearest: {', '.join(close)}" if close else ""
         raise IncompatibleAdapters(f"{label}: {what} {module} not found in the base model "
                                    f"(no tensor {missing[0] if missing else path}){hint}")

@@ -79,7 +79,6 @@ class SingleFileResolver:
         self.shapes = {name: tuple(shape) for name, shape in shapes.items()}
         # canonical module → (original module, rows in the original, rows in the module, count); None: all rows
         self.modules: dict[str, list[tuple[str, int, int, int | None]]] = {}
-        self.transposed: set[str] = set()
         self.components: dict[str, str] = {}
         self.family: str | None = None
         self._unet()
@@ -95,8 +94,7 @@ class SingleFileResolver:
             return path
         module, _, leaf = path.rpartition(".")
         if module in self.modules:
-            return [Target(f"{original}.{leaf}", start=src, size=size, source=dst,
-                           transposed=module in self.transposed and leaf == "weight")
+            return [Target(f"{original}.{leaf}", start=src, size=size, source=dst)
                     for original, src, dst, size in self.modules[module]]
         component, _, rest = path.partition(".")
         text = self.components.get(component)
