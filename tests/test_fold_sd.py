@@ -348,6 +348,31 @@ def test_a_diffusers_named_lora_lands_in_fused_and_reordered_rows(case, tmp_path
     assert_state_close(read_all(tmp_path / "out.safetensors"), expected_state(kind, components, deltas))
 
 
+def test_dora_on_a_fused_slice_and_on_the_input_axis(tmp_path):
+    """DoRA (fold only): on CLIP-G's k_proj and v_proj the norms are those of their own rows inside
+    in_proj_weight; an old-LyCORIS (1, in) magnitude normalises columns (of those rows only)."""
+    components = models("sdxl")
+    base = write_checkpoint(tmp_path / "base.safetensors", "sdxl", components)
+    weights = states(components)
+    g = gen(13)
+    k, v = (f"text_encoder_2.text_model.encoder.layers.0.self_attn.{p}_proj" for p in "kv")
+    fc = "text_encoder.text_model.encoder.layers.1.mlp.fc1"
+    tensors, deltas = {}, {}
+    for module, axis in ((k, 1), (v, 0), (fc, 0)):
+        W = weights[f"{module}.weight"]
+        down, up = lora_factors(tuple(W.shape), 2, g)
+        V = W + ref_lora(down, up, None)
+        norms = V.norm(dim=axis, keepdim=True)
+        magnitude = norms * (1 + 0.2 * torch.rand(norms.shape, generator=g, dtype=torch.float64))
+        name = kohya_name("sdxl", module)
+        tensors.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
+                        f"{name}.dora_scale": magnitude.float()})
+        deltas[module] = magnitude.float().double() * V / norms - W
+    safetensors.torch.save_file(tensors, str(tmp_path / "dora.safetensors"))
+    fold(base, tmp_path / "dora.safetensors", output=tmp_path / "out.safetensors")
+    assert_state_close(read_all(tmp_path / "out.safetensors"), expected_state("sdxl", components, deltas), rtol=1e-5)
+
+
 def test_two_loras_fold_as_their_weighted_sum(tmp_path):
     components = models("sdxl")
     base = write_checkpoint(tmp_path / "base.safetensors", "sdxl", components)
