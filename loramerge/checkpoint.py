@@ -1,8 +1,9 @@
 """Hugging Face model checkpoints on disk, read and written one tensor at a time.
 
 A checkpoint is a folder with ``config.json`` and either ``model.safetensors`` or shards listed by
-``model.safetensors.index.json`` (pickle ``pytorch_model*.bin`` only with ``allow_pickle``). Only
-the headers are read up front; a tensor's bytes are read when it is needed, with a plain
+``model.safetensors.index.json`` (diffusers components: ``diffusion_pytorch_model.safetensors``
+and its index; pickle ``pytorch_model*.bin`` only with ``allow_pickle``), or a single
+``.safetensors`` file (an SD/SDXL/Flux single-file checkpoint). Only the headers are read up front; a tensor's bytes are read when it is needed, with a plain
 positioned read rather than a memory map, so the resident memory of a fold or an extraction is
 the tensors in flight, not the shard.
 
@@ -37,6 +38,8 @@ from loramerge.formats.tensorfile import read_json_object, read_safetensors_head
 CONFIG_NAME = "config.json"
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
+DIFFUSERS_SINGLE = "diffusion_pytorch_model.safetensors"
+DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".pkl")
@@ -102,6 +105,9 @@ class TensorInfo:
 class Checkpoint:
     """A model folder's config, shards (in order) and tensor index (name → :class:`TensorInfo`).
 
+    ``file`` is set for a single-file checkpoint: then ``shards`` is that file, ``folder`` its
+    parent and ``config`` empty.
+
     Example:
         >>> import tempfile, torch
         >>> from loramerge.formats.tensorfile import write_safetensors
@@ -120,11 +126,23 @@ class Checkpoint:
     index_metadata: dict[str, Any] = field(default_factory=dict)
     shard_metadata: dict[Path, dict[str, str]] = field(default_factory=dict)
     pickled: bool = False
+    file: Path | None = None
     _pickle_cache: tuple[Path, dict[str, torch.Tensor]] | None = field(default=None, repr=False)
 
     @property
     def names(self) -> list[str]:
         return list(self.tensors)
+
+    @property
+    def location(self) -> Path:
+        """The path the checkpoint was opened from: its folder, or the single file."""
+        return self.file or self.folder
+
+    @property
+    def shard_stem(self) -> str:
+        """``model``, or ``diffusion_pytorch_model`` for a diffusers component: the stem of new shard names."""
+        first = self.shards[0].name if self.shards else ""
+        return "diffusion_pytorch_model" if first.startswith("diffusion_pytorch_model") else "model"
 
     @property
     def weight_files(self) -> set[str]:
@@ -211,24 +229,32 @@ class Checkpoint:
 
 
 def open_checkpoint(folder: str | Path, *, allow_pickle: bool = False) -> Checkpoint:
-    """Read the layout of the model checkpoint in ``folder`` (headers only).
+    """Read the layout of the model checkpoint in ``folder``, or of a single ``.safetensors`` file (headers only).
 
     Refuses, naming the file: a folder without weights, an index naming a missing shard or a
     tensor its shard lacks, a truncated shard, and pickle weights unless ``allow_pickle``.
     """
     folder = Path(folder)
+    if folder.is_file():
+        if folder.suffix != ".safetensors":
+            raise SourceNotFound(f"{folder}: a single-file checkpoint must be a .safetensors file")
+        ckpt = Checkpoint(folder.parent, {}, [folder], {}, file=folder)
+        _index_safetensors(ckpt, None)
+        return ckpt
     if not folder.is_dir():
         raise SourceNotFound(f"{folder}: not a model folder")
     config = _read_config(folder)
-    if (folder / SAFE_INDEX).is_file():
-        shards, index_meta, weight_map = _read_index(folder / SAFE_INDEX)
-        ckpt = Checkpoint(folder, config, shards, {}, index_file=folder / SAFE_INDEX, index_metadata=index_meta)
-        _index_safetensors(ckpt, weight_map)
-        return ckpt
-    if (folder / SAFE_SINGLE).is_file():
-        ckpt = Checkpoint(folder, config, [folder / SAFE_SINGLE], {})
-        _index_safetensors(ckpt, None)
-        return ckpt
+    for index_name in (SAFE_INDEX, DIFFUSERS_INDEX):
+        if (folder / index_name).is_file():
+            shards, index_meta, weight_map = _read_index(folder / index_name)
+            ckpt = Checkpoint(folder, config, shards, {}, index_file=folder / index_name, index_metadata=index_meta)
+            _index_safetensors(ckpt, weight_map)
+            return ckpt
+    for single_name in (SAFE_SINGLE, DIFFUSERS_SINGLE):
+        if (folder / single_name).is_file():
+            ckpt = Checkpoint(folder, config, [folder / single_name], {})
+            _index_safetensors(ckpt, None)
+            return ckpt
     pickle_index = folder / PICKLE_INDEX
     if pickle_index.is_file() or (folder / PICKLE_SINGLE).is_file():
         where = pickle_index if pickle_index.is_file() else folder / PICKLE_SINGLE
@@ -574,16 +600,18 @@ def pack_shards(entries: list[OutEntry], limit: int) -> list[list[OutEntry]]:
     return [g for g in groups if g] or [[]]
 
 
-def shard_names(count: int) -> list[str]:
+def shard_names(count: int, stem: str = "model") -> list[str]:
     """transformers' shard names: ``model.safetensors`` alone, else ``model-0000i-of-0000n.safetensors``.
 
     Example:
         >>> shard_names(2)
         ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors']
+        >>> shard_names(1, "diffusion_pytorch_model")
+        ['diffusion_pytorch_model.safetensors']
     """
     if count == 1:
-        return [SAFE_SINGLE]
-    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        return [f"{stem}.safetensors"]
+    return [f"{stem}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
 def safetensors_name(shard: Path) -> str:

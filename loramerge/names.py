@@ -6,7 +6,10 @@ Everything that knows how a Hugging Face checkpoint names its tensors lives here
   checkpoint's tensor name, tolerating the usual prefix mismatch between an adapter trained on
   the inner model (``layers.0…``) or the task model (``model.layers.0…``) and the checkpoint.
   A fold takes any function of the same signature (:data:`Resolver`), so another naming scheme
-  (a single-file image model, say) plugs in without touching the fold.
+  plugs in without touching the fold. A resolver may answer with :class:`Target` values instead
+  of a name: a row slice of a fused tensor (q, k and v inside one ``in_proj_weight``), several
+  slices, or a weight stored transposed (:mod:`loramerge.single_file` does this for SD/SDXL/Flux
+  single-file checkpoints).
 - :func:`tied_embeddings` finds the input embedding that ``lm_head`` shares.
 - :func:`stored_transposed` says whether a 2-D weight is stored ``(in, out)`` (GPT-2's Conv1D).
 """
@@ -14,11 +17,57 @@ Everything that knows how a Hugging Face checkpoint names its tensors lives here
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-Resolver = Callable[[str, Collection[str]], "str | None"]
-"""``resolver(parameter_path, tensor_names) -> tensor name or None``."""
+
+@dataclass(frozen=True)
+class Target:
+    """Where a module's update (or part of it) goes in a checkpoint.
+
+    Rows ``[source, source + size)`` of the update, in its ``(out, in…)`` orientation, are added
+    to rows ``[start, start + size)`` of tensor ``name``; ``size=None`` means every row of the
+    update. For a bias the rows are its entries. ``transposed`` means the tensor stores the weight
+    as ``(in, out)`` (OpenCLIP's ``text_projection``); it applies to whole tensors only.
+
+    Example:
+        >>> q = Target("attn.in_proj_weight", start=0, size=8)       # q: the first 8 rows
+        >>> v = Target("attn.in_proj_weight", start=16, size=8)      # v: the last 8 of 24
+        >>> q.rows(8), v.rows(8)
+        ((0, 0, 8), (0, 16, 8))
+    """
+
+    name: str
+    start: int = 0
+    size: int | None = None
+    source: int = 0
+    transposed: bool = False
+
+    def rows(self, update_rows: int) -> tuple[int, int, int]:
+        """``(source, start, size)`` with ``size`` filled in from the update's row count."""
+        return self.source, self.start, update_rows - self.source if self.size is None else self.size
+
+
+ResolverResult = str | Target | Sequence[Target] | None
+Resolver = Callable[[str, Collection[str]], ResolverResult]
+"""``resolver(parameter_path, tensor_names)``: a tensor name, one or more :class:`Target`, or None."""
+
+
+def as_targets(found: ResolverResult) -> list[Target] | None:
+    """A resolver's answer as a list of :class:`Target` (a plain name is one whole-tensor target).
+
+    Example:
+        >>> as_targets("fc.weight"), as_targets(None)
+        ([Target(name='fc.weight', start=0, size=None, source=0, transposed=False)], None)
+    """
+    if found is None:
+        return None
+    if isinstance(found, str):
+        return [Target(found)]
+    if isinstance(found, Target):
+        return [found]
+    return list(found) or None
 
 _PREFIXES = ("base_model.model.", "model.")
 OUTPUT_EMBEDDING = "lm_head.weight"

@@ -19,7 +19,8 @@ from loramerge.sources import load
 @click.command()
 @click.argument("base")
 @click.argument("adapters", nargs=-1, required=True)
-@click.option("--output", "-o", required=True, type=click.Path(), help="Output model folder.")
+@click.option("--output", "-o", required=True, type=click.Path(),
+              help="Output model folder; a .safetensors file when BASE is a single-file checkpoint.")
 @click.option("--dtype", type=click.Choice(["keep", "fp32", "fp16", "bf16"]), default="keep", show_default=True,
               help="Stored dtype of the floating tensors.")
 @click.option("--shard-size", help="Re-shard to at most this size per file, e.g. 5GB or 2GiB [default: keep the base's shards].")
@@ -39,8 +40,12 @@ def fold(base: str, adapters: tuple[str, ...], output: str, dtype: str, shard_si
          private: bool, commit_message: str | None, **method_options: Any) -> None:
     """Fold ADAPTERS into the model at BASE and write the full model to -o OUTPUT.
 
+    BASE is a model folder, a diffusers pipeline folder (model_index.json) or a single-file
+    SD/SDXL/Flux .safetensors checkpoint, which is written as one file with its original key names
+    (q/k/v of fused weights go into their rows). Adapters may be PEFT, kohya, LyCORIS or diffusers.
     Tensor names, shards and dtypes stay as they are; config, tokenizer and other files are
-    copied; loramerge.json records the recipe. The maths runs in float32 and is rounded once.
+    copied; loramerge.json (a single file: its "loramerge" metadata) records the recipe. The maths
+    runs in float32 and is rounded once.
     One adapter with --weights w folds w·ΔW (negative subtracts); several adapters are merged
     with --method and the rank options of `combine`.
 
@@ -52,6 +57,8 @@ def fold(base: str, adapters: tuple[str, ...], output: str, dtype: str, shard_si
       loramerge fold ./llama-math ./math-adapter -o llama --weights -1 --force
       loramerge fold ./gemma ./embed-adapter -o out --tied-embeddings untie --shard-size 2GB
       loramerge fold org/llama org/math-lora -o llama-math --push-to-hub me/llama-math
+      loramerge fold sdxl.safetensors style.safetensors -o sdxl-style.safetensors
+      loramerge fold ./sdxl-pipeline style.safetensors detail.safetensors -o sdxl-sd --weights 0.8,0.5
     """
     check_output(output, force=force)
     if push_to_hub:

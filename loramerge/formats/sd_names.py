@@ -83,7 +83,9 @@ class Architecture:
     every accepted kohya spelling to its :class:`KohyaTarget`; ``preferred`` maps a canonical name
     to the kohya module name a writer uses (for fused Flux modules, the fused name);
     ``original`` maps a canonical name to the module path in the original single-file
-    checkpoint (LDM/SGM or BFL names), where it differs and is a whole module.
+    checkpoint (LDM/SGM or BFL names), where it differs and is a whole module;
+    ``fused_original`` maps a fused kohya name to the original module it flattens (whose rows its
+    :class:`KohyaTarget` pieces describe).
     """
 
     name: str
@@ -95,6 +97,7 @@ class Architecture:
     kohya: dict[str, KohyaTarget] = field(default_factory=dict)
     preferred: dict[str, str] = field(default_factory=dict)
     original: dict[str, str] = field(default_factory=dict)
+    fused_original: dict[str, str] = field(default_factory=dict)
 
     def add(self, canonical: str, shape: Shape, kohya_names: Sequence[str], original: str | None = None) -> None:
         """Register a whole module under its canonical name; the first kohya spelling is preferred."""
@@ -107,7 +110,7 @@ class Architecture:
             self.original[canonical] = original
 
     def add_fused(self, kohya_name: str, in_shape: Shape, parts: Sequence[tuple[str, int]],
-                  pieces: Sequence[Piece] | None = None) -> None:
+                  pieces: Sequence[Piece] | None = None, original: str | None = None) -> None:
         """Register a fused kohya module whose rows are the canonical ``parts`` (name, rows) in order."""
         offset = 0
         made = []
@@ -118,6 +121,8 @@ class Architecture:
         self.kohya[kohya_name] = KohyaTarget(kohya_name, (offset, *in_shape), tuple(pieces or made))
         for module, _ in parts:
             self.preferred[module] = kohya_name
+        if original is not None:
+            self.fused_original[kohya_name] = original
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,6 +286,20 @@ class FluxSpec:
     guidance: bool = True
 
 
+def flux_architecture(spec: FluxSpec) -> Architecture:
+    """The name table of a Flux-shaped transformer of any size (the registry's ``flux`` is Flux.1 itself).
+
+    Example:
+        >>> tiny = flux_architecture(FluxSpec(double=1, single=1, hidden=16, mlp=64))
+        >>> tiny.fused_original["lora_unet_single_blocks_0_linear1"], tiny.shapes["transformer.single_transformer_blocks.0.proj_mlp"]
+        ('single_blocks.0.linear1', (64, 16))
+    """
+    arch = Architecture("flux", "Flux.1", "flux1", "networks.lora_flux",
+                        {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te3_"})
+    _add_flux(arch, spec)
+    return arch
+
+
 def _add_flux(arch: Architecture, spec: FluxSpec) -> None:
     h, m = spec.hidden, spec.mlp
     t = "transformer."
@@ -313,13 +332,13 @@ def _add_flux(arch: Architecture, spec: FluxSpec) -> None:
             whole(f"{d}.{mod}.linear", f"{b}.{stream}_mod.lin", (6 * h, h))
             qkv = ("to_q", "to_k", "to_v") if stream == "img" else ("add_q_proj", "add_k_proj", "add_v_proj")
             parts = [(f"{t}{d}.attn.{name}", h) for name in qkv]
-            arch.add_fused(f"lora_unet_{flatten(b)}_{stream}_attn_qkv", (h,), parts)
+            arch.add_fused(f"lora_unet_{flatten(b)}_{stream}_attn_qkv", (h,), parts, original=f"{b}.{stream}_attn.qkv")
             for name in qkv:
                 alias(f"{d}.attn.{name}", (h, h))
     for i in range(spec.single):
         s, b = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
         parts = [(f"{t}{s}.attn.to_q", h), (f"{t}{s}.attn.to_k", h), (f"{t}{s}.attn.to_v", h), (f"{t}{s}.proj_mlp", m)]
-        arch.add_fused(f"lora_unet_{flatten(b)}_linear1", (h,), parts)
+        arch.add_fused(f"lora_unet_{flatten(b)}_linear1", (h,), parts, original=f"{b}.linear1")
         for name, rows in (("attn.to_q", h), ("attn.to_k", h), ("attn.to_v", h), ("proj_mlp", m)):
             alias(f"{s}.{name}", (rows, h))
         whole(f"{s}.proj_out", f"{b}.linear2", (h, h + m))
@@ -328,7 +347,7 @@ def _add_flux(arch: Architecture, spec: FluxSpec) -> None:
     # BFL's final modulation is (shift, scale); diffusers' norm_out is (scale, shift).
     norm_out = t + "norm_out.linear"
     arch.add_fused("lora_unet_final_layer_adaLN_modulation_1", (h,), [(norm_out, 2 * h)],
-                   pieces=[Piece(norm_out, h, 0, h), Piece(norm_out, 0, h, h)])
+                   pieces=[Piece(norm_out, h, 0, h), Piece(norm_out, 0, h, h)], original="final_layer.adaLN_modulation.1")
     alias("norm_out.linear", (2 * h, h))
 
 
