@@ -231,7 +231,8 @@ RECORD_FILENAME = "loramerge.json"  # what fold and extract write beside their o
 
 
 def read_record(path: str | Path) -> dict[str, Any] | None:
-    """The ``loramerge.json`` fold or extract wrote into the output folder ``path``, or None.
+    """The record fold or extract wrote with its output, or None: ``loramerge.json`` in an output
+    folder, or the ``loramerge`` metadata entry of a single ``.safetensors`` file that fold wrote.
 
     Example:
         >>> import tempfile
@@ -240,13 +241,19 @@ def read_record(path: str | Path) -> dict[str, Any] | None:
     """
     import json
 
+    from loramerge.errors import LoramergeError
+    from loramerge.formats.tensorfile import read_safetensors_header
+
     path = Path(path)
-    file = path / RECORD_FILENAME if path.is_dir() else None
-    if file is None or not file.is_file():
-        return None
     try:
-        record = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        if path.is_dir():
+            file = path / RECORD_FILENAME
+            record = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else None
+        elif path.suffix == ".safetensors" and path.is_file():
+            record = json.loads(read_safetensors_header(path)[1].get("loramerge", "null"))
+        else:
+            record = None
+    except (OSError, ValueError, LoramergeError):
         return None
     return record if isinstance(record, dict) and record.get("command") in ("fold", "extract") else None
 

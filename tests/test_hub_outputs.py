@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 import yaml
 from click.testing import CliRunner
@@ -253,3 +254,32 @@ def test_python_api_and_push_command_give_fold_and_extract_outputs_their_cards(h
     adapter = loramerge.load(demo / "adapters" / "style")
     result = loramerge.push_to_hub(adapter, "me/api-adapter")
     assert "adapter_model.safetensors" in hub.repos["me/api-adapter"].commits[result.commit]
+
+
+def test_single_file_fold_pushes_the_file_with_a_diffusers_card(hub, tmp_path, monkeypatch):
+    from huggingface_hub import ModelCard
+
+    from tests.sd_checkpoints import models
+    from tests.test_fold_sd import kohya_lora, write_checkpoint
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    components = models("sd1")
+    write_checkpoint(tmp_path / "sd1.safetensors", "sd1", components)
+    base = tmp_path / "sd1.safetensors"
+    lora, _ = kohya_lora("sd1", components, seed=3)
+    lora_path = tmp_path / "style.safetensors"
+    safetensors.torch.save_file(lora, str(lora_path))
+    out = tmp_path / "sd1-style.safetensors"
+    code, text = cli("fold", base, lora_path, "-o", out, "--push-to-hub", "me/sd1-style")
+    assert code == 0, text
+    files = pushed(hub, "me/sd1-style")
+    assert files["sd1-style.safetensors"] == out.read_bytes()
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.library_name == "diffusers"
+    assert "lora-fold" in card.data.tags and "## Base model" in card.text
+    # Pushing the written file again later reads the fold's record from the file's own metadata.
+    code, text = cli("push", out, "me/sd1-style-again")
+    assert code == 0, text
+    again = ModelCard(pushed(hub, "me/sd1-style-again")["README.md"].decode())
+    assert again.data.library_name == "diffusers" and "lora-fold" in again.data.tags
+    assert "## Base model" in again.text
