@@ -5,8 +5,8 @@ Part 1 runs both tools in this process on the same adapters (default: 2 layers o
 dense float64 truncated SVD of the exact sum.
 
 Part 2 times a whole Llama-2-7B-shaped merge (32 layers × q, k, v, o, gate, up, down, rank 16,
-3 sources, svd) from disk to disk, against the time to only read the sources and write a result
-of the same size.
+3 sources, svd) from disk to disk, against the time to only read the sources (every byte) and
+write a result of the same size.
 
     python benchmarks/rerank.py                 # both parts, full size
     python benchmarks/rerank.py --size 1024     # quicker part 1
@@ -18,32 +18,16 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from common import LLAMA_SHAPES, llama_adapter, timed
 from torch import nn
 
 import loramerge
 from loramerge.adapter import Adapter, LowRank
-
-LLAMA_SHAPES = {  # Llama-2-7B: module → (out, in)
-    "self_attn.q_proj": (4096, 4096), "self_attn.k_proj": (4096, 4096), "self_attn.v_proj": (4096, 4096),
-    "self_attn.o_proj": (4096, 4096), "mlp.gate_proj": (11008, 4096), "mlp.up_proj": (11008, 4096),
-    "mlp.down_proj": (4096, 11008),
-}
-
-
-def timed(fn, repeats: int) -> tuple[float, object]:
-    fn()  # warm-up: lazy LAPACK initialisation and allocator growth are not part of the work
-    times, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
 
 
 class Stack(nn.Module):
@@ -111,27 +95,19 @@ def part1(size: int, layers: int, sources: int, rank: int, repeats: int, skip_pe
     print(f"  speed-up: {peft_t / ours_t:.0f}×  (target ≥ 1000×, error ≤ 1e-5)")
 
 
-def llama_adapter(seed: int, rank: int, layers: int) -> Adapter:
-    g = torch.Generator().manual_seed(seed)
-    modules = {}
-    for i in range(layers):
-        for name, (out_f, in_f) in LLAMA_SHAPES.items():
-            modules[f"model.layers.{i}.{name}"] = LowRank(
-                torch.randn(rank, in_f, generator=g) / in_f**0.5, torch.randn(out_f, rank, generator=g) * 0.02,
-                scale=2.0,
-            )
-    return Adapter(modules, base_model="meta-llama/Llama-2-7b-hf", task_type="CAUSAL_LM")
-
-
 def part2(rank: int, sources: int, layers: int, repeats: int) -> None:
     with tempfile.TemporaryDirectory(prefix="rerank-bench-") as tmp:
         root = Path(tmp)
-        paths = [llama_adapter(s, rank, layers).save(root / f"src{s}") for s in range(sources)]
+        paths = [llama_adapter(s, layers, rank=rank).save(root / f"src{s}") for s in range(sources)]
         size_mb = sum(p.stat().st_size for d in paths for p in d.iterdir()) / 1e6
         weights = [1.0 / sources] * sources
 
         def io_only():
             loaded = [loramerge.load(p) for p in paths]
+            # Loading maps the files lazily; touching every tensor makes the floor really read them.
+            for adapter in loaded:
+                for module in adapter.modules:
+                    float(adapter[module].A.sum() + adapter[module].B.sum())
             loaded[0].save(root / "io-out", force=True)
 
         def full_merge():

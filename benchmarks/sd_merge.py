@@ -27,11 +27,10 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import statistics
-import time
 from collections import Counter
 
 import torch
+from common import timed
 
 import loramerge
 from loramerge.adapter import Adapter, LowRank
@@ -84,15 +83,6 @@ def kohya_svd_merge(loras: list[Adapter], ratios: list[float], modules: list[str
     return out
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
-    times, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
-
-
 def exact_sum(loras: list[Adapter], ratios: list[float], module: str) -> torch.Tensor:
     return sum(r * lora.delta(module, torch.float64) for lora, r in zip(loras, ratios))
 
@@ -130,7 +120,7 @@ def main() -> None:
 
     # Whole set, loramerge only.
     full_t, _ = timed(lambda: loramerge.merge(loras, method="svd", weights=ratios, rank=args.rank, device="cpu"),
-                           args.repeats)
+                      args.repeats)
     rss_ours = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"\nloramerge svd, all {len(targets)} modules: {full_t:.2f} s (median of {args.repeats}); "
           f"process peak RSS {rss_ours:.2f} GiB (after setup {rss0:.2f} GiB; the sources alone are "
@@ -145,7 +135,7 @@ def main() -> None:
     per_shape: dict[tuple[int, int], float] = {}
     kohya_out = {}
     for m in subset:
-        t, out = timed(lambda m=m: kohya_svd_merge(sub, ratios, [m], args.rank), base_repeats)
+        t, out = timed(lambda m=m: kohya_svd_merge(sub, ratios, [m], args.rank), base_repeats, warmup=False)
         per_shape[targets[m]] = t
         kohya_out.update(out)
     kohya_sub_t = sum(per_shape.values())
