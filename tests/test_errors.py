@@ -10,24 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 import loramerge
-from loramerge.cli import main
-
-
-def run_cli(*args: str):
-    return CliRunner().invoke(main, list(map(str, args)))
-
-
-def assert_clean_failure(result, *fragments: str) -> None:
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
+from tests.cli_helpers import assert_clean_failure, run_cli
 
 
 def copy_adapter(src: Path, dst: Path) -> Path:
