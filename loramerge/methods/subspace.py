@@ -9,11 +9,12 @@ dropped without inventing directions.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from loramerge.adapter import LowRank
-from loramerge.linalg import factored_svd, numerical_rank, orthogonalize
+from loramerge.linalg import Basis, factored_svd, numerical_rank, orthogonalize
 from loramerge.methods.base import ModuleInputs
 
 Pair = tuple[torch.Tensor, torch.Tensor]
@@ -58,6 +59,48 @@ def balanced_after(U: torch.Tensor, Z: torch.Tensor) -> Pair:
     keep = numerical_rank(S)
     root = S[:keep].sqrt()
     return (U @ P[:, :keep]) * root, (basis(Wh[:keep].T) * root).T
+
+
+@dataclass(frozen=True)
+class SharedCores:
+    """The updates Bₜ Aₜ as ``Q_B Cₜ Q_Aᵀ`` over bases shared by every task: each Cₜ is only R×R.
+
+    ``Q_B`` spans the columns of [B₁ … B_T] and ``Q_A`` the rows of [A₁; …; A_T], so every task
+    and every sum of tasks lives in ``span(Q_B) × span(Q_A)``. A rotation-equivariant method
+    (TSV, Iso) can then run entirely on the small cores and lift only its output's columns, at
+    the cost of the stacked factors' orthogonalisation (the same as ``svd``'s).
+    """
+
+    cores: list[torch.Tensor]
+    total: torch.Tensor
+    left: Basis
+    right: Basis
+
+    def lift(self, left: torch.Tensor, right: torch.Tensor) -> Pair:
+        """Matrix factors ``(Q_B·left, (Q_A·right)ᵀ)`` of the product ``Q_B left rightᵀ Q_Aᵀ``."""
+        return self.left(left), self.right(right).T
+
+
+def shared_cores(pairs: Sequence[Pair]) -> SharedCores:
+    """Cores Cₜ = R_B[:, t] R_A[:, t]ᵀ of [B₁ … B_T] = Q_B R_B and [A₁; …; A_T]ᵀ = Q_A R_A, and their sum.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> pairs = [(torch.randn(6, 2, generator=g, dtype=torch.float64),
+        ...           torch.randn(2, 5, generator=g, dtype=torch.float64)) for _ in range(2)]
+        >>> shared = shared_cores(pairs)
+        >>> B, A = shared.lift(shared.cores[1], torch.eye(4, dtype=torch.float64))
+        >>> bool(torch.allclose(B @ A, pairs[1][0] @ pairs[1][1]))
+        True
+    """
+    R_B, left = orthogonalize(torch.cat([B for B, _ in pairs], dim=1))
+    R_A, right = orthogonalize(torch.cat([A for _, A in pairs], dim=0).T)
+    cores, start = [], 0
+    for B, _ in pairs:
+        stop = start + B.shape[1]
+        cores.append(R_B[:, start:stop] @ R_A[:, start:stop].T)
+        start = stop
+    return SharedCores(cores, R_B @ R_A.T, left, right)
 
 
 def to_lowrank(inputs: ModuleInputs, B: torch.Tensor, A: torch.Tensor, scale: float = 1.0) -> LowRank:
