@@ -151,10 +151,12 @@ def _disjoint_mean(kept: list[torch.Tensor], majority_sign: str) -> tuple[torch.
         # An entry holding a value that opposes the vote holds values of both signs (the vote
         # follows the only sign present otherwise): these are the entries whose signs conflict.
         conflict = torch.zeros(elected.shape, dtype=torch.bool, device=elected.device)
+        # Temporaries are reused across sources (fresh block-sized buffers cost page faults).
+        aligned, flags = torch.empty_like(elected), torch.empty_like(conflict)
         for part in parts:
-            aligned = part * elected  # > 0 where the update agrees with the elected sign, < 0 where it opposes it
-            count += aligned > 0
-            conflict |= aligned < 0
+            torch.mul(part, elected, out=aligned)  # > 0 where the update agrees with the elected sign, < 0 where it opposes it
+            count += torch.gt(aligned, 0, out=flags)
+            conflict |= torch.lt(aligned, 0, out=flags)
             total += aligned.clamp_min_(0.0)
         conflicting += int(torch.count_nonzero(conflict))
         out[rows] = total.mul_(elected).div_(count.clamp_min_(1))

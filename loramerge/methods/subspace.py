@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from loramerge.adapter import LowRank
-from loramerge.linalg import Basis, factored_svd, numerical_rank, orthogonalize
+from loramerge.linalg import GRAM_CONDITION_LIMIT, Basis, factored_svd, numerical_rank, orthogonalize
 from loramerge.methods.base import ModuleInputs
 
 Pair = tuple[torch.Tensor, torch.Tensor]
@@ -23,6 +23,49 @@ Pair = tuple[torch.Tensor, torch.Tensor]
 def weighted_pairs(inputs: ModuleInputs) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
     """``(source index, B, A)`` in float64 with ``B @ A = wᵢ·sᵢ·Bᵢ Aᵢ`` (present sources, non-zero weight)."""
     return inputs.weighted_factors(torch.float64)
+
+
+def scaled_factors(inputs: ModuleInputs) -> list[tuple[int, float, torch.Tensor, torch.Tensor]]:
+    """``(source index, cᵢ = wᵢ·sᵢ, Bᵢ, Aᵢ)`` as stored, in the compute dtype (present sources, cᵢ ≠ 0).
+
+    For methods that fold cᵢ into a small core instead of scaling (and copying) the factors.
+    """
+    out = []
+    for index, (term, weight) in enumerate(zip(inputs.terms, inputs.weights)):
+        if term is not None and weight * term.scale != 0.0:
+            B, A = term.matrices(term.dtype)
+            out.append((index, weight * term.scale, B, A))
+    return out
+
+
+def orthogonalize_native(X: torch.Tensor) -> tuple[torch.Tensor, Basis]:
+    """:func:`~loramerge.linalg.orthogonalize`, with the lift ``y ↦ Q y`` computed in ``X``'s own dtype.
+
+    The Gram matrix, its eigendecomposition and ``R`` stay in float64 (they decide the rank); the
+    lift Q y = X (P Λ^-½ y) is then one GEMM on ``X`` as stored, so a float32 factor is lifted in
+    float32 (about twice as fast, and its result is rounded to float32 anyway) instead of through
+    a float64 copy. Ill-conditioned factors take :func:`~loramerge.linalg.orthogonalize`'s QR route.
+
+    Example:
+        >>> X = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
+        >>> R, basis = orthogonalize_native(X)
+        >>> Q = basis(torch.eye(3, dtype=torch.float64))
+        >>> Q.dtype, bool(torch.allclose(Q @ R.float(), X, atol=1e-5))
+        (torch.float32, True)
+    """
+    X64 = X.double()
+    eigenvalues, P = torch.linalg.eigh(X64.T @ X64)
+    del X64
+    top = float(eigenvalues[-1]) if eigenvalues.numel() else 0.0
+    if not (top > 0.0 and float(eigenvalues[0]) > GRAM_CONDITION_LIMIT * top and X.shape[0] >= X.shape[1]):
+        return orthogonalize(X)
+    roots = eigenvalues.sqrt()
+    lift = P / roots
+
+    def basis(y: torch.Tensor) -> torch.Tensor:
+        return X @ (lift @ y.double()).to(X.dtype)
+
+    return roots[:, None] * P.T, basis
 
 
 def empty_pair(pairs: Sequence[Pair]) -> Pair:
