@@ -124,8 +124,13 @@ class SharedCores:
         return self.left(left), self.right(right).T
 
 
-def shared_cores(pairs: Sequence[Pair]) -> SharedCores:
-    """Cores Cₜ = R_B[:, t] R_A[:, t]ᵀ of [B₁ … B_T] = Q_B R_B and [A₁; …; A_T]ᵀ = Q_A R_A, and their sum.
+def shared_cores(pairs: Sequence[Pair], scales: Sequence[float] | None = None) -> SharedCores:
+    """Cores Cₜ = cₜ R_B[:, t] R_A[:, t]ᵀ of [B₁ … B_T] = Q_B R_B and [A₁; …; A_T]ᵀ = Q_A R_A, and their sum.
+
+    The cores are float64 whatever the factors' dtype; the lifts run in the factors' dtype. The
+    scales cₜ (default 1) are applied to the float64 cores, not to the factors: scaling float32
+    factors would round them, and a source added twice at two weights would no longer be an
+    exact rank deficiency.
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
@@ -136,8 +141,10 @@ def shared_cores(pairs: Sequence[Pair]) -> SharedCores:
         >>> bool(torch.allclose(B @ A, pairs[1][0] @ pairs[1][1]))
         True
     """
-    R_B, left = orthogonalize(torch.cat([B for B, _ in pairs], dim=1))
-    R_A, right = orthogonalize(torch.cat([A for _, A in pairs], dim=0).T)
+    R_B, left = orthogonalize_native(torch.cat([B for B, _ in pairs], dim=1))
+    R_A, right = orthogonalize_native(torch.cat([A for _, A in pairs], dim=0).T)
+    if scales is not None:
+        R_B = R_B * torch.cat([R_B.new_full((B.shape[1],), c) for (B, _), c in zip(pairs, scales)])
     cores, start = [], 0
     for B, _ in pairs:
         stop = start + B.shape[1]

@@ -27,11 +27,11 @@ from loramerge.adapter import LowRank
 from loramerge.linalg import numerical_rank, polar_factor
 from loramerge.methods.base import MergeMethod, ModuleInputs
 from loramerge.methods.gta import LAMBDA
-from loramerge.methods.subspace import Pair, empty_pair, shared_cores, to_lowrank, weighted_pairs
+from loramerge.methods.subspace import Pair, empty_pair, scaled_factors, shared_cores, to_lowrank
 
 
-def tsv_pairs(pairs: Sequence[Pair], space: int | None = None) -> Pair:
-    """TSV-M of updates given as float64 factor pairs ``(B, A)``; returns balanced factors of the result.
+def tsv_pairs(pairs: Sequence[Pair], space: int | None = None, scales: Sequence[float] | None = None) -> Pair:
+    """TSV-M of updates given as factor pairs ``(B, A)`` (the work is in float64); returns balanced factors.
 
     Each task keeps at most ⌊space/T⌋ directions, ``space`` being min(m, n) of the full update
     (by default, of the pairs themselves).
@@ -49,7 +49,7 @@ def tsv_pairs(pairs: Sequence[Pair], space: int | None = None) -> Pair:
     budget = max(1, space // len(pairs))
     # TSV is rotation-equivariant: it runs on the R×R cores of the shared bases, and only the
     # output's columns are lifted back to m and n.
-    shared = shared_cores(pairs)
+    shared = shared_cores(pairs, scales)
     Us, Ss, Vs = [], [], []
     for core in shared.cores:
         P, S, Wh = torch.linalg.svd(core, full_matrices=False)
@@ -66,8 +66,10 @@ def tsv_pairs(pairs: Sequence[Pair], space: int | None = None) -> Pair:
 
 def tsv(inputs: ModuleInputs, *, lambda_: float) -> LowRank:
     """TSV-M on one module, from the factors (rank ≤ Σ rᵢ, exact)."""
-    pairs = [(B, A) for _, B, A in weighted_pairs(inputs)]
-    return to_lowrank(inputs, *tsv_pairs(pairs), scale=lambda_)
+    # As stored: the weights go into the float64 cores, and only the output is lifted.
+    factors = scaled_factors(inputs)
+    pairs, scales = [(B, A) for _, _, B, A in factors], [c for _, c, _, _ in factors]
+    return to_lowrank(inputs, *tsv_pairs(pairs, scales=scales), scale=lambda_)
 
 
 TSV = MergeMethod(
