@@ -53,11 +53,13 @@ def orthogonalize_native(X: torch.Tensor) -> tuple[torch.Tensor, Basis]:
         >>> Q.dtype, bool(torch.allclose(Q @ R.float(), X, atol=1e-5))
         (torch.float32, True)
     """
+    if X.shape[0] < X.shape[1]:  # a wide factor has a singular Gram matrix: straight to QR
+        return orthogonalize(X)
     X64 = X.double()
     eigenvalues, P = torch.linalg.eigh(X64.T @ X64)
     del X64
     top = float(eigenvalues[-1]) if eigenvalues.numel() else 0.0
-    if not (top > 0.0 and float(eigenvalues[0]) > GRAM_CONDITION_LIMIT * top and X.shape[0] >= X.shape[1]):
+    if not (top > 0.0 and float(eigenvalues[0]) > GRAM_CONDITION_LIMIT * top):
         return orthogonalize(X)
     roots = eigenvalues.sqrt()
     lift = P / roots
