@@ -132,19 +132,34 @@ def merge_entries(
 
 def _disjoint_mean(kept: list[torch.Tensor], majority_sign: str) -> tuple[torch.Tensor, float]:
     # Row block by row block, writing the result into the first update's buffer: the peak memory
-    # stays at the T sparsified updates plus one stacked block, whatever T is.
+    # stays at the T sparsified updates plus a few block-sized buffers, whatever T is. Each source
+    # is folded into running totals rather than stacked, because reductions over a stacked
+    # leading dimension of size T (and the copy into the stack) cost several passes each on a CPU.
     out = kept[0]
+    counter = torch.uint8 if len(kept) < 256 else torch.int32
     conflicting = 0
     for rows in sparsify.row_blocks(out, max(1, (1 << 22) // len(kept))):
-        stacked = torch.stack([t[rows] for t in kept])
-        vote = stacked.sum(0) if majority_sign == "total" else torch.sign(stacked).sum(0)
-        elected = (vote >= 0).to(stacked.dtype).mul_(2.0).sub_(1.0)  # a zero vote elects +
-        aligned = stacked.mul_(elected)  # > 0 where an update agrees with the elected sign, < 0 where it opposes it
-        count = (aligned > 0).sum(0)
+        parts = [t[rows] for t in kept]
+        # Summed in source order, as a reduction over the stacked updates would be.
+        vote = parts[0].clone() if majority_sign == "total" else torch.sign(parts[0])
+        for part in parts[1:]:
+            vote += part if majority_sign == "total" else torch.sign(part)
+        elected = (vote >= 0).to(vote.dtype).mul_(2.0).sub_(1.0)  # a zero vote elects +
+        del vote
+        total = torch.zeros_like(elected)
+        count = torch.zeros(elected.shape, dtype=counter, device=elected.device)
         # An entry holding a value that opposes the vote holds values of both signs (the vote
         # follows the only sign present otherwise): these are the entries whose signs conflict.
-        conflicting += int(torch.count_nonzero((aligned < 0).any(0)))
-        out[rows] = aligned.clamp_min_(0.0).sum(0).mul_(elected).div_(count.clamp_min_(1))
+        conflict = torch.zeros(elected.shape, dtype=torch.bool, device=elected.device)
+        # Temporaries are reused across sources (fresh block-sized buffers cost page faults).
+        aligned, flags = torch.empty_like(elected), torch.empty_like(conflict)
+        for part in parts:
+            torch.mul(part, elected, out=aligned)  # > 0 where the update agrees with the elected sign, < 0 where it opposes it
+            count += torch.gt(aligned, 0, out=flags)
+            conflict |= torch.lt(aligned, 0, out=flags)
+            total += aligned.clamp_min_(0.0)
+        conflicting += int(torch.count_nonzero(conflict))
+        out[rows] = total.mul_(elected).div_(count.clamp_min_(1))
     return out, conflicting / max(1, out.numel())
 
 

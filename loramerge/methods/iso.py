@@ -30,7 +30,14 @@ from loramerge.adapter import LowRank
 from loramerge.linalg import factored_svd, numerical_rank, polar_factor
 from loramerge.methods.base import MergeMethod, ModuleInputs, Param
 from loramerge.methods.gta import LAMBDA
-from loramerge.methods.subspace import Pair, empty_pair, to_lowrank, weighted_pairs
+from loramerge.methods.subspace import (
+    Pair,
+    empty_pair,
+    scaled_factors,
+    shared_cores,
+    to_lowrank,
+    weighted_pairs,
+)
 
 
 def iso_c_pairs(pairs: Sequence[Pair]) -> Pair:
@@ -51,8 +58,9 @@ def iso_c_pairs(pairs: Sequence[Pair]) -> Pair:
     return svd.U * root, (svd.V * root).T
 
 
-def iso_cts_pairs(pairs: Sequence[Pair], common_fraction: float) -> Pair:
-    """Iso-CTS of float64 factor pairs over the sum's non-zero spectrum (see the module docstring).
+def iso_cts_pairs(pairs: Sequence[Pair], common_fraction: float, scales: Sequence[float] | None = None) -> Pair:
+    """Iso-CTS of factor pairs (the work is in float64; ``scales`` multiply their products) over the sum's
+    non-zero spectrum (see the module docstring).
 
     Example:
         >>> e = torch.eye(4, dtype=torch.float64)
@@ -62,29 +70,31 @@ def iso_cts_pairs(pairs: Sequence[Pair], common_fraction: float) -> Pair:
     """
     if not pairs:
         return empty_pair(pairs)
-    svd = factored_svd(torch.cat([B for B, _ in pairs], dim=1), torch.cat([A for _, A in pairs], dim=0)).nonzero()
-    rho, tasks = svd.rank, len(pairs)
+    # Everything below is rotation-equivariant, so it runs on the R×R cores of the shared bases and
+    # lifts only the output's columns (the residuals of B - U_k U_kᵀ B are rank-deficient tall
+    # matrices, which would otherwise each need a Householder QR).
+    shared = shared_cores(pairs, scales)
+    P, S, Wh = torch.linalg.svd(shared.total, full_matrices=False)
+    rho, tasks = numerical_rank(S), len(pairs)
     if rho == 0:
         return empty_pair(pairs)
     common = int(rho * common_fraction)
     per_task = round((rho - common) / tasks)
     common = max(0, rho - per_task * tasks)
-    Uk, Vk = svd.U[:, :common], svd.V[:, :common]
-    Us, Ss, Vs = [Uk], [svd.S[:common]], [Vk]
-    for B, A in pairs:
+    Uk, Vk = P[:, :common], Wh[:common].T
+    Us, Ss, Vs = [Uk], [S[:common]], [Vk]
+    for core in shared.cores:
         if per_task == 0:
             break
-        residual = factored_svd(B - Uk @ (Uk.T @ B), A)
+        P_t, S_t, Wh_t = torch.linalg.svd(core - Uk @ (Uk.T @ core), full_matrices=False)
         # Judged against the sum's scale: a residual that is numerically zero holds only noise,
         # which its own largest singular value would not reveal.
-        k = min(per_task, numerical_rank(residual.S, scale=float(svd.S[0])))
-        Us.append(residual.U[:, :k])
-        Ss.append(residual.S[:k])
-        Vs.append(residual.V[:, :k])
-    S = torch.cat(Ss)
-    U, V = polar_factor(torch.cat(Us, dim=1)), polar_factor(torch.cat(Vs, dim=1))
-    root = S.mean().sqrt()
-    return U * root, (V * root).T
+        k = min(per_task, numerical_rank(S_t, scale=float(S[0])))
+        Us.append(P_t[:, :k])
+        Ss.append(S_t[:k])
+        Vs.append(Wh_t[:k].T)
+    root = torch.cat(Ss).mean().sqrt()
+    return shared.lift(polar_factor(torch.cat(Us, dim=1)) * root, polar_factor(torch.cat(Vs, dim=1)) * root)
 
 
 def iso_c(inputs: ModuleInputs, *, lambda_: float) -> LowRank:
@@ -94,8 +104,10 @@ def iso_c(inputs: ModuleInputs, *, lambda_: float) -> LowRank:
 
 def iso_cts(inputs: ModuleInputs, *, common_fraction: float, lambda_: float) -> LowRank:
     """Iso-CTS on one module, from the factors (rank ≤ rank of the sum, exact)."""
-    pairs = [(B, A) for _, B, A in weighted_pairs(inputs)]
-    return to_lowrank(inputs, *iso_cts_pairs(pairs, common_fraction), scale=lambda_)
+    # As stored: the weights go into the float64 cores, and only the output is lifted.
+    factors = scaled_factors(inputs)
+    pairs, scales = [(B, A) for _, _, B, A in factors], [c for _, c, _, _ in factors]
+    return to_lowrank(inputs, *iso_cts_pairs(pairs, common_fraction, scales), scale=lambda_)
 
 
 COMMON_FRACTION = Param(

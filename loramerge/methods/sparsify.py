@@ -53,10 +53,13 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     s = sample.numel()
     expected = k * s / n
     margin = 6.0 * math.sqrt(expected * (1.0 - k / n)) + 16.0
-    ordered = torch.sort(sample, descending=True).values
     hi_rank, lo_rank = math.floor(expected - margin), math.ceil(expected + margin)
-    hi = ordered[hi_rank - 1] if hi_rank >= 1 else torch.tensor(math.inf, dtype=flat.dtype, device=flat.device)
-    lo = ordered[lo_rank - 1] if lo_rank <= s else torch.tensor(-math.inf, dtype=flat.dtype, device=flat.device)
+    # Two selections on the sample, not a sort of it (a sort of a few thousand values costs more
+    # than a pass over the full tensor).
+    hi = (torch.kthvalue(sample, s - hi_rank + 1).values if hi_rank >= 1
+          else torch.tensor(math.inf, dtype=flat.dtype, device=flat.device))
+    lo = (torch.kthvalue(sample, s - lo_rank + 1).values if lo_rank <= s
+          else torch.tensor(-math.inf, dtype=flat.dtype, device=flat.device))
     above = int(torch.count_nonzero(flat > hi))
     if above < k:
         window = flat[(flat <= hi) & (flat >= lo)]
@@ -82,8 +85,9 @@ def magnitude(delta: torch.Tensor, density: float, *, inplace: bool = False) -> 
     if k >= n:
         return delta
     size = delta.abs()
-    keep = size >= kth_largest(size, k)
-    del size
+    # The 0/1 mask is written over the magnitudes: no further m×n buffer (fresh allocations of
+    # this size cost page faults on every call).
+    keep = size.ge_(kth_largest(size, k))
     return delta.mul_(keep) if inplace else delta * keep
 
 

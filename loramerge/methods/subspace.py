@@ -9,11 +9,12 @@ dropped without inventing directions.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from loramerge.adapter import LowRank
-from loramerge.linalg import factored_svd, numerical_rank, orthogonalize
+from loramerge.linalg import GRAM_CONDITION_LIMIT, Basis, factored_svd, numerical_rank, orthogonalize
 from loramerge.methods.base import ModuleInputs
 
 Pair = tuple[torch.Tensor, torch.Tensor]
@@ -22,6 +23,51 @@ Pair = tuple[torch.Tensor, torch.Tensor]
 def weighted_pairs(inputs: ModuleInputs) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
     """``(source index, B, A)`` in float64 with ``B @ A = wᵢ·sᵢ·Bᵢ Aᵢ`` (present sources, non-zero weight)."""
     return inputs.weighted_factors(torch.float64)
+
+
+def scaled_factors(inputs: ModuleInputs) -> list[tuple[int, float, torch.Tensor, torch.Tensor]]:
+    """``(source index, cᵢ = wᵢ·sᵢ, Bᵢ, Aᵢ)`` as stored, in the compute dtype (present sources, cᵢ ≠ 0).
+
+    For methods that fold cᵢ into a small core instead of scaling (and copying) the factors.
+    """
+    out = []
+    for index, (term, weight) in enumerate(zip(inputs.terms, inputs.weights)):
+        if term is not None and weight * term.scale != 0.0:
+            B, A = term.matrices(term.dtype)
+            out.append((index, weight * term.scale, B, A))
+    return out
+
+
+def orthogonalize_native(X: torch.Tensor) -> tuple[torch.Tensor, Basis]:
+    """:func:`~loramerge.linalg.orthogonalize`, with the lift ``y ↦ Q y`` computed in ``X``'s own dtype.
+
+    The Gram matrix, its eigendecomposition and ``R`` stay in float64 (they decide the rank); the
+    lift Q y = X (P Λ^-½ y) is then one GEMM on ``X`` as stored, so a float32 factor is lifted in
+    float32 (about twice as fast, and its result is rounded to float32 anyway) instead of through
+    a float64 copy. Ill-conditioned factors take :func:`~loramerge.linalg.orthogonalize`'s QR route.
+
+    Example:
+        >>> X = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
+        >>> R, basis = orthogonalize_native(X)
+        >>> Q = basis(torch.eye(3, dtype=torch.float64))
+        >>> Q.dtype, bool(torch.allclose(Q @ R.float(), X, atol=1e-5))
+        (torch.float32, True)
+    """
+    if X.shape[0] < X.shape[1]:  # a wide factor has a singular Gram matrix: straight to QR
+        return orthogonalize(X)
+    X64 = X.double()
+    eigenvalues, P = torch.linalg.eigh(X64.T @ X64)
+    del X64
+    top = float(eigenvalues[-1]) if eigenvalues.numel() else 0.0
+    if not (top > 0.0 and float(eigenvalues[0]) > GRAM_CONDITION_LIMIT * top):
+        return orthogonalize(X)
+    roots = eigenvalues.sqrt()
+    lift = P / roots
+
+    def basis(y: torch.Tensor) -> torch.Tensor:
+        return X @ (lift @ y.double()).to(X.dtype)
+
+    return roots[:, None] * P.T, basis
 
 
 def empty_pair(pairs: Sequence[Pair]) -> Pair:
@@ -58,6 +104,55 @@ def balanced_after(U: torch.Tensor, Z: torch.Tensor) -> Pair:
     keep = numerical_rank(S)
     root = S[:keep].sqrt()
     return (U @ P[:, :keep]) * root, (basis(Wh[:keep].T) * root).T
+
+
+@dataclass(frozen=True)
+class SharedCores:
+    """The updates Bₜ Aₜ as ``Q_B Cₜ Q_Aᵀ`` over bases shared by every task: each Cₜ is only R×R.
+
+    ``Q_B`` spans the columns of [B₁ … B_T] and ``Q_A`` the rows of [A₁; …; A_T], so every task
+    and every sum of tasks lives in ``span(Q_B) × span(Q_A)``. A rotation-equivariant method
+    (TSV, Iso) can then run entirely on the small cores and lift only its output's columns, at
+    the cost of the stacked factors' orthogonalisation (the same as ``svd``'s).
+    """
+
+    cores: list[torch.Tensor]
+    total: torch.Tensor
+    left: Basis
+    right: Basis
+
+    def lift(self, left: torch.Tensor, right: torch.Tensor) -> Pair:
+        """Matrix factors ``(Q_B·left, (Q_A·right)ᵀ)`` of the product ``Q_B left rightᵀ Q_Aᵀ``."""
+        return self.left(left), self.right(right).T
+
+
+def shared_cores(pairs: Sequence[Pair], scales: Sequence[float] | None = None) -> SharedCores:
+    """Cores Cₜ = cₜ R_B[:, t] R_A[:, t]ᵀ of [B₁ … B_T] = Q_B R_B and [A₁; …; A_T]ᵀ = Q_A R_A, and their sum.
+
+    The cores are float64 whatever the factors' dtype; the lifts run in the factors' dtype. The
+    scales cₜ (default 1) are applied to the float64 cores, not to the factors: scaling float32
+    factors would round them, and a source added twice at two weights would no longer be an
+    exact rank deficiency.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> pairs = [(torch.randn(6, 2, generator=g, dtype=torch.float64),
+        ...           torch.randn(2, 5, generator=g, dtype=torch.float64)) for _ in range(2)]
+        >>> shared = shared_cores(pairs)
+        >>> B, A = shared.lift(shared.cores[1], torch.eye(4, dtype=torch.float64))
+        >>> bool(torch.allclose(B @ A, pairs[1][0] @ pairs[1][1]))
+        True
+    """
+    R_B, left = orthogonalize_native(torch.cat([B for B, _ in pairs], dim=1))
+    R_A, right = orthogonalize_native(torch.cat([A for _, A in pairs], dim=0).T)
+    if scales is not None:
+        R_B = R_B * torch.cat([R_B.new_full((B.shape[1],), c) for (B, _), c in zip(pairs, scales)])
+    cores, start = [], 0
+    for B, _ in pairs:
+        stop = start + B.shape[1]
+        cores.append(R_B[:, start:stop] @ R_A[:, start:stop].T)
+        start = stop
+    return SharedCores(cores, R_B @ R_A.T, left, right)
 
 
 def to_lowrank(inputs: ModuleInputs, B: torch.Tensor, A: torch.Tensor, scale: float = 1.0) -> LowRank:

@@ -24,14 +24,14 @@ from collections.abc import Sequence
 import torch
 
 from loramerge.adapter import LowRank
-from loramerge.linalg import factored_svd, polar_factor
+from loramerge.linalg import numerical_rank, polar_factor
 from loramerge.methods.base import MergeMethod, ModuleInputs
 from loramerge.methods.gta import LAMBDA
-from loramerge.methods.subspace import Pair, empty_pair, to_lowrank, weighted_pairs
+from loramerge.methods.subspace import Pair, empty_pair, scaled_factors, shared_cores, to_lowrank
 
 
-def tsv_pairs(pairs: Sequence[Pair], space: int | None = None) -> Pair:
-    """TSV-M of updates given as float64 factor pairs ``(B, A)``; returns balanced factors of the result.
+def tsv_pairs(pairs: Sequence[Pair], space: int | None = None, scales: Sequence[float] | None = None) -> Pair:
+    """TSV-M of updates given as factor pairs ``(B, A)`` (the work is in float64); returns balanced factors.
 
     Each task keeps at most ⌊space/T⌋ directions, ``space`` being min(m, n) of the full update
     (by default, of the pairs themselves).
@@ -47,25 +47,29 @@ def tsv_pairs(pairs: Sequence[Pair], space: int | None = None) -> Pair:
     if space is None:
         space = min(pairs[0][0].shape[0], pairs[0][1].shape[1])
     budget = max(1, space // len(pairs))
+    # TSV is rotation-equivariant: it runs on the R×R cores of the shared bases, and only the
+    # output's columns are lifted back to m and n.
+    shared = shared_cores(pairs, scales)
     Us, Ss, Vs = [], [], []
-    for B, A in pairs:
-        svd = factored_svd(B, A).nonzero()
-        k = min(budget, svd.rank)
-        Us.append(svd.U[:, :k])
-        Ss.append(svd.S[:k])
-        Vs.append(svd.V[:, :k])
+    for core in shared.cores:
+        P, S, Wh = torch.linalg.svd(core, full_matrices=False)
+        k = min(budget, numerical_rank(S))
+        Us.append(P[:, :k])
+        Ss.append(S[:k])
+        Vs.append(Wh[:k].T)
     S = torch.cat(Ss)
     if S.numel() == 0:
         return empty_pair(pairs)
-    U, V = polar_factor(torch.cat(Us, dim=1)), polar_factor(torch.cat(Vs, dim=1))
     root = S.sqrt()
-    return U * root, (V * root).T
+    return shared.lift(polar_factor(torch.cat(Us, dim=1)) * root, polar_factor(torch.cat(Vs, dim=1)) * root)
 
 
 def tsv(inputs: ModuleInputs, *, lambda_: float) -> LowRank:
     """TSV-M on one module, from the factors (rank ≤ Σ rᵢ, exact)."""
-    pairs = [(B, A) for _, B, A in weighted_pairs(inputs)]
-    return to_lowrank(inputs, *tsv_pairs(pairs), scale=lambda_)
+    # As stored: the weights go into the float64 cores, and only the output is lifted.
+    factors = scaled_factors(inputs)
+    pairs, scales = [(B, A) for _, _, B, A in factors], [c for _, c, _, _ in factors]
+    return to_lowrank(inputs, *tsv_pairs(pairs, scales=scales), scale=lambda_)
 
 
 TSV = MergeMethod(
