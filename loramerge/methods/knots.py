@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from loramerge.adapter import LowRank
-from loramerge.linalg import Basis, numerical_rank
+from loramerge.linalg import Basis, numerical_rank, orthogonalize
 from loramerge.methods.base import MergeMethod, MethodOutput, ModuleInputs, Param
 from loramerge.methods.gta import (
     LAMBDA,
@@ -38,7 +38,7 @@ from loramerge.methods.gta import (
     gamma_param,
     merge_entries,
 )
-from loramerge.methods.subspace import orthogonalize_native, scaled_factors, to_lowrank
+from loramerge.methods.subspace import scaled_factors, to_lowrank
 
 
 @dataclass(frozen=True)
@@ -71,8 +71,8 @@ def aligned_coefficients(pairs: list[tuple[torch.Tensor, torch.Tensor]],
         >>> all(torch.allclose(U @ z.T, c * B @ A) for z, c, (B, A) in zip(aligned.coefficients, [0.5, -2.0], pairs))
         True
     """
-    R_B, basis_B = orthogonalize_native(torch.cat([B for B, _ in pairs], dim=1))
-    R_A, bases_A = zip(*(orthogonalize_native(A.T) for _, A in pairs))
+    R_B, basis_B = orthogonalize(torch.cat([B for B, _ in pairs], dim=1))
+    R_A, bases_A = zip(*(orthogonalize(A.T) for _, A in pairs))
     if scales is not None:  # cₜ scales task t's columns of B_cat, so of R_B
         R_B = R_B * torch.cat([R_B.new_full((B.shape[1],), c) for (B, _), c in zip(pairs, scales)])
     # [c₁u₁ … c_Tu_T] = B_cat · diag(cₜ) · blockdiag(A₁ … A_T)
@@ -106,7 +106,7 @@ def knots(inputs: ModuleInputs, *, inner: str, density: tuple[float, ...], gamma
     stats["aligned_rank"] = float(aligned.core.shape[1])
     # Balanced factors of U Z over Z's non-zero spectrum: with Zᵀ = Q R and Rᵀ = P S Wᵀ,
     # U Z = (U P √S)(√S Wᵀ Qᵀ). U P is formed on the R×k core before it is lifted to m rows.
-    R, basis = orthogonalize_native(merged)
+    R, basis = orthogonalize(merged)
     P, S, Wh = torch.linalg.svd(R.T, full_matrices=False)
     keep = numerical_rank(S)
     root = S[:keep].sqrt()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from loramerge.adapter import LowRank
-from loramerge.linalg import GRAM_CONDITION_LIMIT, Basis, factored_svd, numerical_rank, orthogonalize
+from loramerge.linalg import Basis, factored_svd, orthogonalize
 from loramerge.methods.base import ModuleInputs
 
 Pair = tuple[torch.Tensor, torch.Tensor]
@@ -38,38 +38,6 @@ def scaled_factors(inputs: ModuleInputs) -> list[tuple[int, float, torch.Tensor,
     return out
 
 
-def orthogonalize_native(X: torch.Tensor) -> tuple[torch.Tensor, Basis]:
-    """:func:`~loramerge.linalg.orthogonalize`, with the lift ``y ↦ Q y`` computed in ``X``'s own dtype.
-
-    The Gram matrix, its eigendecomposition and ``R`` stay in float64 (they decide the rank); the
-    lift Q y = X (P Λ^-½ y) is then one GEMM on ``X`` as stored, so a float32 factor is lifted in
-    float32 (about twice as fast, and its result is rounded to float32 anyway) instead of through
-    a float64 copy. Ill-conditioned factors take :func:`~loramerge.linalg.orthogonalize`'s QR route.
-
-    Example:
-        >>> X = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
-        >>> R, basis = orthogonalize_native(X)
-        >>> Q = basis(torch.eye(3, dtype=torch.float64))
-        >>> Q.dtype, bool(torch.allclose(Q @ R.float(), X, atol=1e-5))
-        (torch.float32, True)
-    """
-    if X.shape[0] < X.shape[1]:  # a wide factor has a singular Gram matrix: straight to QR
-        return orthogonalize(X)
-    X64 = X.double()
-    eigenvalues, P = torch.linalg.eigh(X64.T @ X64)
-    del X64
-    top = float(eigenvalues[-1]) if eigenvalues.numel() else 0.0
-    if not (top > 0.0 and float(eigenvalues[0]) > GRAM_CONDITION_LIMIT * top):
-        return orthogonalize(X)
-    roots = eigenvalues.sqrt()
-    lift = P / roots
-
-    def basis(y: torch.Tensor) -> torch.Tensor:
-        return X @ (lift @ y.double()).to(X.dtype)
-
-    return roots[:, None] * P.T, basis
-
-
 def empty_pair(pairs: Sequence[Pair]) -> Pair:
     """Factors of rank 0 with the shapes of ``pairs`` (a merge that produced nothing)."""
     m, n = (pairs[0][0].shape[0], pairs[0][1].shape[1]) if pairs else (1, 1)
@@ -87,23 +55,6 @@ def balanced(B: torch.Tensor, A: torch.Tensor) -> Pair:
     """
     svd = factored_svd(B, A).nonzero()
     return svd.factors(svd.rank)
-
-
-def balanced_after(U: torch.Tensor, Z: torch.Tensor) -> Pair:
-    """Balanced factors of ``U @ Z`` when ``U`` has orthonormal columns: only ``Z`` is decomposed.
-
-    Example:
-        >>> U = torch.linalg.qr(torch.randn(6, 2, dtype=torch.float64))[0]
-        >>> Z = torch.randn(2, 5, dtype=torch.float64)
-        >>> b, a = balanced_after(U, Z)
-        >>> bool(torch.allclose(b @ a, U @ Z))
-        True
-    """
-    R, basis = orthogonalize(Z.T)  # Z = Rᵀ Qᵀ
-    P, S, Wh = torch.linalg.svd(R.T, full_matrices=False)
-    keep = numerical_rank(S)
-    root = S[:keep].sqrt()
-    return (U @ P[:, :keep]) * root, (basis(Wh[:keep].T) * root).T
 
 
 @dataclass(frozen=True)
@@ -143,8 +94,8 @@ def shared_cores(pairs: Sequence[Pair], scales: Sequence[float] | None = None) -
         >>> bool(torch.allclose(B @ A, pairs[1][0] @ pairs[1][1]))
         True
     """
-    R_B, left = orthogonalize_native(torch.cat([B for B, _ in pairs], dim=1))
-    R_A, right = orthogonalize_native(torch.cat([A for _, A in pairs], dim=0).T)
+    R_B, left = orthogonalize(torch.cat([B for B, _ in pairs], dim=1))
+    R_A, right = orthogonalize(torch.cat([A for _, A in pairs], dim=0).T)
     if scales is not None:
         R_B = R_B * torch.cat([R_B.new_full((B.shape[1],), c) for (B, _), c in zip(pairs, scales)])
     cores, start = [], 0
