@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from loramerge.adapter import LowRank
-from loramerge.linalg import numerical_rank, orthogonalize
+from loramerge.linalg import numerical_rank
 from loramerge.methods.base import MergeMethod, MethodOutput, ModuleInputs, Param
 from loramerge.methods.gta import (
     LAMBDA,
@@ -40,47 +40,54 @@ from loramerge.methods.gta import (
     merge_entries,
 )
 from loramerge.methods.iso import COMMON_FRACTION, iso_c_pairs, iso_cts_pairs
-from loramerge.methods.subspace import to_lowrank
+from loramerge.methods.subspace import scaled_factors, shared_cores, to_lowrank
 from loramerge.methods.tsv import tsv_pairs
 
 SPECTRAL_INNERS = ("tsv", "iso_c", "iso_cts")
 
 
-def reference_basis(M: torch.Tensor, side: str) -> torch.Tensor:
-    """Orthonormal singular vectors of ``M`` over its non-zero spectrum: left (``"left"``) or right.
+def principal_directions(R: torch.Tensor) -> torch.Tensor:
+    """Left singular vectors of the small factor ``R`` over its non-zero spectrum.
 
-    Computed as the SVD of the small triangular-like factor of ``M`` (or ``Mᵀ``), O((m + n)·R²).
+    With X = Q R (Q orthonormal), X's left singular vectors are Q times these: Core Space's
+    reference bases cost one R×R SVD on top of the orthogonalisation.
+
+    Example:
+        >>> R = torch.tensor([[3.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
+        >>> principal_directions(R).shape
+        torch.Size([2, 1])
     """
-    R, basis = orthogonalize(M if side == "left" else M.T)
     P, S, _ = torch.linalg.svd(R, full_matrices=False)
-    return basis(P[:, :numerical_rank(S)])
+    return P[:, :numerical_rank(S)]
 
 
 def core_space(inputs: ModuleInputs, *, inner: str, density: tuple[float, ...], gamma: tuple[float, ...],
                epsilon: tuple[float, ...], majority_sign: str, common_fraction: float,
                lambda_: float) -> MethodOutput | LowRank:
     """Core Space merge with the ``inner`` method on the core matrices (exact, rank ≤ Σ rᵢ)."""
-    indexed = []
-    for index, (term, weight) in enumerate(zip(inputs.terms, inputs.weights)):
-        if term is not None and weight * term.scale != 0.0:
-            B, A = term.matrices(torch.float64)
-            indexed.append((index, weight * term.scale, B, A))
-    if not indexed:
+    factors = scaled_factors(inputs)
+    if not factors:
         return to_lowrank(inputs, torch.zeros(1, 0), torch.zeros(0, 1))
-    U_B = reference_basis(torch.cat([B for _, _, B, _ in indexed], dim=1), "left")
-    V_A = reference_basis(torch.cat([A for _, _, _, A in indexed], dim=0), "right")
-    stats: dict[str, float] = {"core_size": float(max(U_B.shape[1], V_A.shape[1]))}
+    # The bases come from the factors as stored (unscaled), as in the reference code. With
+    # [B₁ … B_T] = Q_B R_B and U_B = Q_B P_B (likewise V_A = Q_A P_A), U_Bᵀ Bₜ = P_Bᵀ R_B[:, t] and
+    # Aₜ V_A = R_A[:, t]ᵀ P_A: the cores never need the m- or n-sized bases, only the output does.
+    shared = shared_cores([(B, A) for _, _, B, A in factors])
+    P_B, P_A = principal_directions(shared.left_factor), principal_directions(shared.right_factor)
+    pairs, start = [], 0
+    for _, c, B, _ in factors:
+        stop = start + B.shape[1]
+        pairs.append((c * (P_B.T @ shared.left_factor[:, start:stop]), shared.right_factor[:, start:stop].T @ P_A))
+        start = stop
+    stats: dict[str, float] = {"core_size": float(max(P_B.shape[1], P_A.shape[1]))}
     if inner in SPECTRAL_INNERS:
-        pairs = [(c * (U_B.T @ B), A @ V_A) for _, c, B, A in indexed]
         if inner == "tsv":
             B_core, A_core = tsv_pairs(pairs, space=min(inputs.template.matrix_shape))
         elif inner == "iso_c":
             B_core, A_core = iso_c_pairs(pairs)
         else:
             B_core, A_core = iso_cts_pairs(pairs, common_fraction)
-        B_out, A_out = U_B @ B_core, A_core @ V_A.T
-        return MethodOutput(to_lowrank(inputs, B_out, A_out, scale=lambda_), stats)
-    cores = ((index, c * (U_B.T @ B) @ (A @ V_A)) for index, c, B, A in indexed)
+        return MethodOutput(to_lowrank(inputs, *shared.lift(P_B @ B_core, P_A @ A_core.T), scale=lambda_), stats)
+    cores = ((index, B_core @ A_core) for (index, _, _, _), (B_core, A_core) in zip(factors, pairs))
     merged, inner_stats = merge_entries(
         cores, RECIPES[inner], generator=inputs.generator, density=density, gamma=gamma, epsilon=epsilon,
         majority_sign=majority_sign, lambda_=lambda_,
@@ -89,7 +96,8 @@ def core_space(inputs: ModuleInputs, *, inner: str, density: tuple[float, ...], 
     # merged = P S Wᵀ (a small SVD), so ΔW = (U_B P √S)(√S Wᵀ V_Aᵀ) with balanced factors.
     P, S, Wh = torch.linalg.svd(merged, full_matrices=False)
     root = S[:numerical_rank(S)].sqrt()
-    B_out, A_out = (U_B @ P[:, :root.numel()]) * root, root[:, None] * (Wh[:root.numel()] @ V_A.T)
+    k = root.numel()
+    B_out, A_out = shared.lift(P_B @ (P[:, :k] * root), P_A @ (Wh[:k].T * root))
     return MethodOutput(to_lowrank(inputs, B_out, A_out), stats | inner_stats)
 
 

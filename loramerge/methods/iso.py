@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 
 from loramerge.adapter import LowRank
-from loramerge.linalg import factored_svd, numerical_rank, polar_factor
+from loramerge.linalg import numerical_rank, polar_factor
 from loramerge.methods.base import MergeMethod, ModuleInputs, Param
 from loramerge.methods.gta import LAMBDA
 from loramerge.methods.subspace import (
@@ -36,12 +36,11 @@ from loramerge.methods.subspace import (
     scaled_factors,
     shared_cores,
     to_lowrank,
-    weighted_pairs,
 )
 
 
-def iso_c_pairs(pairs: Sequence[Pair]) -> Pair:
-    """Iso-C of float64 factor pairs: the sum's singular vectors with the mean singular value.
+def iso_c_pairs(pairs: Sequence[Pair], scales: Sequence[float] | None = None) -> Pair:
+    """Iso-C of factor pairs (``scales`` multiply their products): the sum's singular vectors with the mean singular value.
 
     Example:
         >>> e = torch.eye(3, dtype=torch.float64)
@@ -51,11 +50,14 @@ def iso_c_pairs(pairs: Sequence[Pair]) -> Pair:
     """
     if not pairs:
         return empty_pair(pairs)
-    svd = factored_svd(torch.cat([B for B, _ in pairs], dim=1), torch.cat([A for _, A in pairs], dim=0)).nonzero()
-    if svd.rank == 0:
+    # The sum is Q_B (Σ Cₜ) Q_Aᵀ: its SVD is the R×R core's, lifted only for the kept directions.
+    shared = shared_cores(pairs, scales)
+    P, S, Wh = torch.linalg.svd(shared.total, full_matrices=False)
+    k = numerical_rank(S)
+    if k == 0:
         return empty_pair(pairs)
-    root = svd.S.mean().sqrt()
-    return svd.U * root, (svd.V * root).T
+    root = S[:k].mean().sqrt()
+    return shared.lift(P[:, :k] * root, Wh[:k].T * root)
 
 
 def iso_cts_pairs(pairs: Sequence[Pair], common_fraction: float, scales: Sequence[float] | None = None) -> Pair:
@@ -99,7 +101,9 @@ def iso_cts_pairs(pairs: Sequence[Pair], common_fraction: float, scales: Sequenc
 
 def iso_c(inputs: ModuleInputs, *, lambda_: float) -> LowRank:
     """Iso-C on one module, from the factors (rank ≤ rank of the sum, exact)."""
-    return to_lowrank(inputs, *iso_c_pairs([(B, A) for _, B, A in weighted_pairs(inputs)]), scale=lambda_)
+    factors = scaled_factors(inputs)
+    pairs, scales = [(B, A) for _, _, B, A in factors], [c for _, c, _, _ in factors]
+    return to_lowrank(inputs, *iso_c_pairs(pairs, scales), scale=lambda_)
 
 
 def iso_cts(inputs: ModuleInputs, *, common_fraction: float, lambda_: float) -> LowRank:

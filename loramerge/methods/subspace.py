@@ -71,6 +71,8 @@ class SharedCores:
     total: torch.Tensor
     left: Basis
     right: Basis
+    left_factor: torch.Tensor  # R_B (its columns scaled by cₜ), so [c₁B₁ … c_TB_T] = Q_B R_B
+    right_factor: torch.Tensor  # R_A, so [A₁; …; A_T]ᵀ = Q_A R_A
 
     def lift(self, left: torch.Tensor, right: torch.Tensor) -> Pair:
         """Matrix factors ``(Q_B·left, (Q_A·right)ᵀ)`` of the product ``Q_B left rightᵀ Q_Aᵀ``."""
@@ -103,7 +105,7 @@ def shared_cores(pairs: Sequence[Pair], scales: Sequence[float] | None = None) -
         stop = start + B.shape[1]
         cores.append(R_B[:, start:stop] @ R_A[:, start:stop].T)
         start = stop
-    return SharedCores(cores, R_B @ R_A.T, left, right)
+    return SharedCores(cores, R_B @ R_A.T, left, right, R_B, R_A)
 
 
 def to_lowrank(inputs: ModuleInputs, B: torch.Tensor, A: torch.Tensor, scale: float = 1.0) -> LowRank:
