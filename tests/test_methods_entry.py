@@ -9,7 +9,7 @@ import torch
 
 import loramerge
 from loramerge import Adapter, LowRank
-from loramerge.methods.sparsify import kth_largest
+from loramerge.methods.sparsify import kth_largest, kth_largest_magnitude
 from tests.method_fixtures import (
     breadcrumbs_reference,
     della_probabilities,
@@ -219,3 +219,19 @@ def test_kth_largest_brackets_low_rank_matrices_without_a_full_selection(monkeyp
     k = int(0.2 * values.numel())
     assert kth_largest(values, k) == real(values.flatten(), values.numel() - k + 1).values
     assert calls and max(calls) < values.numel() // 20
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["gaussian", "low_rank", "ties", "tiny", "with_inf"])
+def test_kth_largest_magnitude_is_exact(dtype, kind):
+    g = torch.Generator().manual_seed(1)
+    values = {
+        "gaussian": lambda: torch.randn(300_000, generator=g),
+        "low_rank": lambda: torch.randn(64, 16, generator=g) @ torch.randn(16, 5000, generator=g),
+        "ties": lambda: torch.cat([torch.zeros(200_000), torch.ones(100_000)]),
+        "tiny": lambda: torch.rand(200_000, generator=g) * 1e-30,
+        "with_inf": lambda: torch.cat([torch.zeros(100_000), torch.full((5,), float("inf"))]),
+    }[kind]().to(dtype).abs()
+    n = values.numel()
+    for k in (1, 2, n // 5, n // 2, n - 1, n):
+        assert kth_largest_magnitude(values, k) == torch.kthvalue(values.flatten(), n - k + 1).values
