@@ -39,30 +39,15 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common import LLAMA_SHAPES, llama_adapter  # noqa: E402
+
 import loramerge  # noqa: E402
-from loramerge.adapter import Adapter, LowRank  # noqa: E402
+from loramerge.adapter import Adapter  # noqa: E402
 from loramerge.methods import available_methods  # noqa: E402
 from loramerge.methods.gta import RECIPES  # noqa: E402
 
-LLAMA_SHAPES = {  # Llama-2-7B: module → (out, in)
-    "self_attn.q_proj": (4096, 4096), "self_attn.k_proj": (4096, 4096), "self_attn.v_proj": (4096, 4096),
-    "self_attn.o_proj": (4096, 4096), "mlp.gate_proj": (11008, 4096), "mlp.up_proj": (11008, 4096),
-    "mlp.down_proj": (4096, 11008),
-}
 SUBSET = {"self_attn.q_proj": 4, "mlp.gate_proj": 2, "mlp.down_proj": 1}  # module → copies per layer
 RANK, SOURCES = 16, 3
-
-
-def llama_adapter(seed: int, layers: int, shapes: dict[str, tuple[int, int]] = LLAMA_SHAPES) -> Adapter:
-    g = torch.Generator().manual_seed(seed)
-    modules = {}
-    for i in range(layers):
-        for name, (out_f, in_f) in shapes.items():
-            modules[f"model.layers.{i}.{name}"] = LowRank(
-                torch.randn(RANK, in_f, generator=g) / in_f**0.5, torch.randn(out_f, RANK, generator=g) * 0.02,
-                scale=2.0,
-            )
-    return Adapter(modules, base_model="meta-llama/Llama-2-7b-hf", task_type="CAUSAL_LM")
 
 
 def rss_bytes() -> int:
@@ -109,7 +94,7 @@ def worker(methods: list[str], layers: int, repeats: int) -> None:
     Interleaving and keeping the fastest run of each method makes the ratios robust to other
     processes on a shared machine; the peak memory is the largest seen over the repeats.
     """
-    sources = [llama_adapter(s, layers) for s in range(SOURCES)]
+    sources = [llama_adapter(s, layers, rank=RANK) for s in range(SOURCES)]
     inputs_mb = sum(lr.A.numel() + lr.B.numel() for a in sources for lr in a.layers.values()) * 4 / 1e6
     best: dict[str, dict] = {}
     for _ in range(repeats):
@@ -176,7 +161,7 @@ def peft_model_for(module: str):
     for s in range(1, SOURCES):
         peft_model.add_adapter(f"s{s}", LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=[leaf],
                                                     init_lora_weights=False))
-    adapters = [Adapter({leaf: llama_adapter(s, 1, {leaf: (out_f, in_f)}).layers[f"model.layers.0.{leaf}"]})
+    adapters = [Adapter({leaf: llama_adapter(s, 1, rank=RANK, shapes={leaf: (out_f, in_f)}).layers[f"model.layers.0.{leaf}"]})
                 for s in range(SOURCES)]
     layer = peft_model.base_model.model.get_submodule(leaf)
     with torch.no_grad():
