@@ -99,10 +99,7 @@ def model_card(adapter: Adapter, *, repo_id: str | None = None, recipe: Mapping[
     report = adapter.report
     target = repo_id or REPO_PLACEHOLDER
     title = repo_id.split("/")[-1] if repo_id else "Merged LoRA adapter" if report else "LoRA adapter"
-    lines = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(), "---", CARD_MARKER, "",
-             f"# {title}", ""]
-    if description:
-        lines += [description.strip(), ""]
+    lines = _card_head(meta, title, description)
     if report is not None:
         lines += [f"This LoRA adapter merges {len(report.sources)} adapters with the `{report.method}` method of "
                   "loramerge.", ""]
@@ -259,8 +256,14 @@ def generic_card(library: str, *, base_model: str | None = None, title: str = "M
         meta["base_model"] = base_model
     meta["library_name"] = library
     meta["tags"] = ["loramerge"]
-    return "\n".join(["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", CARD_MARKER, "", f"# {title}",
-                      "", "Uploaded with loramerge.", ""])
+    return "\n".join([*_card_head(meta, title), "Uploaded with loramerge.", ""])
+
+
+def _card_head(meta: dict[str, Any], title: str, description: str | None = None) -> list[str]:
+    """The lines every card starts with: YAML front matter, the loramerge marker, the title, the description."""
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(), "---", CARD_MARKER, "",
+             f"# {title}", ""]
+    return [*lines, description.strip(), ""] if description else lines
 
 
 # --------------------------------------------------------------------------- fold and extract outputs
@@ -324,10 +327,7 @@ def folded_model_card(record: Mapping[str, Any], *, adapters: Sequence[Adapter] 
 
     target = repo_id or MODEL_PLACEHOLDER
     title = repo_id.split("/")[-1] if repo_id else "Model with folded LoRA adapters"
-    lines = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(), "---", CARD_MARKER, "",
-             f"# {title}", ""]
-    if description:
-        lines += [description.strip(), ""]
+    lines = _card_head(meta, title, description)
     base_shown = f"[{base}]({HUB_URL}/{base})" if base else f"`{_local_name(str(base_info.get('source') or 'base'))}`"
     sequential = method in ("linear", "cat") and not any(
         k in parameters for k in ("rank", "energy", "max_error") if parameters.get(k) is not None)
@@ -406,10 +406,7 @@ def extracted_adapter_card(record: Mapping[str, Any], adapter: Adapter | None = 
         meta["pipeline_tag"] = "text-generation"
     target = repo_id or REPO_PLACEHOLDER
     title = repo_id.split("/")[-1] if repo_id else "Extracted LoRA adapter"
-    lines = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(), "---", CARD_MARKER, "",
-             f"# {title}", ""]
-    if description:
-        lines += [description.strip(), ""]
+    lines = _card_head(meta, title, description)
     lines += [f"This LoRA adapter was extracted by loramerge from the difference between "
               f"{_model_shown(str(record.get('finetuned') or 'the fine-tuned model'))} and its base "
               f"{_model_shown(base_text)}: each changed linear or convolution weight's ΔW = W_finetuned − W_base is "

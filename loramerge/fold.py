@@ -64,7 +64,6 @@ from loramerge.checkpoint import (
 )
 from loramerge.devices import dtype_name, one_core_spare, parse_dtype, resolve_device
 from loramerge.errors import (
-    CorruptFile,
     IncompatibleAdapters,
     InvalidParameter,
     LoramergeWarning,
@@ -73,6 +72,7 @@ from loramerge.errors import (
     UnsupportedAdapter,
     WriteFailed,
 )
+from loramerge.formats.tensorfile import read_json_object
 from loramerge.linalg import RankPolicy
 from loramerge.merge import merge
 from loramerge.names import (
@@ -218,7 +218,7 @@ def fold(
     loaded = [load(s, allow_pickle=allow_pickle) for s in sources]
     ckpt: Checkpoint | None = None
     if pipeline:
-        index = _read_pipeline_index(folder)
+        index = read_json_object(folder / PIPELINE_INDEX)
         notes = _check_bases(loaded, folder, {"_name_or_path": index.get("_name_or_path")}, strict)
         families, described = _pipeline_family(index), f"a diffusers {index.get('_class_name', 'pipeline')} folder"
     else:
@@ -308,17 +308,6 @@ class _Job:
 
 
 # ---------------------------------------------------------------------------------- pipelines
-
-
-def _read_pipeline_index(folder: Path) -> dict[str, Any]:
-    path = folder / PIPELINE_INDEX
-    try:
-        index = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CorruptFile(f"{path}: invalid JSON ({exc})") from None
-    if not isinstance(index, dict):
-        raise CorruptFile(f"{path}: expected a JSON object")
-    return index
 
 
 def _pipeline_family(index: dict[str, Any]) -> list[str] | None:
