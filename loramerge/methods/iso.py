@@ -33,7 +33,7 @@ from loramerge.methods.gta import LAMBDA
 from loramerge.methods.subspace import (
     Pair,
     empty_pair,
-    scaled_factors,
+    scaled_pairs,
     shared_cores,
     to_lowrank,
 )
@@ -101,16 +101,14 @@ def iso_cts_pairs(pairs: Sequence[Pair], common_fraction: float, scales: Sequenc
 
 def iso_c(inputs: ModuleInputs, *, lambda_: float) -> LowRank:
     """Iso-C on one module, from the factors (rank ≤ rank of the sum, exact)."""
-    factors = scaled_factors(inputs)
-    pairs, scales = [(B, A) for _, _, B, A in factors], [c for _, c, _, _ in factors]
+    pairs, scales = scaled_pairs(inputs)
     return to_lowrank(inputs, *iso_c_pairs(pairs, scales), scale=lambda_)
 
 
 def iso_cts(inputs: ModuleInputs, *, common_fraction: float, lambda_: float) -> LowRank:
     """Iso-CTS on one module, from the factors (rank ≤ rank of the sum, exact)."""
     # As stored: the weights go into the float64 cores, and only the output is lifted.
-    factors = scaled_factors(inputs)
-    pairs, scales = [(B, A) for _, _, B, A in factors], [c for _, c, _, _ in factors]
+    pairs, scales = scaled_pairs(inputs)
     return to_lowrank(inputs, *iso_cts_pairs(pairs, common_fraction, scales), scale=lambda_)
 
 

@@ -20,11 +20,6 @@ from loramerge.methods.base import ModuleInputs
 Pair = tuple[torch.Tensor, torch.Tensor]
 
 
-def weighted_pairs(inputs: ModuleInputs) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-    """``(source index, B, A)`` in float64 with ``B @ A = wᵢ·sᵢ·Bᵢ Aᵢ`` (present sources, non-zero weight)."""
-    return inputs.weighted_factors(torch.float64)
-
-
 def scaled_factors(inputs: ModuleInputs) -> list[tuple[int, float, torch.Tensor, torch.Tensor]]:
     """``(source index, cᵢ = wᵢ·sᵢ, Bᵢ, Aᵢ)`` as stored, in the compute dtype (present sources, cᵢ ≠ 0).
 
@@ -36,6 +31,12 @@ def scaled_factors(inputs: ModuleInputs) -> list[tuple[int, float, torch.Tensor,
             B, A = term.matrices(term.dtype)
             out.append((index, weight * term.scale, B, A))
     return out
+
+
+def scaled_pairs(inputs: ModuleInputs) -> tuple[list[Pair], list[float]]:
+    """:func:`scaled_factors` split into the factor pairs ``(Bᵢ, Aᵢ)`` and their scales ``cᵢ``."""
+    factors = scaled_factors(inputs)
+    return [(B, A) for _, _, B, A in factors], [c for _, c, _, _ in factors]
 
 
 def empty_pair(pairs: Sequence[Pair]) -> Pair:

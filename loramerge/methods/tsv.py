@@ -27,7 +27,7 @@ from loramerge.adapter import LowRank
 from loramerge.linalg import numerical_rank, polar_factor
 from loramerge.methods.base import MergeMethod, ModuleInputs
 from loramerge.methods.gta import LAMBDA
-from loramerge.methods.subspace import Pair, empty_pair, scaled_factors, shared_cores, to_lowrank
+from loramerge.methods.subspace import Pair, empty_pair, scaled_pairs, shared_cores, to_lowrank
 
 
 def tsv_pairs(pairs: Sequence[Pair], space: int | None = None, scales: Sequence[float] | None = None) -> Pair:
@@ -67,8 +67,7 @@ def tsv_pairs(pairs: Sequence[Pair], space: int | None = None, scales: Sequence[
 def tsv(inputs: ModuleInputs, *, lambda_: float) -> LowRank:
     """TSV-M on one module, from the factors (rank ≤ Σ rᵢ, exact)."""
     # As stored: the weights go into the float64 cores, and only the output is lifted.
-    factors = scaled_factors(inputs)
-    pairs, scales = [(B, A) for _, _, B, A in factors], [c for _, c, _, _ in factors]
+    pairs, scales = scaled_pairs(inputs)
     return to_lowrank(inputs, *tsv_pairs(pairs, scales=scales), scale=lambda_)
 
 
