@@ -13,7 +13,7 @@ from typing import TypeVar
 
 import torch
 
-from loramerge.adapter import Adapter, LowRank
+from loramerge.core.adapter import Adapter, LowRank
 
 T = TypeVar("T")
 

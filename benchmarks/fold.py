@@ -5,7 +5,7 @@ under /tmp) and a rank-16 adapter on every linear layer, then folds it three way
 own subprocess so peak RSS is that tool's alone (``os.wait4`` gives the child's rusage):
 
 - ``floor``: safetensors ``load_file`` + ``save_file`` of every shard, no maths (the I/O floor);
-- ``loramerge``: ``loramerge.fold``;
+- ``loramerge``: ``loramerge.fold.engine``;
 - ``peft``: ``AutoModelForCausalLM.from_pretrained`` + ``PeftModel.from_pretrained`` +
   ``merge_and_unload`` + ``save_pretrained``.
 
@@ -224,7 +224,7 @@ def self_child(kind: str, model: Path, adapter: Path, out: Path, rank: int = 16)
 def compare_outputs(ours: Path, theirs: Path, layers: int) -> str:
     from safetensors import safe_open
 
-    from loramerge.checkpoint import open_checkpoint
+    from loramerge.io.checkpoint import open_checkpoint
 
     a, b = open_checkpoint(ours), open_checkpoint(theirs)
     worst, differing, count = 0.0, 0, 0
@@ -290,7 +290,7 @@ def fold_part(args: argparse.Namespace, root: Path) -> None:
 
 def extract_part(args: argparse.Namespace, root: Path) -> None:
     from loramerge import load
-    from loramerge.checkpoint import open_checkpoint
+    from loramerge.io.checkpoint import open_checkpoint
 
     layers = args.extract_layers
     base, ft = root / "x-base", root / "x-ft"

@@ -12,7 +12,7 @@ from ``os.wait4``, as in benchmarks/fold.py):
 - ``in-memory``: what kohya's ``sdxl_merge_lora.py`` and ComfyUI's checkpoint save do, reduced to
   its core: ``load_file``, add ``scale·up@down`` (float32) into each target tensor (or its rows),
   ``save_file``;
-- ``loramerge``: ``loramerge.fold(checkpoint, lora, output=...)`` (streamed).
+- ``loramerge``: ``loramerge.fold.engine(checkpoint, lora, output=...)`` (streamed).
 
     python benchmarks/fold_sd.py                    # 3 repeats
     python benchmarks/fold_sd.py --repeats 1 --keep /tmp/sdxl-bench
@@ -44,7 +44,7 @@ _LORA_LEAVES = (".to_q", ".to_k", ".to_v", ".to_out.0", ".proj_in", ".proj_out",
 
 def checkpoint_tensors() -> list[tuple[str, tuple[int, ...]]]:
     """Names and shapes of the synthetic SDXL single file, in file order."""
-    from loramerge.formats.sd_names import SDXL_UNET, clip_modules, unet_modules
+    from loramerge.io.formats.sd_names import SDXL_UNET, clip_modules, unet_modules
 
     out: list[tuple[str, tuple[int, ...]]] = []
     for _, ldm, shape in unet_modules(SDXL_UNET):
@@ -64,7 +64,7 @@ def checkpoint_tensors() -> list[tuple[str, tuple[int, ...]]]:
 
 
 def write_checkpoint(path: Path) -> None:
-    from loramerge.checkpoint import OutEntry, ShardWriter
+    from loramerge.io.checkpoint import OutEntry, ShardWriter
 
     tensors = checkpoint_tensors()
     g = torch.Generator().manual_seed(0)
@@ -78,7 +78,7 @@ def write_lora(path: Path, rank: int) -> int:
     """kohya's default SDXL network: UNet attention/projection/ff Linears and all text-encoder Linears."""
     from safetensors.torch import save_file
 
-    from loramerge.formats.sd_names import ARCHITECTURES
+    from loramerge.io.formats.sd_names import ARCHITECTURES
 
     arch = ARCHITECTURES["sdxl"]
     g = torch.Generator().manual_seed(1)
@@ -102,8 +102,8 @@ def child(kind: str, checkpoint: str, lora: str, out: str) -> None:
         save_file(load_file(checkpoint), out)
     elif kind == "in-memory":
         from loramerge import load
-        from loramerge.names import as_targets
-        from loramerge.single_file import SingleFileResolver
+        from loramerge.io.names import as_targets
+        from loramerge.io.single_file import SingleFileResolver
 
         state = load_file(checkpoint)
         adapter = load(lora)

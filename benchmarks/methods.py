@@ -42,9 +42,9 @@ sys.path.insert(0, str(ROOT))
 from common import LLAMA_SHAPES, llama_adapter  # noqa: E402
 
 import loramerge  # noqa: E402
-from loramerge.adapter import Adapter  # noqa: E402
-from loramerge.methods import available_methods  # noqa: E402
-from loramerge.methods.gta import RECIPES  # noqa: E402
+from loramerge.core.adapter import Adapter  # noqa: E402
+from loramerge.merge.methods import available_methods  # noqa: E402
+from loramerge.merge.methods.gta import RECIPES  # noqa: E402
 
 SUBSET = {"self_attn.q_proj": 4, "mlp.gate_proj": 2, "mlp.down_proj": 1}  # module → copies per layer
 RANK, SOURCES = 16, 3
@@ -174,7 +174,7 @@ def peft_model_for(module: str):
 
 def part2(density: dict[str, float]) -> None:
     print(f"\npart 2: one module of each shape, {SOURCES} sources of rank {RANK}, weights 1, output rank {RANK}")
-    from loramerge.methods import ModuleInputs
+    from loramerge.merge.methods import ModuleInputs
 
     times: dict[str, dict[str, tuple[float, float]]] = {"ties": {}, "dare_ties": {}}
     for module in SUBSET:

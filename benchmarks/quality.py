@@ -46,8 +46,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import loramerge
-from loramerge.adapter import Adapter, LowRank
-from loramerge.methods import available_methods
+from loramerge.core.adapter import Adapter, LowRank
+from loramerge.merge.methods import available_methods
 
 DIM, SEEN, HIDDEN, FEATURES, CLASSES, RANK, ALPHA = 64, 32, 128, 64, 4, 8, 16
 LAYERS = ("fc1", "fc2", "fc3", "fc4")

@@ -27,7 +27,7 @@ from common import LLAMA_SHAPES, llama_adapter, timed
 from torch import nn
 
 import loramerge
-from loramerge.adapter import Adapter, LowRank
+from loramerge.core.adapter import Adapter, LowRank
 
 
 class Stack(nn.Module):

@@ -33,8 +33,8 @@ import torch
 from common import timed
 
 import loramerge
-from loramerge.adapter import Adapter, LowRank
-from loramerge.formats.sd_names import ARCHITECTURES
+from loramerge.core.adapter import Adapter, LowRank
+from loramerge.io.formats.sd_names import ARCHITECTURES
 
 RATIOS = [0.8, 0.6, -0.4, 0.5]
 ALPHAS = [16.0, 32.0, 8.0, 1.0]

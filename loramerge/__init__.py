@@ -10,8 +10,11 @@ Example:
     2
 """
 
-from loramerge.adapter import Adapter, LowRank
+from loramerge._version import __version__
 from loramerge.convert import convert
+from loramerge.core.adapter import Adapter, LowRank
+from loramerge.core.linalg import RankPolicy
+from loramerge.core.report import MergeReport, ModuleReport
 from loramerge.errors import (
     ConfigNotFound,
     CorruptFile,
@@ -28,17 +31,14 @@ from loramerge.errors import (
     UnsupportedAdapter,
 )
 from loramerge.extract import extract
-from loramerge.fold import fold
-from loramerge.linalg import RankPolicy
-from loramerge.merge import merge
-from loramerge.methods import available_methods, get_method
-from loramerge.publish import push_output as push_to_hub
-from loramerge.recipe import load_recipe
-from loramerge.recipe_run import plan_recipe, run_recipe
-from loramerge.report import MergeReport, ModuleReport
-from loramerge.sources import load
-
-__version__ = "0.1.0"
+from loramerge.fold.engine import fold
+from loramerge.hub.publish import push_output as push_to_hub
+from loramerge.io.sources import load
+from loramerge.merge.engine import merge
+from loramerge.merge.methods import available_methods, get_method
+from loramerge.recipe.plan import plan_recipe
+from loramerge.recipe.reader import load_recipe
+from loramerge.recipe.run import run_recipe
 
 
 def save(adapter: Adapter, path: str, **kwargs) -> object:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from loramerge.adapter import Adapter
-from loramerge.output import check_output
-from loramerge.sources import load
+from loramerge.core.adapter import Adapter
+from loramerge.io.output import check_output
+from loramerge.io.sources import load
 
 
 def convert(source: str | Path | Adapter, output: str | Path, to: str | None = None, *,

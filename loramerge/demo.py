@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from loramerge.adapter import Adapter
-from loramerge.formats.tensorfile import write_safetensors
-from loramerge.merge import merge
-from loramerge.methods import MergeMethod, available_methods
-from loramerge.sources import load
+from loramerge.core.adapter import Adapter
+from loramerge.io.formats.tensorfile import write_safetensors
+from loramerge.io.sources import load
+from loramerge.merge.engine import merge
+from loramerge.merge.methods import MergeMethod, available_methods
 
 BASE_MODEL_ID = "loramerge-demo/tiny-llama"
 HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS, VOCAB = 64, 160, 2, 4, 2, 256
@@ -175,7 +175,7 @@ def demo(save: Path | None = None) -> str:
     """Run the demo (in ``save`` or a temporary folder) and return its table.
 
     Example:
-        >>> from loramerge.methods import get_method
+        >>> from loramerge.merge.methods import get_method
         >>> import tempfile
         >>> rows = run_demo(Path(tempfile.mkdtemp()), [get_method("linear")])
         >>> rows[0].relative_error < 1e-6

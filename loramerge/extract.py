@@ -27,21 +27,21 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from loramerge.adapter import Adapter, LowRank
-from loramerge.checkpoint import Checkpoint, TensorInfo, open_checkpoint
-from loramerge.devices import dtype_name, one_core_spare, parse_dtype, resolve_device
+from loramerge.core.adapter import Adapter, LowRank
+from loramerge.core.devices import dtype_name, one_core_spare, parse_dtype, resolve_device
+from loramerge.core.linalg import RankPolicy, dense_svd
 from loramerge.errors import IncompatibleAdapters, InvalidParameter
-from loramerge.formats import get_format
-from loramerge.linalg import RankPolicy, dense_svd
-from loramerge.names import (
+from loramerge.io.checkpoint import Checkpoint, TensorInfo, open_checkpoint
+from loramerge.io.formats import get_format
+from loramerge.io.names import (
     CONV1D_LEAVES,
     CONV1D_MODEL_TYPES,
     OUTPUT_EMBEDDING,
     is_input_embedding,
     tied_embeddings,
 )
-from loramerge.output import atomic_output, check_output
-from loramerge.sources import resolve_model
+from loramerge.io.output import atomic_output, check_output
+from loramerge.io.sources import resolve_model
 
 EXACT_LIMIT = 1024
 DEFAULT_RANK = 32
@@ -236,7 +236,7 @@ def extract(
 
     Example:
         >>> import tempfile, torch
-        >>> from loramerge.formats.tensorfile import write_safetensors
+        >>> from loramerge.io.formats.tensorfile import write_safetensors
         >>> root = Path(tempfile.mkdtemp())
         >>> for name, w in (("base", torch.zeros(6, 5)), ("ft", torch.outer(torch.ones(6), torch.arange(5.0)))):
         ...     (root / name).mkdir()

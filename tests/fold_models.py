@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from loramerge.formats.tensorfile import write_safetensors
+from loramerge.io.formats.tensorfile import write_safetensors
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -1,7 +1,7 @@
 """Random in-memory adapters and float64 reference implementations of the merge methods.
 
 The references are written from the papers on dense matrices, as directly as possible (stacked
-tensors, full sorts, dense SVDs), so that they share no code with ``loramerge.methods``.
+tensors, full sorts, dense SVDs), so that they share no code with ``loramerge.merge.methods``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import math
 import torch
 
 from loramerge import Adapter, LowRank
-from loramerge.methods import ModuleInputs, get_method
+from loramerge.merge.methods import ModuleInputs, get_method
 
 SHAPES = {"layer.q": (24, 40), "layer.up": (56, 24), "layer.down": (24, 56)}
 
@@ -29,7 +29,7 @@ def random_adapter(seed: int, rank: int = 4, scale: float = 0.5, shapes: dict[st
 
 def module_inputs(adapters: list[Adapter], module: str, weights: list[float], seed: int = 0,
                   dtype: torch.dtype = torch.float64) -> ModuleInputs:
-    from loramerge.methods import module_seed
+    from loramerge.merge.methods import module_seed
 
     terms = [a.layers[module].to(dtype=dtype) if module in a.layers else None for a in adapters]
     return ModuleInputs(module=module, terms=terms, weights=weights, seed=module_seed(seed, module))

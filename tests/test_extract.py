@@ -137,7 +137,7 @@ def test_randomized_svd_reports_measured_error(tmp_path, llama_base, tuned):
     # A sketch (rank + 10 oversampling) at least half the smaller side is cheaper as an exact SVD.
     assert all(m.svd == ("randomized" if m.full_rank >= 32 else "exact") for m in randomized.modules)
     adapter = load(tmp_path / "r")
-    from loramerge.checkpoint import open_checkpoint
+    from loramerge.io.checkpoint import open_checkpoint
 
     b, f = open_checkpoint(llama_base), open_checkpoint(ft)
     for m_exact, m_rand in zip(exact.modules, randomized.modules):

@@ -14,7 +14,6 @@ import torch
 from click.testing import CliRunner
 
 from loramerge import Adapter, LowRank, fold, load, merge
-from loramerge.checkpoint import ShardWriter, open_checkpoint
 from loramerge.cli import main
 from loramerge.errors import (
     CorruptFile,
@@ -26,7 +25,8 @@ from loramerge.errors import (
     UnsupportedAdapter,
     WriteFailed,
 )
-from loramerge.fold import file_sha256
+from loramerge.fold.engine import file_sha256
+from loramerge.io.checkpoint import ShardWriter, open_checkpoint
 from tests.fold_models import (
     load_toy,
     make_adapter,

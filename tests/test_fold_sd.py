@@ -25,10 +25,10 @@ from click.testing import CliRunner
 from safetensors import safe_open
 
 from loramerge import IncompatibleAdapters, InvalidParameter, OutputExists, fold, load
-from loramerge.checkpoint import read_header
 from loramerge.cli import main
-from loramerge.formats.sd_names import ARCHITECTURES, SD1_UNET, SD2_UNET, SDXL_UNET, flatten, unet_modules
-from loramerge.single_file import SingleFileResolver, infer_unet_spec
+from loramerge.io.checkpoint import read_header
+from loramerge.io.formats.sd_names import ARCHITECTURES, SD1_UNET, SD2_UNET, SDXL_UNET, flatten, unet_modules
+from loramerge.io.single_file import SingleFileResolver, infer_unet_spec
 from tests.sd_checkpoints import (
     SD1_TE,
     SDXL_TE2,

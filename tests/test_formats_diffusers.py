@@ -9,7 +9,7 @@ import safetensors.torch
 import torch
 
 from loramerge import Adapter, LowRank, UnknownFormat, UnsupportedAdapter, load, merge
-from loramerge.formats import detect_format
+from loramerge.io.formats import detect_format
 from tests.sd_fixtures import assert_delta, delta_of, gen, kohya_module, lora_factors, ref_lora
 
 UNET_Q = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"

@@ -20,7 +20,7 @@ from loramerge import (
     load,
     merge,
 )
-from loramerge.formats.sd_names import ARCHITECTURES
+from loramerge.io.formats.sd_names import ARCHITECTURES
 from tests.sd_fixtures import (
     assert_delta,
     delta_of,

@@ -7,7 +7,7 @@ import safetensors.torch
 import torch
 
 from loramerge import UnsupportedAdapter, convert, load
-from loramerge.formats import detect_format
+from loramerge.io.formats import detect_format
 from tests.sd_fixtures import assert_delta, delta_of, gen, randn, ref_loha, ref_lokr
 
 TE_FC1 = "lora_te_text_model_encoder_layers_0_mlp_fc1"  # SD1 (3072, 768), tiny here (12, 10)

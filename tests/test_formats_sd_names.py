@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from loramerge.formats.sd_names import (
+from loramerge.io.formats.sd_names import (
     ARCHITECTURES,
     SD1_UNET,
     SD2_UNET,

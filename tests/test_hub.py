@@ -17,9 +17,9 @@ import loramerge
 from loramerge import Adapter, LowRank
 from loramerge.cli import main
 from loramerge.errors import HubError, SourceNotFound
-from loramerge.hub import HubRef, fetch_model, parse_hub_id
-from loramerge.publish import publish_output
-from loramerge.recipe import RECIPE_FILENAME as RECIPE
+from loramerge.hub.publish import publish_output
+from loramerge.io.hub import HubRef, fetch_model, parse_hub_id
+from loramerge.recipe.reader import RECIPE_FILENAME as RECIPE
 from tests.hubserver import FakeHub, client_env, configure_client, reset_client
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -287,7 +287,7 @@ def test_model_card_parses_and_its_metadata_is_right(hub, published, tmp_path, m
 def test_license_is_left_out_when_sources_disagree(hub, published, tmp_path):
     from huggingface_hub import ModelCard
 
-    from loramerge.card import model_card
+    from loramerge.hub.cards import model_card
 
     other = make_adapter(10)
     other.save(tmp_path / "mit-adapter")

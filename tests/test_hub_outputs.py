@@ -15,11 +15,11 @@ from click.testing import CliRunner
 from huggingface_hub import ModelCard
 
 import loramerge
-from loramerge.checkpoint import open_checkpoint
 from loramerge.cli import main
 from loramerge.demo import build_demo_files
 from loramerge.errors import HubError
-from loramerge.recipe import RECIPE_FILENAME as RECIPE
+from loramerge.io.checkpoint import open_checkpoint
+from loramerge.recipe.reader import RECIPE_FILENAME as RECIPE
 from tests.hubserver import FakeHub, configure_client, reset_client
 from tests.test_formats_cli import kohya_file
 

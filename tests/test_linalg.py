@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from loramerge.core.linalg import RankPolicy, dense_svd, factored_svd, spectrum_stats
 from loramerge.errors import InvalidParameter
-from loramerge.linalg import RankPolicy, dense_svd, factored_svd, spectrum_stats
 
 
 @settings(max_examples=40, deadline=None)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 import loramerge
-from loramerge.methods import available_methods
+from loramerge.merge.methods import available_methods
 from tests.cli_helpers import assert_clean_failure, run_cli
 from tests.method_fixtures import random_adapter
 

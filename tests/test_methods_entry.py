@@ -9,7 +9,7 @@ import torch
 
 import loramerge
 from loramerge import Adapter, LowRank
-from loramerge.methods.sparsify import kth_largest, kth_largest_magnitude
+from loramerge.merge.methods.sparsify import kth_largest, kth_largest_magnitude
 from tests.method_fixtures import (
     breadcrumbs_reference,
     della_probabilities,

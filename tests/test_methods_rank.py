@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import loramerge
-from loramerge.linalg import RankPolicy, full_left_spectrum, truncate_dense
-from loramerge.methods import available_methods
-from loramerge.methods.sparsify import magnitude
+from loramerge.core.linalg import RankPolicy, full_left_spectrum, truncate_dense
+from loramerge.merge.methods import available_methods
+from loramerge.merge.methods.sparsify import magnitude
 from tests.method_fixtures import module_inputs, random_adapter, relative_error, run_method
 from tests.peft_fixtures import peft_deltas
 

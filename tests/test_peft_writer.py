@@ -9,8 +9,8 @@ import torch
 from safetensors import safe_open
 
 import loramerge
-from loramerge.adapter import Adapter, LowRank
-from loramerge.formats.peft import full_path_patterns, pattern_key
+from loramerge.core.adapter import Adapter, LowRank
+from loramerge.io.formats.peft import full_path_patterns, pattern_key
 
 
 def random_lowrank(out_f: int, in_f: int, rank: int, seed: int, scale: float = 1.0) -> LowRank:

@@ -16,10 +16,11 @@ from loramerge import Adapter, LowRank
 from loramerge.cli import main
 from loramerge.demo import DEMO_ADAPTERS, build_demo_files
 from loramerge.errors import RecipeError
-from loramerge.methods import REGISTRY, MergeMethod, Param
-from loramerge.methods.linear import concatenate
-from loramerge.recipe import RECIPE_FILENAME, load_recipe, parse_recipe
-from loramerge.recipe_run import plan_recipe, run_recipe
+from loramerge.merge.methods import REGISTRY, MergeMethod, Param
+from loramerge.merge.methods.linear import concatenate
+from loramerge.recipe.plan import plan_recipe
+from loramerge.recipe.reader import RECIPE_FILENAME, load_recipe, parse_recipe
+from loramerge.recipe.run import run_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -229,7 +230,7 @@ def toy_methods(monkeypatch):
         if not isinstance(gains, tuple):
             gains = (gains,) * len(inputs.terms)
         seen.append((inputs.module, gains))
-        from loramerge.methods.base import ModuleInputs
+        from loramerge.merge.methods.base import ModuleInputs
 
         weights = [w * float(g) for w, g in zip(inputs.weights, gains)]
         return concatenate(ModuleInputs(inputs.module, inputs.terms, weights, inputs.seed))
@@ -424,7 +425,7 @@ def raw_peft_deltas(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def model_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    from loramerge.checkpoint import open_checkpoint
+    from loramerge.io.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(folder)
     try:

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from loramerge import __version__
+from loramerge._version import __version__
 from loramerge.errors import LoramergeError, LoramergeWarning
 
 

@@ -16,11 +16,11 @@ from loramerge.cli.options import (
     push_options,
     source_options,
 )
-from loramerge.hub import check_push
-from loramerge.merge import merge
-from loramerge.output import check_output
-from loramerge.publish import publish_merge, recipe_from_report
-from loramerge.sources import load
+from loramerge.hub.publish import publish_merge, recipe_from_report
+from loramerge.io.hub import check_push
+from loramerge.io.output import check_output
+from loramerge.io.sources import load
+from loramerge.merge.engine import merge
 
 
 @click.command()

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import click
 
-from loramerge.card import converted_card
 from loramerge.cli.options import WRITE_FORMATS, push_options, source_options
 from loramerge.convert import convert as run
-from loramerge.devices import DTYPE_CHOICES
-from loramerge.hub import check_push
-from loramerge.output import check_output
-from loramerge.publish import publish_output
-from loramerge.sources import load
+from loramerge.core.devices import DTYPE_CHOICES
+from loramerge.hub.cards import converted_card
+from loramerge.hub.publish import publish_output
+from loramerge.io.hub import check_push
+from loramerge.io.output import check_output
+from loramerge.io.sources import load
 
 
 @click.command()

@@ -8,7 +8,7 @@ import click
 
 from loramerge.demo import DEMO_ADAPTERS, DEMO_WEIGHTS
 from loramerge.demo import demo as run
-from loramerge.output import check_output
+from loramerge.io.output import check_output
 
 
 @click.command()

@@ -7,12 +7,12 @@ import json
 import click
 
 from loramerge.cli.options import push_options
-from loramerge.devices import DTYPE_CHOICES
+from loramerge.core.devices import DTYPE_CHOICES
 from loramerge.extract import DEFAULT_RANK, EXACT_LIMIT
 from loramerge.extract import extract as run_extract
-from loramerge.hub import check_push
-from loramerge.output import check_output
-from loramerge.publish import publish_output
+from loramerge.hub.publish import publish_output
+from loramerge.io.hub import check_push
+from loramerge.io.output import check_output
 
 
 @click.command()

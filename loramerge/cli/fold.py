@@ -8,12 +8,12 @@ from typing import Any
 import click
 
 from loramerge.cli.options import merge_options, method_params_from, parse_weights, push_options
-from loramerge.fold import TIED_MODES
-from loramerge.fold import fold as run_fold
-from loramerge.hub import check_push
-from loramerge.output import check_output
-from loramerge.publish import push_fold
-from loramerge.sources import load
+from loramerge.fold.engine import TIED_MODES
+from loramerge.fold.engine import fold as run_fold
+from loramerge.hub.publish import push_fold
+from loramerge.io.hub import check_push
+from loramerge.io.output import check_output
+from loramerge.io.sources import load
 
 
 @click.command()

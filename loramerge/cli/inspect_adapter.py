@@ -7,10 +7,10 @@ import math
 
 import click
 
-from loramerge.adapter import Adapter
 from loramerge.cli.options import source_options
-from loramerge.devices import dtype_name
-from loramerge.sources import load
+from loramerge.core.adapter import Adapter
+from loramerge.core.devices import dtype_name
+from loramerge.io.sources import load
 
 
 def describe(adapter: Adapter) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from loramerge.methods import available_methods
+from loramerge.merge.methods import available_methods
 
 
 @click.command()

@@ -7,9 +7,9 @@ from typing import Any
 
 import click
 
-from loramerge.devices import DTYPE_CHOICES
+from loramerge.core.devices import DTYPE_CHOICES
 from loramerge.errors import InvalidParameter
-from loramerge.methods import all_params
+from loramerge.merge.methods import all_params
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from loramerge.publish import publish_output
+from loramerge.hub.publish import publish_output
 
 
 @click.command()

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import click
 
-from loramerge.adapter import Adapter
 from loramerge.cli.options import push_options
-from loramerge.hub import check_push
-from loramerge.recipe import load_recipe
-from loramerge.recipe_run import plan_recipe, run_recipe
+from loramerge.core.adapter import Adapter
+from loramerge.io.hub import check_push
+from loramerge.recipe.plan import plan_recipe
+from loramerge.recipe.reader import load_recipe
+from loramerge.recipe.run import run_recipe
 
 
 @click.command()

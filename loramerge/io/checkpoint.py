@@ -1,0 +1,650 @@
+"""Hugging Face model checkpoints on disk, read and written one tensor at a time.
+
+A checkpoint is a folder with ``config.json`` and either ``model.safetensors`` or shards listed by
+``model.safetensors.index.json`` (diffusers components: ``diffusion_pytorch_model.safetensors``
+and its index; pickle ``pytorch_model*.bin`` only with ``allow_pickle``), or a single
+``.safetensors`` file (an SD/SDXL/Flux single-file checkpoint). Only the headers are read up front; a tensor's bytes are read when it is needed, with a plain
+positioned read rather than a memory map, so the resident memory of a fold or an extraction is
+the tensors in flight, not the shard.
+
+:class:`ShardWriter` writes a safetensors file the same way: the header first (every tensor's
+dtype and shape is known before any data), then each tensor in order, either computed or copied
+byte for byte from an input shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import mmap
+import os
+import queue
+import re
+import struct
+import threading
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loramerge.errors import CorruptFile, PickleRefused, SourceNotFound
+from loramerge.io.formats.tensorfile import read_json_object, read_safetensors_header
+
+CONFIG_NAME = "config.json"
+SAFE_SINGLE = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+DIFFUSERS_SINGLE = "diffusion_pytorch_model.safetensors"
+DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+PICKLE_SINGLE = "pytorch_model.bin"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".pkl")
+
+# safetensors dtype codes and their element sizes; torch dtypes where torch has them.
+_CODES: dict[str, tuple[int, torch.dtype | None]] = {
+    "F64": (8, torch.float64), "F32": (4, torch.float32), "F16": (2, torch.float16), "BF16": (2, torch.bfloat16),
+    "I64": (8, torch.int64), "I32": (4, torch.int32), "I16": (2, torch.int16), "I8": (1, torch.int8),
+    "U8": (1, torch.uint8), "BOOL": (1, torch.bool), "U16": (2, getattr(torch, "uint16", None)),
+    "U32": (4, getattr(torch, "uint32", None)), "U64": (8, getattr(torch, "uint64", None)),
+    "F8_E4M3": (1, getattr(torch, "float8_e4m3fn", None)), "F8_E5M2": (1, getattr(torch, "float8_e5m2", None)),
+}
+_TORCH_CODES = {dt: code for code, (_, dt) in _CODES.items() if dt is not None}
+FLOAT_CODES = ("F64", "F32", "F16", "BF16")
+_COPY_CHUNK = 64 << 20
+
+
+def dtype_code(dtype: torch.dtype) -> str:
+    """The safetensors code of a torch dtype (``torch.bfloat16`` → ``"BF16"``).
+
+    Example:
+        >>> dtype_code(torch.float16)
+        'F16'
+    """
+    return _TORCH_CODES[dtype]
+
+
+def code_dtype(code: str) -> torch.dtype | None:
+    """The torch dtype of a safetensors code, or None when torch has no such dtype.
+
+    Example:
+        >>> code_dtype("BF16"), code_dtype("NOPE")
+        (torch.bfloat16, None)
+    """
+    return _CODES[code][1] if code in _CODES else None
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: shard, safetensors dtype code, shape and absolute byte range."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    shard: Path
+    start: int = 0
+    end: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        return code_dtype(self.dtype)
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOAT_CODES
+
+
+@dataclass
+class Checkpoint:
+    """A model folder's config, shards (in order) and tensor index (name → :class:`TensorInfo`).
+
+    ``file`` is set for a single-file checkpoint: then ``shards`` is that file, ``folder`` its
+    parent and ``config`` empty.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from loramerge.io.formats.tensorfile import write_safetensors
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> write_safetensors({"w": torch.ones(2, 3)}, folder / "model.safetensors")
+        >>> ckpt = open_checkpoint(folder)
+        >>> ckpt.tensors["w"].shape, float(ckpt.read("w").sum())
+        ((2, 3), 6.0)
+    """
+
+    folder: Path
+    config: dict[str, Any]
+    shards: list[Path]
+    tensors: dict[str, TensorInfo]
+    index_file: Path | None = None
+    index_metadata: dict[str, Any] = field(default_factory=dict)
+    shard_metadata: dict[Path, dict[str, str]] = field(default_factory=dict)
+    pickled: bool = False
+    file: Path | None = None
+    _pickle_cache: tuple[Path, dict[str, torch.Tensor]] | None = field(default=None, repr=False)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    @property
+    def location(self) -> Path:
+        """The path the checkpoint was opened from: its folder, or the single file."""
+        return self.file or self.folder
+
+    @property
+    def shard_stem(self) -> str:
+        """``model``, or ``diffusion_pytorch_model`` for a diffusers component: the stem of new shard names."""
+        first = self.shards[0].name if self.shards else ""
+        return "diffusion_pytorch_model" if first.startswith("diffusion_pytorch_model") else "model"
+
+    @property
+    def weight_files(self) -> set[str]:
+        """File names that hold weights or their index: never copied as plain files."""
+        names = {p.name for p in self.shards}
+        if self.index_file is not None:
+            names.add(self.index_file.name)
+        return names
+
+    def tensors_in(self, shard: Path) -> list[TensorInfo]:
+        """The tensors stored in ``shard``, in file order."""
+        return [t for t in self.tensors.values() if t.shard == shard]
+
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor ``name`` as a fresh CPU tensor (no memory map stays behind)."""
+        info = self.tensors[name]
+        if not info.shape:
+            return self.read_rows(name, 0, 1).reshape(())
+        return self.read_rows(name, 0, info.shape[0])
+
+    def read_rows(self, name: str, start: int, stop: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` (along the first dimension) of tensor ``name``, read from disk alone.
+
+        ``buffer`` (uint8, large enough) is reused for the bytes instead of a new allocation.
+        """
+        info = self.tensors[name]
+        if self.pickled:
+            whole = self._pickled_shard(info.shard)[name]
+            return (whole[start:stop] if whole.ndim else whole).clone()
+        dtype = info.torch_dtype
+        if dtype is None:
+            raise CorruptFile(f"{info.shard}: tensor {name} has dtype {info.dtype}, which torch cannot hold")
+        rows = info.shape[0] if info.shape else 1
+        row_bytes = info.nbytes // rows if rows else 0
+        count = (stop - start) * row_bytes
+        if buffer is None or buffer.numel() < count:
+            buffer = torch.empty(count, dtype=torch.uint8)
+        buffer = buffer[:count]
+        if count:
+            with open(info.shard, "rb") as fh:
+                fh.seek(info.start + start * row_bytes)
+                got = fh.readinto(memoryview(buffer.numpy()))
+            if got != count:
+                raise CorruptFile(f"{info.shard}: tensor {name} is truncated")
+        return buffer.view(dtype).reshape(stop - start, *info.shape[1:]) if info.shape else buffer.view(dtype)
+
+    @contextmanager
+    def mapped(self, name: str) -> Iterator[torch.Tensor]:
+        """Tensor ``name`` as a read-only view of the file's pages (no copy), unmapped on exit.
+
+        Converting straight from the page cache saves the copy :meth:`read_rows` makes; the
+        mapping covers this one tensor only, so it adds at most one tensor to the resident set.
+        """
+        info = self.tensors[name]
+        dtype = info.torch_dtype
+        if self.pickled or dtype is None or info.nbytes == 0:
+            yield self.read(name)
+            return
+        begin = info.start - info.start % mmap.ALLOCATIONGRANULARITY
+        with open(info.shard, "rb") as fh:
+            view = mmap.mmap(fh.fileno(), info.end - begin, access=mmap.ACCESS_READ, offset=begin)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable": we only read it
+                flat = torch.frombuffer(view, dtype=dtype, count=math.prod(info.shape), offset=info.start - begin)
+            yield flat.view(info.shape)
+        finally:
+            del flat
+            with contextlib.suppress(BufferError):  # a caller still holding a view keeps the map alive
+                view.close()
+
+    def release(self) -> None:
+        """Drop the cached pickle shard, if any."""
+        self._pickle_cache = None
+
+    def _pickled_shard(self, shard: Path) -> dict[str, torch.Tensor]:
+        if self._pickle_cache is None or self._pickle_cache[0] != shard:
+            self._pickle_cache = None
+            self._pickle_cache = (shard, _load_pickle(shard))
+        return self._pickle_cache[1]
+
+
+def open_checkpoint(folder: str | Path, *, allow_pickle: bool = False) -> Checkpoint:
+    """Read the layout of the model checkpoint in ``folder``, or of a single ``.safetensors`` file (headers only).
+
+    Refuses, naming the file: a folder without weights, an index naming a missing shard or a
+    tensor its shard lacks, a truncated shard, and pickle weights unless ``allow_pickle``.
+    """
+    folder = Path(folder)
+    if folder.is_file():
+        if folder.suffix != ".safetensors":
+            raise SourceNotFound(f"{folder}: a single-file checkpoint must be a .safetensors file")
+        ckpt = Checkpoint(folder.parent, {}, [folder], {}, file=folder)
+        _index_safetensors(ckpt, None)
+        return ckpt
+    if not folder.is_dir():
+        raise SourceNotFound(f"{folder}: not a model folder")
+    config = _read_config(folder)
+    for index_name in (SAFE_INDEX, DIFFUSERS_INDEX):
+        if (folder / index_name).is_file():
+            shards, index_meta, weight_map = _read_index(folder / index_name)
+            ckpt = Checkpoint(folder, config, shards, {}, index_file=folder / index_name, index_metadata=index_meta)
+            _index_safetensors(ckpt, weight_map)
+            return ckpt
+    for single_name in (SAFE_SINGLE, DIFFUSERS_SINGLE):
+        if (folder / single_name).is_file():
+            ckpt = Checkpoint(folder, config, [folder / single_name], {})
+            _index_safetensors(ckpt, None)
+            return ckpt
+    pickle_index = folder / PICKLE_INDEX
+    if pickle_index.is_file() or (folder / PICKLE_SINGLE).is_file():
+        where = pickle_index if pickle_index.is_file() else folder / PICKLE_SINGLE
+        if not allow_pickle:
+            raise PickleRefused(
+                f"{where}: this model's weights are pickles, which can run code when loaded; pass --allow-pickle "
+                "(allow_pickle=True) to read them with torch.load(weights_only=True)"
+            )
+        if pickle_index.is_file():
+            shards, index_meta, weight_map = _read_index(pickle_index)
+            ckpt = Checkpoint(folder, config, shards, {}, index_file=pickle_index, index_metadata=index_meta,
+                              pickled=True)
+        else:
+            ckpt, weight_map = Checkpoint(folder, config, [folder / PICKLE_SINGLE], {}, pickled=True), None
+        _index_pickles(ckpt, weight_map)
+        return ckpt
+    raise SourceNotFound(
+        f"{folder}: no model weights ({SAFE_SINGLE}, {SAFE_INDEX}, or with --allow-pickle {PICKLE_SINGLE})"
+    )
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    path = folder / CONFIG_NAME
+    return read_json_object(path) if path.is_file() else {}
+
+
+def _read_index(path: Path) -> tuple[list[Path], dict[str, Any], dict[str, str]]:
+    try:
+        index = json.loads(path.read_text())
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError("weight_map must map names to file names")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise CorruptFile(f"{path}: not a valid weight index ({exc})") from None
+    shards: list[Path] = []
+    for file_name in dict.fromkeys(weight_map.values()):
+        shard = path.parent / file_name
+        if Path(file_name).name != file_name:
+            raise CorruptFile(f"{path}: shard name {file_name!r} is not a plain file name")
+        if not shard.is_file():
+            raise CorruptFile(f"{path}: names shard {file_name}, which is missing from {path.parent}")
+        shards.append(shard)
+    return sorted(shards), dict(index.get("metadata") or {}), weight_map
+
+
+def read_header(path: Path) -> tuple[list[TensorInfo], dict[str, str]]:
+    """The tensors of one safetensors file in data order, with absolute offsets, and its metadata.
+
+    Checks that every byte range lies inside the file and matches its dtype and shape.
+
+    Example:
+        >>> import tempfile
+        >>> from loramerge.io.formats.tensorfile import write_safetensors
+        >>> p = Path(tempfile.mkdtemp()) / "t.safetensors"
+        >>> write_safetensors({"b": torch.zeros(3), "a": torch.zeros(2, dtype=torch.float16)}, p)
+        >>> [(t.name, t.dtype, t.shape, t.nbytes) for t in read_header(p)[0]]
+        [('b', 'F32', (3,), 12), ('a', 'F16', (2,), 4)]
+    """
+    header, metadata = read_safetensors_header(path)
+    with open(path, "rb") as fh:
+        (size,) = struct.unpack("<Q", fh.read(8))
+    base = 8 + size
+    file_size = path.stat().st_size
+    infos = []
+    for name, entry in header.items():
+        try:
+            code = entry["dtype"]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CorruptFile(f"{path}: tensor {name} has a malformed header entry") from None
+        if code not in _CODES:
+            raise CorruptFile(f"{path}: tensor {name} has unknown dtype {code!r}")
+        expected = math.prod(shape) * _CODES[code][0]
+        if end - begin != expected or begin < 0 or base + end > file_size:
+            what = "is truncated" if base + end > file_size else "has a byte range that does not match its shape"
+            raise CorruptFile(f"{path}: tensor {name} {what}")
+        infos.append(TensorInfo(name, code, shape, path, base + begin, base + end))
+    infos.sort(key=lambda t: t.start)
+    return infos, metadata
+
+
+def _index_safetensors(ckpt: Checkpoint, weight_map: dict[str, str] | None) -> None:
+    for shard in ckpt.shards:
+        infos, metadata = read_header(shard)
+        ckpt.shard_metadata[shard] = metadata
+        for info in infos:
+            ckpt.tensors.setdefault(info.name, info)
+    _check_weight_map(ckpt, weight_map)
+
+
+def _index_pickles(ckpt: Checkpoint, weight_map: dict[str, str] | None) -> None:
+    for shard in ckpt.shards:
+        for name, tensor in _load_pickle(shard).items():
+            code = _TORCH_CODES.get(tensor.dtype)
+            if code is None:
+                raise CorruptFile(f"{shard}: tensor {name} has dtype {tensor.dtype}, which safetensors cannot store")
+            nbytes = tensor.numel() * tensor.element_size()
+            ckpt.tensors.setdefault(name, TensorInfo(name, code, tuple(tensor.shape), shard, 0, nbytes))
+        ckpt.shard_metadata[shard] = {"format": "pt"}
+    _check_weight_map(ckpt, weight_map)
+
+
+def _check_weight_map(ckpt: Checkpoint, weight_map: dict[str, str] | None) -> None:
+    if weight_map is None:
+        return
+    for name, file_name in weight_map.items():
+        info = ckpt.tensors.get(name)
+        if info is None or info.shard.name != file_name:
+            raise CorruptFile(f"{ckpt.index_file}: names tensor {name} in {file_name}, but that shard does not hold it")
+
+
+def _load_pickle(shard: Path) -> dict[str, torch.Tensor]:
+    from loramerge.io.formats.tensorfile import read_pickle
+
+    try:
+        state = torch.load(str(shard), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # an old (non-zip) pickle cannot be memory-mapped; read it whole
+        return read_pickle(shard, allow_pickle=True)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CorruptFile(f"{shard}: expected a mapping of names to tensors")
+    return state
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """Bytes from ``"5GB"`` (10⁹), ``"500MiB"`` (2²⁰), ``"123"`` or an int; None stays None.
+
+    Example:
+        >>> parse_size("5GB"), parse_size("1.5GiB"), parse_size(4096)
+        (5000000000, 1610612736, 4096)
+    """
+    from loramerge.errors import InvalidParameter
+
+    if text is None or isinstance(text, int):
+        value = text
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?I?B?)\s*", str(text).upper())
+        if not match:
+            raise InvalidParameter(f"--shard-size must look like 5GB, 500MB or 2GiB, got {text!r}")
+        number, unit = float(match.group(1)), match.group(2).rstrip("B") or ""
+        powers = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+                  "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+        if unit not in powers:
+            raise InvalidParameter(f"--shard-size must look like 5GB, 500MB or 2GiB, got {text!r}")
+        value = int(number * powers[unit])
+    if value is not None and value <= 0:
+        raise InvalidParameter(f"--shard-size must be positive, got {text!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class OutEntry:
+    """One tensor of an output shard: its name, stored dtype code and shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _CODES[self.dtype][0]
+
+
+class ShardWriter:
+    """Write a safetensors file tensor by tensor: the header is written first, from ``entries``.
+
+    Tensors must then be given in the same order, each either as a tensor (:meth:`write`, or row
+    blocks with :meth:`write_parts`) or as a byte range of another file (:meth:`copy`).
+    :meth:`close` checks that all came.
+
+    With ``background=True`` a thread does the writing, so the next block is computed while the
+    kernel takes (and, when dirty pages pile up, throttles) this one. At most two parts are in
+    flight, so a caller that reuses part buffers must rotate at least three.
+
+    Example:
+        >>> import tempfile
+        >>> from safetensors.torch import load_file
+        >>> path = Path(tempfile.mkdtemp()) / "s.safetensors"
+        >>> with ShardWriter(path, [OutEntry("a", "F32", (2,)), OutEntry("b", "BF16", (1, 2))]) as w:
+        ...     w.write("a", torch.tensor([1.0, 2.0]))
+        ...     w.write("b", torch.ones(1, 2, dtype=torch.bfloat16))
+        >>> load_file(path)["a"].tolist()
+        [1.0, 2.0]
+    """
+
+    def __init__(self, path: Path, entries: Iterable[OutEntry], metadata: dict[str, str] | None = None,
+                 background: bool = False) -> None:
+        self.path = path
+        self.entries = list(entries)
+        header: dict[str, Any] = {}
+        if metadata:
+            header["__metadata__"] = dict(metadata)
+        offset = 0
+        for e in self.entries:
+            header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
+            offset += e.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._fh = open(path, "wb")  # noqa: SIM115 (closed in close())
+        self._fh.write(struct.pack("<Q", len(raw)))
+        self._fh.write(raw)
+        self._next = 0
+        self._error: BaseException | None = None
+        self._queue: queue.Queue[Callable[[], None] | None] | None = None
+        self._thread: threading.Thread | None = None
+        if background:
+            self._queue = queue.Queue(maxsize=1)
+            self._thread = threading.Thread(target=self._work, name="loramerge-writer", daemon=True)
+            self._thread.start()
+
+    def _expect(self, name: str) -> OutEntry:
+        if self._next >= len(self.entries) or self.entries[self._next].name != name:
+            expected = self.entries[self._next].name if self._next < len(self.entries) else "nothing"
+            raise RuntimeError(f"internal error: {self.path} expected tensor {expected}, got {name}")
+        self._next += 1
+        return self.entries[self._next - 1]
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append ``tensor`` (on any device); its dtype and shape must match the header."""
+        if tuple(tensor.shape) != self.entries[min(self._next, len(self.entries) - 1)].shape:
+            raise RuntimeError(f"internal error: {name} has shape {tuple(tensor.shape)}, header says otherwise")
+        self.write_parts(name, [tensor])
+
+    def write_parts(self, name: str, parts: Iterable[torch.Tensor]) -> None:
+        """Append one tensor given as consecutive row blocks (each of the header's dtype)."""
+        entry = self._expect(name)
+        written = 0
+        for part in parts:
+            if dtype_code(part.dtype) != entry.dtype:
+                raise RuntimeError(f"internal error: {name} part is {part.dtype}, header says {entry.dtype}")
+            data = part.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            self._submit(lambda data=data: self._fh.write(memoryview(data.numpy())))
+            written += data.numel()
+        if written != entry.nbytes:
+            raise RuntimeError(f"internal error: {name} got {written} bytes, header says {entry.nbytes}")
+
+    def copy(self, name: str, source: TensorInfo) -> None:
+        """Append ``source``'s bytes unchanged (no decoding, chunked)."""
+        entry = self._expect(name)
+        if source.nbytes != entry.nbytes:
+            raise RuntimeError(f"internal error: {name} has {source.nbytes} bytes, header says {entry.nbytes}")
+        self._submit(lambda: self._copy(name, source))
+
+    def _copy(self, name: str, source: TensorInfo) -> None:
+        self._fh.flush()
+        with open(source.shard, "rb") as src:
+            remaining, offset = source.nbytes, source.start
+            out_fd, in_fd = self._fh.fileno(), src.fileno()
+            while remaining:
+                done = _copy_range(in_fd, out_fd, offset, min(remaining, _COPY_CHUNK))
+                if done <= 0:
+                    raise CorruptFile(f"{source.shard}: tensor {name} is truncated")
+                remaining -= done
+                offset += done
+
+    def _submit(self, job: Callable[[], None]) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._queue is None:
+            job()
+            return
+        while True:
+            try:
+                self._queue.put(job, timeout=0.05)
+                return
+            except queue.Full:
+                if self._error is not None:
+                    raise self._error from None
+
+    def _work(self) -> None:
+        assert self._queue is not None
+        while (job := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    job()
+                except BaseException as exc:  # re-raised in the caller's thread
+                    self._error = exc
+
+    def _finish(self) -> None:
+        if self._thread is not None and self._queue is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def close(self) -> None:
+        try:
+            self._finish()
+            if self._error is not None:
+                raise self._error
+            if self._next != len(self.entries):
+                missing = self.entries[self._next].name
+                raise RuntimeError(f"internal error: {self.path} closed before tensor {missing} was written")
+        finally:
+            self._fh.close()
+
+    def abort(self) -> None:
+        try:
+            self._finish()
+        finally:
+            self._fh.close()
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _copy_range(in_fd: int, out_fd: int, offset: int, count: int) -> int:
+    """Copy ``count`` bytes from ``in_fd`` at ``offset`` to the current position of ``out_fd``."""
+    if hasattr(os, "copy_file_range"):
+        try:
+            return os.copy_file_range(in_fd, out_fd, count, offset)
+        except OSError as exc:
+            import errno
+
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+    data = os.pread(in_fd, count, offset)
+    os.write(out_fd, data)
+    return len(data)
+
+
+def pack_shards(entries: list[OutEntry], limit: int) -> list[list[OutEntry]]:
+    """Split ``entries`` in order into groups of at most ``limit`` bytes (a larger tensor goes alone).
+
+    Example:
+        >>> es = [OutEntry(n, "F32", (s,)) for n, s in [("a", 2), ("b", 2), ("c", 5)]]
+        >>> [[e.name for e in g] for g in pack_shards(es, 16)]
+        [['a', 'b'], ['c']]
+    """
+    groups: list[list[OutEntry]] = [[]]
+    size = 0
+    for entry in entries:
+        if groups[-1] and size + entry.nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(entry)
+        size += entry.nbytes
+    return [g for g in groups if g] or [[]]
+
+
+def shard_names(count: int, stem: str = "model") -> list[str]:
+    """transformers' shard names: ``model.safetensors`` alone, else ``model-0000i-of-0000n.safetensors``.
+
+    Example:
+        >>> shard_names(2)
+        ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors']
+        >>> shard_names(1, "diffusion_pytorch_model")
+        ['diffusion_pytorch_model.safetensors']
+    """
+    if count == 1:
+        return [f"{stem}.safetensors"]
+    return [f"{stem}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def safetensors_name(shard: Path) -> str:
+    """The safetensors file name that replaces a (pickle or safetensors) shard name.
+
+    Example:
+        >>> safetensors_name(Path("pytorch_model-00001-of-00002.bin"))
+        'model-00001-of-00002.safetensors'
+    """
+    name = shard.name
+    if name.endswith(".safetensors"):
+        return name
+    stem = shard.stem
+    if stem.startswith("pytorch_model"):
+        stem = "model" + stem[len("pytorch_model"):]
+    return stem + ".safetensors"
+
+
+def iter_plain_files(folder: Path, skip: set[str]) -> Iterator[Path]:
+    """Files of ``folder`` (recursively) that are not weights, hidden, or named in ``skip``.
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> for name in ("config.json", "tokenizer.json", "model.safetensors", "tf_model.h5", ".cache"):
+        ...     _ = (folder / name).write_text("x")
+        >>> [p.name for p in iter_plain_files(folder, {"config.json"})]
+        ['tokenizer.json']
+    """
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        if rel.as_posix() in skip or path.name.endswith(WEIGHT_SUFFIXES) or path.name.endswith(".index.json"):
+            continue
+        yield path

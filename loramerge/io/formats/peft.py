@@ -1,0 +1,328 @@
+"""PEFT LoRA adapters: ``adapter_config.json`` plus ``adapter_model.safetensors`` (or, when asked, ``.bin``).
+
+Reading bakes each module's scale from the config: ``alpha/r``, or ``alpha/√r`` with
+``use_rslora``, where ``rank_pattern``/``alpha_pattern`` override ``r``/``lora_alpha`` by PEFT's
+own matching rule. Writing stores the scale inside the factors (``alpha = r`` per module,
+``use_rslora`` false), per-module ranks as full-path patterns checked for cross-matches, and an
+explicit ``target_modules`` list, so ``PeftModel.from_pretrained`` loads the result as is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loramerge.core.adapter import Adapter, LowRank
+from loramerge.errors import ConfigNotFound, CorruptFile, UnsupportedAdapter
+from loramerge.io.formats.tensorfile import (
+    check_finite,
+    read_json_object,
+    read_tensor_file,
+    write_safetensors,
+)
+
+NAME = "peft"
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+KEY_PREFIX = "base_model.model."
+
+_FACTOR_PARTS = {
+    "lora_A": "A",
+    "lora_B": "B",
+    "lora_embedding_A": "A",
+    "lora_embedding_B": "B",
+    "lora_magnitude_vector": "magnitude",
+}
+# Inits that re-decompose the base weights: their saved factors are only valid against a residual
+# base, unless PEFT converted them on save (which resets init_lora_weights to true).
+_BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+# Config fields of variants whose update is not scale·B@A on a fixed module weight.
+_UNSUPPORTED_FIELDS = {
+    "layer_replication": "layer replication",
+    "target_parameters": "nn.Parameter targeting (target_parameters)",
+    "alora_invocation_tokens": "aLoRA (activated LoRA)",
+    "use_bdlora": "BD-LoRA",
+    "kasa_config": "KaSA",
+    "velora_config": "VeLoRA",
+    "monteclora_config": "MonteCLoRA",
+    "arrow_config": "Arrow routing",
+    "use_qalora": "QA-LoRA",
+    "trainable_token_indices": "trainable tokens",
+    "megatron_config": "Megatron parallel layers",
+}
+
+
+def detect(path: Path) -> bool:
+    """True for a folder with ``adapter_config.json``, or an adapter file beside one."""
+    if path.is_dir():
+        return (path / CONFIG_NAME).is_file()
+    return path.is_file() and (path.parent / CONFIG_NAME).is_file() and path.name in (WEIGHTS_NAME, PICKLE_WEIGHTS_NAME)
+
+
+def pattern_key(patterns: dict[str, Any], module: str) -> str | None:
+    """The ``rank_pattern``/``alpha_pattern`` key PEFT (≥ 0.15) applies to ``module``, or None.
+
+    The first key in order for which ``(.*\\.)?(key)$`` matches the module path wins; failing
+    that, the module path itself is looked up.
+
+    Example:
+        >>> pattern_key({"q_proj": 8}, "model.layers.0.self_attn.q_proj")
+        'q_proj'
+        >>> pattern_key({"q_proj": 8}, "model.layers.0.self_attn.k_proj") is None
+        True
+    """
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return module if module in patterns else None
+
+
+def read(path: Path, *, allow_pickle: bool = False) -> Adapter:
+    """Read a PEFT LoRA adapter folder (or its weights file) into an :class:`Adapter`.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from loramerge.core.adapter import Adapter, LowRank
+        >>> folder = Adapter({"fc": LowRank(torch.ones(2, 3), torch.ones(4, 2), 0.5)}).save(tempfile.mkdtemp() + "/a")
+        >>> read(folder)["fc"].rank
+        2
+    """
+    folder = path if path.is_dir() else path.parent
+    config = read_config(folder)
+    weights_file = _weights_file(path, folder)
+    tensors, _ = read_tensor_file(weights_file, allow_pickle=allow_pickle)
+    return adapter_from_tensors(tensors, config, origin=weights_file, source=str(path))
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """The parsed ``adapter_config.json`` of ``folder``, validated for LoRA."""
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        raise ConfigNotFound(f"{folder}: no {CONFIG_NAME}; it gives the rank and alpha the weights need")
+    config = read_json_object(config_path)
+    check_config(config, config_path)
+    return config
+
+
+def check_config(config: dict[str, Any], origin: Path | str) -> None:
+    """Refuse configs whose update loramerge cannot represent faithfully, saying why."""
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        raise UnsupportedAdapter(f"{origin}: peft_type {config.get('peft_type')!r} is not LoRA")
+    for field_name, label in _UNSUPPORTED_FIELDS.items():
+        if config.get(field_name):
+            raise UnsupportedAdapter(
+                f"{origin}: {label} ({field_name}) is not a plain low-rank update and is not supported"
+            )
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_MUTATING_INITS):
+        raise UnsupportedAdapter(
+            f"{origin}: init_lora_weights={init!r} stores factors relative to a modified base model; "
+            "convert it with PEFT's path_initial_model_for_weight_conversion first"
+        )
+    for name in ("r", "lora_alpha"):
+        value = config.get(name, 8)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise CorruptFile(f"{origin}: {name} must be a positive number, got {value!r}")
+    for name in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(name) or {}
+        if not isinstance(patterns, dict):
+            raise CorruptFile(f"{origin}: {name} must be an object")
+        for key in patterns:
+            try:
+                re.compile(key)
+            except re.error as exc:
+                raise CorruptFile(f"{origin}: {name} key {key!r} is not a valid regex ({exc})") from None
+
+
+def adapter_from_tensors(tensors: dict[str, torch.Tensor], config: dict[str, Any], *, origin: Path | str,
+                         source: str | None = None, key_prefix: str = KEY_PREFIX,
+                         source_format: str = NAME) -> Adapter:
+    """Build an :class:`Adapter` from PEFT-style keys and a LoRA config (shared with diffusers files)."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    full_weights: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        parsed = split_key(key, key_prefix)
+        if parsed is None:
+            name = key[len(key_prefix):] if key.startswith(key_prefix) else key
+            full_weights[name.replace(".base_layer.", ".")] = tensor
+            continue
+        module, part, param = parsed
+        slot = "bias" if param == "bias" else _FACTOR_PARTS[part]
+        parts.setdefault(module, {})[slot] = tensor
+        if part.startswith("lora_embedding"):
+            parts[module]["embedding"] = tensor
+
+    use_rslora = bool(config.get("use_rslora", False))
+    use_dora = bool(config.get("use_dora", False))
+    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    layers: dict[str, LowRank] = {}
+    for module, found in parts.items():
+        if "A" not in found or "B" not in found:
+            missing = "lora_A" if "A" not in found else "lora_B"
+            raise CorruptFile(f"{origin}: module {module} has no {missing} tensor")
+        A, B = found["A"], found["B"]
+        for what, tensor in (("lora_A", A), ("lora_B", B)):
+            check_finite(tensor, path=origin, what=f"module {module} {what}")
+        rank_key = pattern_key(rank_pattern, module)
+        alpha_key = pattern_key(alpha_pattern, module)
+        r = rank_pattern[rank_key] if rank_key is not None else config.get("r", 8)
+        alpha = alpha_pattern[alpha_key] if alpha_key is not None else config.get("lora_alpha", 8)
+        if int(A.shape[0]) != int(r):
+            raise CorruptFile(
+                f"{origin}: module {module} has rank {A.shape[0]} in its weights but the config gives r={r}"
+            )
+        scale = alpha / math.sqrt(r) if use_rslora else alpha / r
+        kind = "embedding" if "embedding" in found else ("conv" if A.ndim > 2 else "linear")
+        magnitude = found.get("magnitude")
+        if use_dora and magnitude is None:
+            raise CorruptFile(f"{origin}: module {module} uses DoRA but has no lora_magnitude_vector")
+        try:
+            layers[module] = LowRank(
+                A=A, B=B, scale=float(scale), kind=kind, fan_in_fan_out=fan_in_fan_out and kind == "linear",
+                alpha=float(alpha), magnitude=magnitude, bias=found.get("bias"),
+            )
+        except (ValueError, UnsupportedAdapter) as exc:
+            raise UnsupportedAdapter(f"{origin}: module {module}: {exc}") from None
+    if not layers:
+        raise CorruptFile(f"{origin}: no LoRA tensors (lora_A/lora_B) found")
+    return Adapter(
+        layers,
+        base_model=config.get("base_model_name_or_path"),
+        task_type=config.get("task_type"),
+        source_format=source_format,
+        source=source if source is not None else str(origin),
+        full_weights=full_weights,
+        config=config,
+    )
+
+
+def split_key(key: str, key_prefix: str = KEY_PREFIX) -> tuple[str, str, str] | None:
+    """``(module, part, param)`` of a LoRA tensor key, or None for any other key.
+
+    Accepts keys with or without the adapter name (``lora_A.default.weight``) and the prefix.
+
+    Example:
+        >>> split_key("base_model.model.model.layers.0.q_proj.lora_A.weight")
+        ('model.layers.0.q_proj', 'lora_A', 'weight')
+        >>> split_key("base_model.model.embed.lora_embedding_B")
+        ('embed', 'lora_embedding_B', 'weight')
+    """
+    tokens = key.split(".")
+    positions = [i for i, t in enumerate(tokens) if t in _FACTOR_PARTS]
+    if not positions or positions[-1] == 0:
+        return None
+    i = positions[-1]
+    rest = tokens[i + 1:]
+    if len(rest) > 2:
+        return None
+    param = rest[-1] if rest and rest[-1] in ("weight", "bias") else "weight"
+    module = ".".join(tokens[:i])
+    if module.startswith(key_prefix):
+        module = module[len(key_prefix):]
+    return module, tokens[i], param
+
+
+def write(adapter: Adapter, folder: Path, *, dtype: torch.dtype) -> None:
+    """Write ``adapter`` as a PEFT folder: scale baked in, per-module ranks as full-path patterns."""
+    _refuse_unwritable(adapter)
+    layers = {name: lr.baked() for name, lr in adapter.layers.items()}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, lr in layers.items():
+        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if lr.kind == "embedding" else ("lora_A.weight", "lora_B.weight")
+        tensors[f"{KEY_PREFIX}{name}.{a_key}"] = lr.A.to(dtype)
+        tensors[f"{KEY_PREFIX}{name}.{b_key}"] = lr.B.to(dtype)
+    for name, tensor in adapter.full_weights.items():
+        tensors[f"{KEY_PREFIX}{name}"] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    ranks = {name: lr.rank for name, lr in layers.items()}
+    config = build_config(adapter, ranks)
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_safetensors(tensors, folder / WEIGHTS_NAME)
+
+
+def build_config(adapter: Adapter, ranks: dict[str, int]) -> dict[str, Any]:
+    """The ``adapter_config.json`` for baked factors of the given per-module ranks (alpha = rank)."""
+    default_rank = Counter(ranks.values()).most_common(1)[0][0]
+    rank_pattern = full_path_patterns(ranks, default_rank)
+    modules_to_save = sorted({k.rsplit(".", 1)[0] for k in adapter.full_weights}) or None
+    return {
+        "peft_type": "LORA",
+        "task_type": adapter.task_type,
+        "base_model_name_or_path": adapter.base_model,
+        "revision": None,
+        "r": default_rank,
+        "lora_alpha": default_rank,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": dict(rank_pattern),
+        "target_modules": list(ranks),
+        "use_rslora": False,
+        "use_dora": False,
+        "lora_bias": False,
+        "bias": "none",
+        "lora_dropout": 0.0,
+        "fan_in_fan_out": any(lr.fan_in_fan_out for lr in adapter.layers.values()),
+        "modules_to_save": modules_to_save,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+
+
+def full_path_patterns(values: dict[str, int], default: int) -> dict[str, int]:
+    """A ``rank_pattern`` giving every module its value under PEFT's matching, whatever the key order.
+
+    Full module paths are used as keys. PEFT matches a key against any path that *ends* with it,
+    so a key that is a dotted suffix of another module's path is anchored with ``^`` (honoured by
+    PEFT ≥ 0.15). The result is checked in both the written and the sorted key order.
+
+    Example:
+        >>> full_path_patterns({"a.q": 4, "b.q": 8, "x.a.q": 8}, 8)
+        {'^a.q': 4}
+    """
+    modules = list(values)
+    pattern: dict[str, int] = {}
+    for key in modules:
+        if values[key] == default:
+            continue
+        clashes = any(other != key and _peft_matches(key, other) for other in modules)
+        pattern[("^" + key) if clashes else key] = values[key]
+    for order in (pattern, dict(sorted(pattern.items()))):
+        for m in modules:
+            k = pattern_key(order, m)
+            got = order[k] if k is not None else default
+            if got != values[m]:
+                raise RuntimeError(f"internal error: rank pattern resolves {m} to {got}, expected {values[m]}")
+    return pattern
+
+
+def _peft_matches(key: str, module: str) -> bool:
+    return re.match(rf"(.*\.)?({key})$", module) is not None
+
+
+def _weights_file(path: Path, folder: Path) -> Path:
+    if path.is_file():
+        return path
+    for name in (WEIGHTS_NAME, PICKLE_WEIGHTS_NAME):
+        if (folder / name).is_file():
+            return folder / name
+    raise CorruptFile(f"{folder}: has {CONFIG_NAME} but no {WEIGHTS_NAME}")
+
+
+def _refuse_unwritable(adapter: Adapter) -> None:
+    for name, lr in adapter.layers.items():
+        if lr.magnitude is not None:
+            raise UnsupportedAdapter(
+                f"module {name}: a DoRA magnitude cannot be written as a plain LoRA; fold the adapter instead"
+            )
+        if lr.bias is not None:
+            raise UnsupportedAdapter(f"module {name}: lora_B bias (lora_bias) cannot be written as a plain LoRA")

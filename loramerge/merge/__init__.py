@@ -1,0 +1,1 @@
+"""The merge layer: aligning sources (plan), per-module overrides, the engine, and the method registry."""
