@@ -136,3 +136,51 @@ def test_several_unknown_parameters_on_one_module_are_refused(moe, tmp_path):
     (folder / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(loramerge.UnsupportedAdapter, match="order PEFT nested them"):
         loramerge.load(folder)
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(tokens()).logits
+
+
+def _folded_logits(folder) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    return _logits(AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval())
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "gpt_oss", "mixtral"])
+def test_fold_of_fused_expert_lora_matches_peft_merge_and_unload(kind, tmp_path):
+    model = tiny_moe(kind)
+    model.save_pretrained(tmp_path / "base")
+    adapter = make_peft_adapter(model, tmp_path / "ad", base_model_name=None, r=2, lora_alpha=4,
+                                target_modules=["q_proj"], target_parameters=EXPERT_TARGETS)
+    result = loramerge.fold(tmp_path / "base", adapter, output=tmp_path / "out")
+    assert any("experts" in name for name in result.changed)
+    merged = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(adapter)).merge_and_unload()
+    expected = _logits(merged)
+    assert not torch.allclose(expected, _logits(model), atol=1e-3)
+    torch.testing.assert_close(_folded_logits(tmp_path / "out"), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_per_expert_mixtral_lora_folds_into_the_per_expert_checkpoint(tmp_path):
+    model = tiny_moe("mixtral")
+    model.save_pretrained(tmp_path / "base")
+    fused = make_peft_adapter(model, tmp_path / "ad", base_model_name=None, r=2, lora_alpha=4,
+                              target_parameters=EXPERT_TARGETS)
+    per_expert = to_per_expert(loramerge.load(fused), "mixtral")
+    assert "model.layers.0.block_sparse_moe.experts.3.w2" in per_expert
+    folder = per_expert.save(tmp_path / "per_expert")
+    assert loramerge.load(folder).config["target_modules"]  # plain modules, no target_parameters
+    loramerge.fold(tmp_path / "base", folder, output=tmp_path / "out")
+    merged = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(fused)).merge_and_unload()
+    torch.testing.assert_close(_folded_logits(tmp_path / "out"), _logits(merged), rtol=1e-5, atol=1e-5)
+
+
+def test_expert_lora_that_fits_no_expert_tensor_is_refused(tmp_path):
+    model = tiny_moe("qwen3_moe")
+    model.save_pretrained(tmp_path / "base")
+    odd = Adapter({"model.layers.0.mlp.experts.down_proj[9]": LowRank(torch.ones(1, 24), torch.ones(32, 1))})
+    with pytest.raises(loramerge.IncompatibleAdapters, match=r"down_proj\[9\]"):
+        loramerge.fold(tmp_path / "base", odd, output=tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -60,6 +60,14 @@ from loramerge.errors import (
     UnsupportedAdapter,
     WriteFailed,
 )
+from loramerge.fold.quant import (
+    BaseQuant,
+    drops_quantization_config,
+    open_fold_base,
+    output_dtype,
+    quant_plan,
+    requantize,
+)
 from loramerge.io.checkpoint import (
     FLOAT_CODES,
     WEIGHT_SUFFIXES,
@@ -75,6 +83,7 @@ from loramerge.io.checkpoint import (
     safetensors_name,
     shard_names,
 )
+from loramerge.io.experts import FusedSlice, parse_expert_name, resolve_expert
 from loramerge.io.formats.tensorfile import read_json_object
 from loramerge.io.names import (
     Resolver,
@@ -114,6 +123,7 @@ class Update:
     transposed: bool = False
     tensor: torch.Tensor | None = None
     rows: tuple[int, int, int] | None = None  # (source, start, size): update rows → tensor rows; None: whole
+    expert: int | None = None  # a fused 3-D expert tensor: the update is this expert's slice
 
 
 @dataclass
@@ -161,6 +171,10 @@ def fold(
     ignore_base_mismatch: bool = False,
     resolver: Resolver | None = None,
     progress: bool = False,
+    base_quant: str | BaseQuant | None = None,
+    keep_quant: bool = False,
+    quantize: str | None = None,
+    double_quant: bool = False,
     **params: Any,
 ) -> FoldResult:
     """Fold one or more adapters into the base model at ``base`` and write the model to ``output``.
@@ -179,6 +193,15 @@ def fold(
     embeddings: ``refuse`` (default), ``untie`` (write both, set ``tie_word_embeddings: false``:
     the adapted model exactly) or ``shared`` (fold into the shared matrix, as PEFT does).
     ``strict`` refuses an adapter trained on another base model instead of warning.
+
+    Quantized bases (:mod:`loramerge.fold.quant`): ``base_quant`` (``"nf4"``/``"fp4"``, or a
+    :class:`~loramerge.io.quant.view.BaseQuant` for the block size, double quantization and skipped
+    modules) folds into dequant(quant(W)) of every weight transformers quantizes in 4-bit, the
+    weights a QLoRA adapter was trained against, and writes bfloat16 unless ``dtype`` says. A
+    pre-quantized base (bitsandbytes 4/8-bit, FP8 block-scaled, GPTQ, AWQ) is dequantized on the
+    fly and written in full precision, or, with ``keep_quant``, quantized again the same way
+    (bitsandbytes, FP8). ``quantize`` (``"nf4"``/``"fp4"``, ``double_quant``) writes a pre-quantized
+    bitsandbytes 4-bit checkpoint.
 
     Example:
         >>> import tempfile, torch
@@ -205,7 +228,8 @@ def fold(
         raise NonFiniteValues(f"weights must be finite, got {weight_list}")
     if tied_embeddings_mode not in TIED_MODES:
         raise InvalidParameter(f"tied_embeddings_mode must be one of {', '.join(TIED_MODES)}, got {tied_embeddings_mode!r}")
-    out_dtype = _fold_dtype(dtype)
+    quant = quant_plan(base_quant, keep_quant, quantize, double_quant)
+    out_dtype = output_dtype(quant, _fold_dtype(dtype))
     compute = parse_dtype(compute_dtype) or torch.float32
     shard_limit = parse_size(shard_size)
     target = resolve_device(device)
@@ -223,7 +247,7 @@ def fold(
         notes = _check_bases(loaded, folder, {"_name_or_path": index.get("_name_or_path")}, strict)
         families, described = _pipeline_family(index), f"a diffusers {index.get('_class_name', 'pipeline')} folder"
     else:
-        ckpt = open_checkpoint(folder, allow_pickle=allow_pickle)
+        ckpt = open_fold_base(folder, quant, allow_pickle, out_dtype)
         notes = _check_bases(loaded, folder, ckpt.config, strict)
         if resolver is None:
             resolver = default_resolver(ckpt)
@@ -264,13 +288,16 @@ def fold(
         else:
             with atomic_output(output, force=force) as tmp:
                 written = _write_model(ckpt, plan, layout, tmp, compute, target, progress, shard_limit is None)
-                config_changes = _write_config(ckpt, tmp, out_dtype, plan.untie)
+                config_changes = _write_config(ckpt, tmp, out_dtype, plan.untie, drops_quantization_config(ckpt, quant))
+                quantization = requantize(tmp, ckpt, quant, out_dtype) if not single else {}
                 for path in iter_plain_files(folder, ckpt.weight_files | {"config.json", RECIPE_NAME}):
                     dest = tmp / path.relative_to(folder)
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(path, dest)
                 recipe = _recipe(job, _base_info(folder, ckpt), loaded, sorted(plan.updates), plan.notes,
                                  config_changes)
+                if quantization:
+                    recipe["quantization"] = quantization
                 (tmp / RECIPE_NAME).write_text(json.dumps(recipe, indent=2) + "\n")
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
@@ -610,6 +637,12 @@ def plan_fold(ckpt: Checkpoint, units: Sequence[tuple[Adapter, float]], *, resol
             kind: UpdateKind = "dora" if lr.magnitude is not None else "lora"
             if kind == "dora":
                 _check_weight_for_full(weight, label, module, "a DoRA update")
+            fused = _place_expert(ckpt, resolver, module, lookup, lr, label)
+            if fused is not None:
+                updates.setdefault(fused.name, []).append(Update("lora", label, module, weight, lr, fused.transposed,
+                                                                 expert=fused.expert))
+                count += 1
+                continue
             for tensor, rows, transposed in _place(ckpt, resolver, f"{module}.weight", lookup, tie, lr, lr.kind == "linear",
                                                    label, module, "module"):
                 if kind == "dora":
@@ -634,6 +667,21 @@ def plan_fold(ckpt: Checkpoint, units: Sequence[tuple[Adapter, float]], *, resol
     return plan
 
 
+def _place_expert(ckpt: Checkpoint, resolver: Resolver, module: str, lookup: set[str], lr: LowRank,
+                  label: str) -> FusedSlice | None:
+    """The fused 3-D tensor slice of an expert update (``….experts.down_proj[3]``), if the base stores it fused.
+
+    Per-expert modules on disk are found by :func:`_place` through the same :func:`resolve_expert`.
+    """
+    if parse_expert_name(module) is None:
+        return None
+    if lr.magnitude is not None or lr.bias is not None or lr.kind != "linear":
+        raise UnsupportedAdapter(f"{label}: expert update {module} must be a plain linear LoRA")
+    found = resolve_expert(module, lookup, lambda n: ckpt.tensors[n].shape, resolver, ckpt.config.get("model_type"),
+                           lr.matrix_shape)
+    return found if isinstance(found, FusedSlice) else None
+
+
 def _place(ckpt: Checkpoint, resolver: Resolver, path: str, lookup: set[str], tie: tuple[str, str] | None,
            update: LowRank | tuple[int, ...], may_transpose: bool, label: str, module: str, what: str
            ) -> list[tuple[str, tuple[int, int, int] | None, bool]]:
@@ -644,7 +692,12 @@ def _place(ckpt: Checkpoint, resolver: Resolver, path: str, lookup: set[str], ti
     orientation decided as for Hugging Face checkpoints; :class:`~loramerge.io.names.Target` answers
     say it themselves. The slices must cover every row of the update.
     """
-    found = resolver(path, lookup)
+    expert = parse_expert_name(path.removesuffix(".weight"))
+    if expert is not None and isinstance(update, LowRank):
+        found = resolve_expert(path.removesuffix(".weight"), lookup, lambda n: _tensor_shape(ckpt, n, tie), resolver,
+                               ckpt.config.get("model_type"), update.matrix_shape) or None
+    else:
+        found = resolver(path, lookup)
     targets = as_targets(found)
     missing = [t.name for t in targets or [] if t.name not in lookup]
     if targets is None or missing:
@@ -896,7 +949,7 @@ def _write_model(ckpt: Checkpoint, plan: FoldPlan, layout: list[OutShard], tmp: 
                 for entry in shard.entries:
                     source = shard.sources[entry.name]
                     updates = plan.updates.get(entry.name)
-                    if updates is None and entry.dtype == source.dtype and not ckpt.pickled:
+                    if updates is None and entry.dtype == source.dtype and ckpt.copyable(source.name):
                         writer.copy(entry.name, source)
                     else:
                         out = _dtype_of(entry.dtype)
@@ -1037,6 +1090,12 @@ def _lora_rows(update: Update, factors: tuple[torch.Tensor, ...], start: int, st
 def _apply_rows(block: torch.Tensor, update: Update, factors: tuple[torch.Tensor, ...], start: int,
                 stop: int) -> torch.Tensor:
     """Add ``update`` to ``block``, which holds rows ``start:stop`` of the tensor (in place)."""
+    if update.expert is not None:
+        if start <= update.expert < stop:  # one expert's (out, in) — or (in, out) — matrix of a 3-D tensor
+            B, A = factors
+            matrix = block[update.expert - start]
+            matrix.addmm_(A.T, B.T) if update.transposed else matrix.addmm_(B, A)
+        return block
     if update.rows is None:
         return _apply_range(block, update, factors, start, stop)
     source, first, size = update.rows
@@ -1108,12 +1167,15 @@ def _check_finite(tensor: torch.Tensor, name: str) -> None:
 # ------------------------------------------------------------------------------- config and recipe
 
 
-def _write_config(ckpt: Checkpoint, tmp: Path, out_dtype: torch.dtype | None, untie: bool) -> dict[str, Any]:
+def _write_config(ckpt: Checkpoint, tmp: Path, out_dtype: torch.dtype | None, untie: bool,
+                  drop_quantization: bool = False) -> dict[str, Any]:
     source = ckpt.folder / "config.json"
     if not source.is_file():
         return {}
     config = json.loads(source.read_text())
     changes: dict[str, Any] = {}
+    if drop_quantization and config.pop("quantization_config", None) is not None:
+        changes["quantization_config"] = None
     if out_dtype is not None:
         name = str(out_dtype).removeprefix("torch.")
         for holder in (config, config.get("text_config")):

@@ -16,13 +16,14 @@ modules (and back) exactly.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 import torch
 
 from loramerge.core.adapter import Adapter, LowRank
 from loramerge.errors import IncompatibleAdapters, UnsupportedAdapter
+from loramerge.io.names import Target
 
 # PEFT nests one ParamWrapper per targeted parameter of a module, in the order the module registers
 # its parameters (innermost first). transformers' expert modules all register these in this order.
@@ -215,3 +216,59 @@ def _layout(name: str) -> ExpertLayout:
         return EXPERT_LAYOUTS[name]
     except KeyError:
         raise UnsupportedAdapter(f"unknown expert layout {name!r}; known: {', '.join(EXPERT_LAYOUTS)}") from None
+
+
+@dataclass(frozen=True)
+class FusedSlice:
+    """An expert's update lands in slice ``expert`` of the 3-D tensor ``name`` (stored ``(in, out)`` if ``transposed``)."""
+
+    name: str
+    expert: int
+    transposed: bool
+
+
+def resolve_expert(module: str, names: Collection[str], shape_of: Callable[[str], tuple[int, ...]],
+                   resolver: Callable[[str, Collection[str]], object], model_type: str | None,
+                   out_in: tuple[int, int]) -> FusedSlice | list[Target] | None:
+    """Where the expert slice ``module`` (``….experts.gate_up_proj[3]``) of shape ``out_in`` goes in a checkpoint.
+
+    A 3-D tensor of that parameter's name (gpt-oss, or a checkpoint saved fused) gets the update in
+    its expert's slice, transposed when the model stores experts ``(in, out)``; otherwise each
+    :data:`EXPERT_LAYOUTS` layout is tried for per-expert modules, the fused rows split among them.
+    Raises :class:`~loramerge.errors.IncompatibleAdapters` when a place is found but shapes disagree.
+
+    Example:
+        >>> shapes = {"m.experts.gate_up_proj": (4, 6, 3)}
+        >>> resolve_expert("m.experts.gate_up_proj[1]", shapes, shapes.get, lambda p, n: p if p in n else None,
+        ...                None, (6, 3))
+        FusedSlice(name='m.experts.gate_up_proj', expert=1, transposed=False)
+    """
+    parsed = parse_expert_name(module)
+    if parsed is None:
+        return None
+    base, param, expert = parsed
+    fused = resolver(f"{base}.{param}", names)
+    if isinstance(fused, str):
+        shape = tuple(shape_of(fused))
+        out, inputs = out_in
+        fits = {"plain": shape[1:] == (out, inputs), "transposed": shape[1:] == (inputs, out)}
+        if len(shape) != 3 or expert >= shape[0] or not any(fits.values()):
+            raise IncompatibleAdapters(f"{module}: an expert update of shape {out_in} does not fit expert {expert} of "
+                                       f"{fused} of shape {shape}")
+        transposed = fits["transposed"] and (not fits["plain"] or model_type in TRANSPOSED_EXPERT_MODELS)
+        return FusedSlice(fused, expert, transposed)
+    for layout in EXPERT_LAYOUTS.values():
+        parts = layout.parts.get(param)
+        if not parts:
+            continue
+        prefix = layout.expert_prefix(base, expert)
+        found = [resolver(f"{prefix}.{part}.weight", names) for part in parts]
+        if not all(isinstance(f, str) for f in found):
+            continue
+        targets, source = [], 0
+        for name in found:
+            rows = shape_of(name)[0]  # type: ignore[arg-type]
+            targets.append(Target(name, start=0, size=rows, source=source))  # type: ignore[arg-type]
+            source += rows
+        return targets
+    return []

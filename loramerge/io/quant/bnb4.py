@@ -355,3 +355,41 @@ def state_from_tensors(tensors: dict[str, torch.Tensor], prefix: str) -> QuantSt
 
 STATE_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map",
                   "quant_state.bitsandbytes__nf4", "quant_state.bitsandbytes__fp4")
+
+
+def codes_in_range(values: torch.Tensor, first: int, absmax: torch.Tensor, total: int, quant_type: str,
+                   blocksize: int) -> torch.Tensor:
+    """The 4-bit codes of ``values``, the flat elements ``first …`` of a weight of ``total`` elements.
+
+    Gives, slice by slice, exactly what :func:`quantize_codes` gives for the whole weight: each value
+    scaled by its block's reciprocal absmax (a trailing partial block: divided by it), clamped and
+    bucketed.
+
+    Example:
+        >>> w = torch.randn(300)
+        >>> absmax = block_absmax(w, 64)
+        >>> whole = quantize_codes(w, absmax, "nf4", 64)
+        >>> bool(torch.equal(codes_in_range(w[100:250], 100, absmax, 300, "nf4", 64), whole[100:250]))
+        True
+    """
+    flat = values.reshape(-1).float()
+    index = torch.arange(first, first + flat.numel(), device=flat.device) // blocksize
+    full_blocks = total // blocksize
+    reciprocal = 1.0 / absmax[:full_blocks].clamp(min=_TINY)
+    if full_blocks < absmax.numel():
+        reciprocal = torch.cat([reciprocal, reciprocal.new_ones(1)])
+    scaled = flat * reciprocal.to(flat.device)[index]
+    tail = index >= full_blocks
+    if bool(tail.any()):
+        scaled[tail] = flat[tail] / absmax[full_blocks].to(flat.device)
+    scaled.clamp_(-1, 1)
+    bounds, order = _bounds(quant_type)
+    bucket = torch.bucketize(scaled, bounds.to(flat.device))
+    return order.to(flat.device)[bucket] if quant_type != "nf4" else bucket.to(torch.uint8)
+
+
+def values_in_range(codes: torch.Tensor, first: int, scales: torch.Tensor, quant_map: torch.Tensor,
+                    blocksize: int) -> torch.Tensor:
+    """Float32 ``quant_map[code] · scale`` of flat elements ``first …`` (bit for bit :func:`scale_blocks`)."""
+    index = torch.arange(first, first + codes.numel(), device=codes.device) // blocksize
+    return quant_map.float().to(codes.device)[codes.reshape(-1).to(torch.int64)] * scales.float().to(codes.device)[index]
