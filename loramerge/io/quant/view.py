@@ -53,12 +53,17 @@ class BaseQuant:
 
 @dataclass
 class Decoder:
-    """How to produce one logical tensor's rows: ``rows(ckpt, start, stop)`` in float32, cast by the caller."""
+    """How to produce one logical tensor's rows: ``rows(ckpt, start, stop)``, float32 values.
+
+    ``cast`` is the dtype the format's own dequantization rounds to (bitsandbytes 4-bit returns the
+    weight's dtype); None keeps the exact float32 values, so the fold rounds once, after the update.
+    """
 
     info: TensorInfo
     hidden: tuple[str, ...]
     rows: Callable[[Checkpoint, int, int], torch.Tensor]
     kind: str
+    cast: torch.dtype | None = None
 
 
 @dataclass
@@ -77,9 +82,9 @@ class DequantizedCheckpoint(Checkpoint):
         if decoder is None:
             assert self.stored is not None
             return self.stored.read_rows(name, start, stop, buffer=buffer)
-        dtype = decoder.info.torch_dtype
-        assert self.stored is not None and dtype is not None
-        return decoder.rows(self.stored, start, stop).to(dtype)
+        assert self.stored is not None
+        values = decoder.rows(self.stored, start, stop)
+        return values.to(decoder.cast) if decoder.cast is not None else values
 
     @contextmanager
     def mapped(self, name: str) -> Iterator[torch.Tensor]:
@@ -232,7 +237,7 @@ def _bnb4_decoder(ckpt: Checkpoint, weight: str, dtype: torch.dtype | None) -> D
             stop - start, *state.shape[1:])
 
     info = _logical(packed, weight, state.shape, dtype or state.dtype)
-    return Decoder(info, tuple(n for n in names if n in ckpt.tensors), rows, state.quant_type)
+    return Decoder(info, tuple(n for n in names if n in ckpt.tensors), rows, state.quant_type, cast=state.dtype)
 
 
 def _int8_decoder(ckpt: Checkpoint, module: str, dtype: torch.dtype) -> Decoder:
@@ -375,5 +380,5 @@ def _fake_decoder(info: TensorInfo, spec: BaseQuant, dtype: torch.dtype, transpo
             cache.clear()
         return result
 
-    return Decoder(_logical(info, name, shape, dtype), (), rows, spec.quant_type)
+    return Decoder(_logical(info, name, shape, dtype), (), rows, spec.quant_type, cast=dtype)
 
