@@ -184,3 +184,19 @@ def test_expert_lora_that_fits_no_expert_tensor_is_refused(tmp_path):
     with pytest.raises(loramerge.IncompatibleAdapters, match=r"down_proj\[9\]"):
         loramerge.fold(tmp_path / "base", odd, output=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_converts_fused_experts_to_per_expert_modules_and_back(moe, tmp_path):
+    from tests.cli_helpers import run_cli
+
+    source = moe["qwen3_moe"][1][0]
+    result = run_cli("convert", source, "-o", tmp_path / "split", "--experts", "split")
+    assert result.exit_code == 0, result.output
+    split = loramerge.load(tmp_path / "split")
+    assert "model.layers.0.mlp.experts.1.up_proj" in split and not split.config.get("target_parameters")
+    result = run_cli("convert", tmp_path / "split", "-o", tmp_path / "fused", "--experts", "fuse")
+    assert result.exit_code == 0, result.output
+    fused, original = loramerge.load(tmp_path / "fused"), loramerge.load(source)
+    assert set(fused) == set(original)
+    for name in original:
+        torch.testing.assert_close(fused.delta(name), original.delta(name), rtol=1e-5, atol=1e-6)
