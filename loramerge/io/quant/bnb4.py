@@ -122,6 +122,22 @@ def _scaled(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.T
     return scaled
 
 
+def bucket(scaled: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    """``torch.bucketize(scaled, bounds)`` (uint8) for a short ``bounds``: the count of bounds below each value.
+
+    Fifteen vectorized comparisons run several times faster than bucketize's per-element binary
+    search, and give the same index for every finite value.
+
+    Example:
+        >>> bucket(torch.tensor([-2.0, 0.0, 0.5, 3.0]), torch.tensor([-1.0, 0.0, 1.0])).tolist()
+        [0, 1, 2, 3]
+    """
+    index = torch.zeros(scaled.shape, dtype=torch.uint8, device=scaled.device)
+    for bound in bounds.tolist():
+        index += torch.gt(scaled, bound)
+    return index
+
+
 def quantize_codes(flat: torch.Tensor, absmax: torch.Tensor, quant_type: str, blocksize: int) -> torch.Tensor:
     """The unpacked 4-bit code (uint8, 0…15) of every value of ``flat`` given its blocks' float32 ``absmax``.
 
@@ -130,9 +146,8 @@ def quantize_codes(flat: torch.Tensor, absmax: torch.Tensor, quant_type: str, bl
         [15, 0, 7, 12]
     """
     bounds, order = _bounds(quant_type)
-    scaled = _scaled(flat, absmax, blocksize)
-    index = torch.bucketize(scaled, bounds.to(scaled.device))
-    return order.to(scaled.device)[index] if quant_type != "nf4" else index.to(torch.uint8)
+    index = bucket(_scaled(flat, absmax, blocksize), bounds)
+    return order.to(index.device)[index.long()] if quant_type != "nf4" else index
 
 
 def pack(codes: torch.Tensor) -> torch.Tensor:
@@ -153,9 +168,11 @@ def unpack(packed: torch.Tensor, count: int) -> torch.Tensor:
         >>> unpack(torch.tensor([18, 240], dtype=torch.uint8), 3).tolist()
         [1, 2, 15]
     """
-    data = packed.reshape(-1).contiguous().view(torch.uint8).to(torch.int64)
-    codes = torch.stack([data >> 4, data & 0xF], dim=1).reshape(-1)
-    return codes[:count]
+    data = packed.reshape(-1).contiguous().view(torch.uint8)
+    codes = torch.empty(2 * data.numel(), dtype=torch.uint8, device=data.device)
+    codes[0::2] = data >> 4
+    codes[1::2] = data & 0xF
+    return codes[:count].long()
 
 
 def scale_blocks(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
@@ -373,23 +390,35 @@ def codes_in_range(values: torch.Tensor, first: int, absmax: torch.Tensor, total
         True
     """
     flat = values.reshape(-1).float()
-    index = torch.arange(first, first + flat.numel(), device=flat.device) // blocksize
-    full_blocks = total // blocksize
-    reciprocal = 1.0 / absmax[:full_blocks].clamp(min=_TINY)
-    if full_blocks < absmax.numel():
-        reciprocal = torch.cat([reciprocal, reciprocal.new_ones(1)])
-    scaled = flat * reciprocal.to(flat.device)[index]
-    tail = index >= full_blocks
-    if bool(tail.any()):
-        scaled[tail] = flat[tail] / absmax[full_blocks].to(flat.device)
+    count, full_blocks = flat.numel(), total // blocksize
+    absmax = absmax.to(flat.device)
+    if first % blocksize == 0 and count % blocksize == 0 and first + count <= full_blocks * blocksize:
+        # whole blocks, the fold's usual case: a broadcast multiply, no per-element index
+        b0 = first // blocksize
+        reciprocal = 1.0 / absmax[b0:b0 + count // blocksize].clamp(min=_TINY)
+        scaled = (flat.view(-1, blocksize) * reciprocal.unsqueeze(1)).view(-1)
+    else:
+        index = torch.arange(first, first + count, device=flat.device) // blocksize
+        reciprocal = 1.0 / absmax[:full_blocks].clamp(min=_TINY)
+        if full_blocks < absmax.numel():
+            reciprocal = torch.cat([reciprocal, reciprocal.new_ones(1)])
+        scaled = flat * reciprocal[index]
+        tail = index >= full_blocks
+        if bool(tail.any()):
+            scaled[tail] = flat[tail] / absmax[full_blocks]
     scaled.clamp_(-1, 1)
     bounds, order = _bounds(quant_type)
-    bucket = torch.bucketize(scaled, bounds.to(flat.device))
-    return order.to(flat.device)[bucket] if quant_type != "nf4" else bucket.to(torch.uint8)
+    index = bucket(scaled, bounds)
+    return order.to(flat.device)[index.long()] if quant_type != "nf4" else index
 
 
 def values_in_range(codes: torch.Tensor, first: int, scales: torch.Tensor, quant_map: torch.Tensor,
                     blocksize: int) -> torch.Tensor:
     """Float32 ``quant_map[code] · scale`` of flat elements ``first …`` (bit for bit :func:`scale_blocks`)."""
+    values = quant_map.float().to(codes.device)[codes.reshape(-1).to(torch.int64)]
+    scales = scales.float().to(codes.device)
+    if first % blocksize == 0 and values.numel() % blocksize == 0:
+        b0 = first // blocksize
+        return (values.view(-1, blocksize) * scales[b0:b0 + values.numel() // blocksize].unsqueeze(1)).view(-1)
     index = torch.arange(first, first + codes.numel(), device=codes.device) // blocksize
-    return quant_map.float().to(codes.device)[codes.reshape(-1).to(torch.int64)] * scales.float().to(codes.device)[index]
+    return values * scales[index]

@@ -89,7 +89,7 @@ class DequantizedCheckpoint(Checkpoint):
     @contextmanager
     def mapped(self, name: str) -> Iterator[torch.Tensor]:
         if name in self.decoders:
-            yield self.read(name)
+            yield _LazyRows(self, name)  # type: ignore[misc]  # decoded a row block at a time, as sliced
             return
         assert self.stored is not None
         with self.stored.mapped(name) as view:
@@ -98,6 +98,18 @@ class DequantizedCheckpoint(Checkpoint):
     def release(self) -> None:
         if self.stored is not None:
             self.stored.release()
+
+
+class _LazyRows:
+    """Stands in for a mapped tensor: ``rows[start:stop]`` decodes just those rows."""
+
+    def __init__(self, ckpt: DequantizedCheckpoint, name: str) -> None:
+        self.ckpt, self.name = ckpt, name
+        self.shape = ckpt.tensors[name].shape
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        start, stop, _ = rows.indices(self.shape[0])
+        return self.ckpt.read_rows(self.name, start, stop)
 
 
 def open_base(folder: str | Path, *, allow_pickle: bool = False, base_quant: BaseQuant | None = None,
