@@ -13,7 +13,7 @@ Example:
 from loramerge._version import __version__
 from loramerge.convert import convert
 from loramerge.core.adapter import Adapter, LowRank
-from loramerge.core.linalg import RankPolicy
+from loramerge.core.rank import RankPolicy
 from loramerge.core.report import MergeReport, ModuleReport
 from loramerge.errors import (
     ConfigNotFound,

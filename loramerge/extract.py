@@ -28,9 +28,17 @@ import torch
 from tqdm.auto import tqdm
 
 from loramerge.core.adapter import Adapter, LowRank
-from loramerge.core.devices import dtype_name, one_core_spare, parse_dtype, resolve_device
-from loramerge.core.linalg import RankPolicy, dense_svd
-from loramerge.errors import IncompatibleAdapters, InvalidParameter
+from loramerge.core.devices import (
+    HostToDevice,
+    device_errors,
+    dtype_name,
+    execution_context,
+    one_core_spare,
+    parse_dtype,
+)
+from loramerge.core.linalg import dense_svd
+from loramerge.core.rank import RankPolicy, host_spectrum
+from loramerge.errors import IncompatibleAdapters, InvalidParameter, LoramergeError
 from loramerge.io.checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from loramerge.io.formats import get_format
 from loramerge.io.names import (

@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from loramerge._version import __version__
 from loramerge.core.adapter import Adapter, LowRank
 from loramerge.core.devices import dtype_name, one_core_spare, parse_dtype, resolve_device
-from loramerge.core.linalg import RankPolicy
+from loramerge.core.rank import RankPolicy
 from loramerge.core.report import MergeReport
 from loramerge.errors import (
     IncompatibleAdapters,

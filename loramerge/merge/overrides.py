@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from loramerge.core.linalg import RankPolicy
+from loramerge.core.rank import RankPolicy
 from loramerge.errors import InvalidParameter, LoramergeError
 from loramerge.merge.methods import MergeMethod
 

@@ -223,6 +223,17 @@ class MergeMethod:
     rank (as PEFT's svd does). ``accepts_rank=False`` refuses any rank option (``cat``).
     ``dense=True`` marks methods that build dense per-module updates; the engine runs their
     modules one at a time to bound memory.
+
+    ``uses_accelerator`` says whether the method's work runs on the compute device (``--device``)
+    or stays on the CPU. Methods that build dense ``m×n`` updates set it: their element-wise work
+    and the dense SVD after it are what an accelerator is for. The factor-space methods leave it
+    off: their work is Gram matrices of ``(m + n)×R`` factors and decompositions of ``R×R`` cores,
+    a few milliseconds per Llama-7B module on one CPU core (``benchmarks/device.py`` measures it),
+    where each small decomposition on a GPU costs a kernel launch and a synchronisation, and the
+    CPU runs several modules at once (mergekit's ``uses_accelerator`` draws the same line).
+
+    The function's keyword arguments must be exactly the parameters' names; a mismatch is a
+    ``TypeError`` when the method is defined, not a surprise in the middle of a merge.
     """
 
     name: str
