@@ -116,11 +116,14 @@ def merge(
     layers: dict[str, LowRank] = {}
     reports: list[ModuleReport] = []
     results = map_modules(merge_module, plan.modules, target, parallel=not (spec.dense and _largest_dense(plan) > DENSE_PARALLEL_LIMIT))
-    for module, (lowrank, module_report) in tqdm(zip(plan.modules, results), total=len(plan.modules),
-                                                 desc=f"merge ({spec.name})", unit="module",
-                                                 disable=not progress, leave=False):
-        layers[module] = lowrank
-        reports.append(module_report)
+    # The bar is closed (and its line cleared) when a module fails, so the error is the only line
+    # left; without a terminal there is no bar.
+    with tqdm(total=len(plan.modules), desc=f"merge ({spec.name})", unit="module",
+              disable=None if progress else True, leave=False) as bar:
+        for module, (lowrank, module_report) in zip(plan.modules, results):
+            layers[module] = lowrank
+            reports.append(module_report)
+            bar.update(1)
 
     report = MergeReport(
         method=spec.name,
