@@ -7,30 +7,22 @@ print it as is and exit without a traceback.
 Each class is also the builtin exception a Python user would reach for, so ``except
 FileNotFoundError`` or ``except ValueError`` in their code sees it too:
 
-=======================  ==================================  ==================================================
-class                    also a                              why
-=======================  ==================================  ==================================================
-``SourceNotFound``       ``FileNotFoundError`` (ENOENT)      a path or Hub id that is not there
-``ConfigNotFound``       ``FileNotFoundError`` (ENOENT)      a file the adapter needs is missing
-``OutputExists``         ``FileExistsError`` (EEXIST)        the output is there and ``force`` was not given
-``WriteFailed``          ``OSError``                         the file system refused the output
-``HubError``             ``OSError``                         a failed Hub request (connection, offline mode,
-                                                             credentials, rights), as huggingface_hub's own
-                                                             HTTP errors are ``OSError`` subclasses; not every
-                                                             case is a ``ConnectionError``
-``PickleRefused``        ``PermissionError`` (EPERM)         the file is readable; reading it is not permitted
-                                                             until the caller allows pickles: a refusal, not a
-                                                             malformed value
-``CorruptFile``          ``ValueError``                      a file whose content cannot be parsed
-``UnknownFormat``        ``ValueError``                      files whose layout matches no format
-``UnsupportedAdapter``   ``ValueError``                      a variant that cannot be merged or written
-``IncompatibleAdapters`` ``ValueError``                      sources that cannot be combined
-``InvalidParameter``     ``ValueError``                      an option, method, weight or device that is wrong
-``RecipeError``          ``ValueError``                      a recipe that does not validate
-``NonFiniteValues``      ``ValueError``, ``ArithmeticError`` NaN/Inf read from a file (a bad value) or produced
-                                                             by a merge that overflowed (an arithmetic failure)
-``OutOfMemory``          ``MemoryError``                     the compute device ran out of memory on a module
-=======================  ==================================  ==================================================
+| class | also a | why |
+|---|---|---|
+| `SourceNotFound` | `FileNotFoundError` (ENOENT) | a path or Hub id that is not there |
+| `ConfigNotFound` | `FileNotFoundError` (ENOENT) | a file the adapter needs is missing |
+| `OutputExists` | `FileExistsError` (EEXIST) | the output is there and `force` was not given |
+| `WriteFailed` | `OSError` | the file system refused the output |
+| `HubError` | `OSError` | a failed Hub request (connection, offline mode, credentials, rights); huggingface_hub's own HTTP errors are `OSError`s, and not every case is a `ConnectionError` |
+| `PickleRefused` | `PermissionError` (EPERM) | the file is readable, but reading it is not permitted until the caller allows pickles: a refusal, not a malformed value |
+| `CorruptFile` | `ValueError` | a file whose content cannot be parsed |
+| `UnknownFormat` | `ValueError` | files whose layout matches no format |
+| `UnsupportedAdapter` | `ValueError` | a variant that cannot be merged or written |
+| `IncompatibleAdapters` | `ValueError` | sources that cannot be combined |
+| `InvalidParameter` | `ValueError` | an option, method, weight or device that is wrong |
+| `RecipeError` | `ValueError` | a recipe that does not validate |
+| `NonFiniteValues` | `ValueError` and `ArithmeticError` | NaN/Inf read from a file (a bad value) or produced by a merge that overflowed (an arithmetic failure) |
+| `OutOfMemory` | `MemoryError` | the compute device ran out of memory on a module |
 
 Every error carries optional structured fields, ``None`` when unknown: ``path`` (the file,
 folder or Hub id), ``module`` (the module path being processed) and ``parameter`` (the option at
