@@ -173,22 +173,3 @@ class OutOfMemory(LoramergeError, MemoryError):
 class LoramergeWarning(UserWarning):
     """Something suspicious that does not stop the work (the CLI prints it as ``warning: ...``)."""
 
-
-__all__ = [
-    "ConfigNotFound",
-    "CorruptFile",
-    "HubError",
-    "IncompatibleAdapters",
-    "InvalidParameter",
-    "LoramergeError",
-    "LoramergeWarning",
-    "NonFiniteValues",
-    "OutOfMemory",
-    "OutputExists",
-    "PickleRefused",
-    "RecipeError",
-    "SourceNotFound",
-    "UnknownFormat",
-    "UnsupportedAdapter",
-    "WriteFailed",
-]

@@ -386,7 +386,8 @@ def folded(tmp_path_factory):
 
 def test_fold_on_each_device_matches_the_cpu(tmp_path, folded, device):
     base, adapters = folded
-    for method, extra in (("linear", {}), ("ties", {"rank": 4})):
+    # Methods without value thresholds: their results differ across devices by rounding only.
+    for method, extra in (("linear", {}), ("svd", {"rank": 4}), ("dare_linear", {"rank": 4})):
         outputs = {}
         for where in dict.fromkeys((str(device), "cpu")):
             out = tmp_path / f"{method}-{where}"
