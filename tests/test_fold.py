@@ -26,7 +26,8 @@ from loramerge.errors import (
     WriteFailed,
 )
 from loramerge.fold.engine import file_sha256
-from loramerge.io.checkpoint import ShardWriter, open_checkpoint
+from loramerge.io.checkpoint import open_checkpoint
+from loramerge.io.shards import ShardWriter
 from tests.fold_models import (
     load_toy,
     make_adapter,

@@ -64,16 +64,10 @@ from loramerge.io.checkpoint import (
     FLOAT_CODES,
     WEIGHT_SUFFIXES,
     Checkpoint,
-    OutEntry,
-    ShardWriter,
     TensorInfo,
     dtype_code,
     iter_plain_files,
     open_checkpoint,
-    pack_shards,
-    parse_size,
-    safetensors_name,
-    shard_names,
 )
 from loramerge.io.formats.tensorfile import read_json_object
 from loramerge.io.names import (
@@ -86,6 +80,7 @@ from loramerge.io.names import (
     tied_embeddings,
 )
 from loramerge.io.output import atomic_output, check_output
+from loramerge.io.shards import OutEntry, ShardWriter, pack_shards, parse_size, safetensors_name, shard_names
 from loramerge.io.sources import load, resolve_model
 from loramerge.merge.engine import merge
 

@@ -603,7 +603,7 @@ class _Reader:
                                                                    f"(or keep, for a fold), got {dtype!r}")
             out.dtype = dtype
         if "shard_size" in entry:
-            from loramerge.io.checkpoint import parse_size
+            from loramerge.io.shards import parse_size
 
             snode = entry["shard_size"][1]
             size = self.value(snode) if isinstance(snode, ScalarNode) else None
