@@ -200,7 +200,7 @@ def fold_description(recipe: Recipe, adapters: Sequence[Adapter]) -> list[str]:
     else:
         lines.append(f"fold: merge with {recipe.method}, then fold the merge")
     if local and (Path(base) / "config.json").is_file() and not (Path(base) / "model_index.json").exists():
-        from loramerge.fold.engine import plan_fold
+        from loramerge.fold.plan import plan_fold
         from loramerge.io.checkpoint import open_checkpoint
 
         weights = [float(s.weight.spec) if s.weight is not None and s.weight.is_constant else 1.0

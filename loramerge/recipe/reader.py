@@ -642,7 +642,7 @@ class _Reader:
 
 
 def _tied_modes() -> tuple[str, ...]:
-    from loramerge.fold.engine import TIED_MODES
+    from loramerge.fold.plan import TIED_MODES
 
     return TIED_MODES
 
