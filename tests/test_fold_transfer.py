@@ -113,7 +113,7 @@ def test_the_next_block_is_read_before_the_last_one_is_waited_for(tmp_path, monk
 
 
 def test_accelerator_plan_pins_copies_asynchronously_and_converts_on_the_device(tmp_path, monkeypatch):
-    ckpt, info, update = one_tensor(tmp_path)
+    ckpt, info, _ = one_tensor(tmp_path)
     pinned, copies = [], []
     host_buffer, to_device = transfer_module.host_buffer, transfer_module.to_device
 

@@ -16,7 +16,7 @@ from typing import Any
 from loramerge.core.adapter import Adapter
 from loramerge.errors import LoramergeError, UnsupportedAdapter
 from loramerge.merge.overrides import module_settings
-from loramerge.recipe.reader import Recipe
+from loramerge.recipe.model import Recipe
 from loramerge.recipe.schedule import NO_VALUE, depths
 
 

@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING
 from loramerge.core.adapter import Adapter
 from loramerge.errors import RecipeError
 from loramerge.recipe.fold import run_fold_recipe
+from loramerge.recipe.model import Recipe, saved_recipe
 from loramerge.recipe.plan import constant_settings, plan_recipe
-from loramerge.recipe.reader import Recipe, load_recipe, saved_recipe
+from loramerge.recipe.reader import load_recipe
 
 if TYPE_CHECKING:
     from loramerge.fold.job import FoldResult
