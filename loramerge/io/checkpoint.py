@@ -256,25 +256,30 @@ def open_checkpoint(folder: str | Path, *, allow_pickle: bool = False) -> Checkp
             ckpt = Checkpoint(folder, config, [folder / single_name], {})
             _index_safetensors(ckpt, None)
             return ckpt
-    pickle_index = folder / PICKLE_INDEX
-    if pickle_index.is_file() or (folder / PICKLE_SINGLE).is_file():
-        where = pickle_index if pickle_index.is_file() else folder / PICKLE_SINGLE
-        if not allow_pickle:
-            raise PickleRefused(
-                f"{where}: this model's weights are pickles, which can run code when loaded; pass --allow-pickle "
-                "(allow_pickle=True) to read them with torch.load(weights_only=True)"
-            )
-        if pickle_index.is_file():
-            shards, index_meta, weight_map = _read_index(pickle_index)
-            ckpt = Checkpoint(folder, config, shards, {}, index_file=pickle_index, index_metadata=index_meta,
-                              pickled=True)
-        else:
-            ckpt, weight_map = Checkpoint(folder, config, [folder / PICKLE_SINGLE], {}, pickled=True), None
-        _index_pickles(ckpt, weight_map)
-        return ckpt
+    if (folder / PICKLE_INDEX).is_file() or (folder / PICKLE_SINGLE).is_file():
+        return _open_pickles(folder, config, allow_pickle)
     raise SourceNotFound(
         f"{folder}: no model weights ({SAFE_SINGLE}, {SAFE_INDEX}, or with --allow-pickle {PICKLE_SINGLE})"
     )
+
+
+def _open_pickles(folder: Path, config: dict[str, Any], allow_pickle: bool) -> Checkpoint:
+    """A folder of ``pytorch_model*.bin`` weights, read only when the caller allows pickles."""
+    pickle_index = folder / PICKLE_INDEX
+    where = pickle_index if pickle_index.is_file() else folder / PICKLE_SINGLE
+    if not allow_pickle:
+        raise PickleRefused(
+            f"{where}: this model's weights are pickles, which can run code when loaded; pass --allow-pickle "
+            "(allow_pickle=True) to read them with torch.load(weights_only=True)"
+        )
+    if pickle_index.is_file():
+        shards, index_meta, weight_map = _read_index(pickle_index)
+        ckpt = Checkpoint(folder, config, shards, {}, index_file=pickle_index, index_metadata=index_meta,
+                          pickled=True)
+    else:
+        ckpt, weight_map = Checkpoint(folder, config, [folder / PICKLE_SINGLE], {}, pickled=True), None
+    _index_pickles(ckpt, weight_map)
+    return ckpt
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
