@@ -175,6 +175,18 @@ def unpack(packed: torch.Tensor, count: int) -> torch.Tensor:
     return codes[:count].long()
 
 
+def byte_values(raw: torch.Tensor, quant_map: torch.Tensor) -> torch.Tensor:
+    """Float32 code values of packed bytes ``raw``: two per byte, high nibble first (one gather per byte).
+
+    Example:
+        >>> byte_values(torch.tensor([0xF0], dtype=torch.uint8), code_table("nf4")).tolist()
+        [1.0, -1.0]
+    """
+    table = quant_map.float().to(raw.device)
+    pairs = torch.stack([table.repeat_interleave(16), table.repeat(16)], dim=1)  # byte → (high, low)
+    return pairs[raw.reshape(-1).to(torch.int64)].reshape(-1)
+
+
 def scale_blocks(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
     """``values`` (float32, flat) times their block's absmax, in float32, as bitsandbytes' dequantization does."""
     n = values.numel()
@@ -415,10 +427,14 @@ def codes_in_range(values: torch.Tensor, first: int, absmax: torch.Tensor, total
 def values_in_range(codes: torch.Tensor, first: int, scales: torch.Tensor, quant_map: torch.Tensor,
                     blocksize: int) -> torch.Tensor:
     """Float32 ``quant_map[code] · scale`` of flat elements ``first …`` (bit for bit :func:`scale_blocks`)."""
-    values = quant_map.float().to(codes.device)[codes.reshape(-1).to(torch.int64)]
-    scales = scales.float().to(codes.device)
+    return scale_range(quant_map.float().to(codes.device)[codes.reshape(-1).to(torch.int64)], first, scales, blocksize)
+
+
+def scale_range(values: torch.Tensor, first: int, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """Float32 ``values`` (flat elements ``first …``) times their block's scale."""
+    scales = scales.float().to(values.device)
     if first % blocksize == 0 and values.numel() % blocksize == 0:
         b0 = first // blocksize
         return (values.view(-1, blocksize) * scales[b0:b0 + values.numel() // blocksize].unsqueeze(1)).view(-1)
-    index = torch.arange(first, first + codes.numel(), device=codes.device) // blocksize
+    index = torch.arange(first, first + values.numel(), device=values.device) // blocksize
     return values * scales[index]

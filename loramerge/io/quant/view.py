@@ -31,7 +31,16 @@ _BNB4_STATE = tuple(f".{s}" for s in bnb4.STATE_SUFFIXES)
 
 @dataclass
 class BaseQuant:
-    """``--base-quant``: fold into ``dequant(quant(W))`` of every weight transformers would quantize in 4-bit."""
+    """``--base-quant``: fold into ``dequant(quant(W))`` of every weight transformers would quantize in 4-bit.
+
+    ``quant_type`` is ``nf4`` or ``fp4``; ``blocksize`` and ``double_quant`` are bitsandbytes'
+    (``bnb_4bit_use_double_quant``); ``skip_modules`` is ``llm_int8_skip_modules`` (it replaces
+    transformers' default of keeping ``lm_head`` in full precision).
+
+    Example:
+        >>> BaseQuant("nf4", blocksize=128, double_quant=True).describe()["blocksize"]
+        128
+    """
 
     quant_type: str = "nf4"
     blocksize: int = 64
@@ -244,9 +253,8 @@ def _bnb4_decoder(ckpt: Checkpoint, weight: str, dtype: torch.dtype | None) -> D
         row0, row1 = byte0 // storage, -(-byte1 // storage)
         raw = stored.read_rows(weight, row0, row1).contiguous().view(torch.uint8).reshape(-1)
         raw = raw[byte0 - row0 * storage: byte1 - row0 * storage]
-        codes = bnb4.unpack(raw, 2 * raw.numel())[first - 2 * byte0: first - 2 * byte0 + last - first]
-        return bnb4.values_in_range(codes, first, scales, state.quant_map, state.blocksize).reshape(
-            stop - start, *state.shape[1:])
+        values = bnb4.byte_values(raw, state.quant_map)[first - 2 * byte0: first - 2 * byte0 + last - first]
+        return bnb4.scale_range(values, first, scales, state.blocksize).reshape(stop - start, *state.shape[1:])
 
     info = _logical(packed, weight, state.shape, dtype or state.dtype)
     return Decoder(info, tuple(n for n in names if n in ckpt.tensors), rows, state.quant_type, cast=state.dtype)

@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
-from loramerge.io.checkpoint import OutEntry, ShardWriter, dtype_code, open_checkpoint
+from loramerge.io.checkpoint import dtype_code, open_checkpoint
 from loramerge.io.quant import bnb4, fp8, int8
+from loramerge.io.shards import OutEntry, ShardWriter
 
 
 @dataclass(frozen=True)
