@@ -206,3 +206,23 @@ def test_cli_base_quant_and_refusals(llama, tmp_path):
     assert_clean_failure(run_cli("fold", root / "base", adapter, "-o", tmp_path / "o2", "--keep-quant"), "not quantized")
     assert_clean_failure(run_cli("fold", root / "base", adapter, "-o", tmp_path / "o3", "--base-quant", "nf4",
                                  "--blocksize", "100"), "block size")
+
+
+@pytest.mark.parametrize("kind", ["nf4_double", "int8"])
+def test_keep_quant_writes_the_bitsandbytes_format_again(llama, tmp_path, kind):
+    root, _, adapter, _ = llama
+    quantized = bnb_checkpoint(root / "base", tmp_path / "q", **BNB[kind])
+    loramerge.fold(quantized, adapter, output=tmp_path / "plain")
+    result = loramerge.fold(quantized, adapter, output=tmp_path / "kept", keep_quant=True)
+    assert len(result.recipe["quantization"]["written_quantized"]["tensors"]) == 14
+    config = json.loads((tmp_path / "kept" / "config.json").read_text())
+    assert config["quantization_config"] == json.loads((quantized / "config.json").read_text())["quantization_config"]
+    plain = open_checkpoint(tmp_path / "plain")
+    for name, value in _bnb_dequantized(tmp_path / "kept").items():  # transformers loads it quantized
+        weight = plain.read(name)
+        if kind == "int8":
+            codes, scb, _ = bnb_functional.int8_vectorwise_quant(weight)
+            expected = bnb_functional.int8_vectorwise_dequant(codes, scb)
+        else:
+            expected = bnb4.fake_quantize_4bit(weight, "nf4", 64, double_quant=True)
+        assert torch.equal(value, expected), name

@@ -109,4 +109,4 @@ def _same_scheme(ckpt: DequantizedCheckpoint, name: str) -> Scheme:
         return Scheme("bnb4", state.quant_type, state.blocksize, state.nested is not None)
     if decoder.kind == "int8":
         return Scheme("int8")
-    return Scheme("fp8", block=getattr(decoder, "block", (128, 128)))
+    return Scheme("fp8", block=decoder.block or (128, 128))

@@ -73,6 +73,7 @@ class Decoder:
     rows: Callable[[Checkpoint, int, int], torch.Tensor]
     kind: str
     cast: torch.dtype | None = None
+    block: tuple[int, int] | None = None  # FP8: the block size of the scales
 
 
 @dataclass
@@ -285,9 +286,7 @@ def _fp8_decoder(ckpt: Checkpoint, weight: str, scale_name: str, block: tuple[in
         return fp8.dequantize_fp8(stored.read_rows(weight, start, stop), scale_inv, block, rows=(start, stop))
 
     hidden = tuple(n for n in (scale_name, weight.rsplit(".", 1)[0] + ".input_scale") if n in ckpt.tensors)
-    decoder = Decoder(_logical(info, weight, info.shape, dtype), hidden, rows, "fp8")
-    decoder.block = block  # type: ignore[attr-defined]
-    return decoder
+    return Decoder(_logical(info, weight, info.shape, dtype), hidden, rows, "fp8", block=block)
 
 
 def _int4_decoder(ckpt: Checkpoint, module: str, method: str, config: dict[str, Any], dtype: torch.dtype) -> Decoder:
