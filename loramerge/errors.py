@@ -66,3 +66,16 @@ class WriteFailed(LoramergeError):
 
 class LoramergeWarning(UserWarning):
     """Something suspicious that does not stop the work (the CLI prints it as ``warning: ...``)."""
+
+
+class MissingDependency(LoramergeError):
+    """An optional extra that a command needs is not installed; the message says how to install it."""
+
+
+class DataError(LoramergeError):
+    """Evaluation data that cannot be used: a row of no known type, an empty task, a row longer than
+    the model's context; the message names the file and the row."""
+
+
+class UnsupportedModel(LoramergeError):
+    """A base model the runtime cannot load or run (an unknown model type, no tokenizer where one is needed)."""
