@@ -79,3 +79,7 @@ class DataError(LoramergeError):
 
 class UnsupportedModel(LoramergeError):
     """A base model the runtime cannot load or run (an unknown model type, no tokenizer where one is needed)."""
+
+
+class VerificationFailed(LoramergeError):
+    """``verify`` found a merge or fold that does not do what the unmerged adapters do."""

@@ -110,3 +110,12 @@ push_options = _apply([
 card_options = _apply([
     click.option("--no-card", is_flag=True, help="Do not write README.md and loramerge_recipe.yaml into the output folder."),
 ])
+
+runtime_options = _apply([
+    click.option("--device", default="auto", show_default=True, help="Where the model runs: auto, cpu or cuda[:N]."),
+    click.option("--dtype", "model_dtype", type=click.Choice(DTYPE_CHOICES),
+                 help="Load the model in this dtype [default: the checkpoint's own]."),
+    click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+                 help="Sequences per forward pass."),
+    click.option("--allow-pickle", is_flag=True, help="Allow pickle .bin model weights (read with weights_only=True)."),
+])

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from loramerge.core.adapter import Adapter, LowRank, ModuleKind
+from loramerge.core.adapter import Adapter, ModuleKind
 from loramerge.errors import IncompatibleAdapters, UnsupportedAdapter
 from loramerge.fold.engine import _orientation as fold_orientation
 from loramerge.io.names import Resolver, as_targets, hf_resolver, nearest

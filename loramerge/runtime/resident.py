@@ -28,11 +28,20 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from loramerge.core.adapter import Adapter, LowRank
-from loramerge.errors import InvalidParameter, NonFiniteValues
+from loramerge.errors import InvalidParameter, NonFiniteValues, UnsupportedModel
 from loramerge.io.names import Resolver, hf_resolver
 from loramerge.io.sources import load
-from loramerge.runtime.loading import ModelKind, load_model, load_tokenizer
-from loramerge.runtime.placement import Placement, check_full_weight, module_kind, place_adapter, shared_parameters
+from loramerge.runtime.data import Task
+from loramerge.runtime.encoding import context_length, encode_task
+from loramerge.runtime.loading import ModelKind, load_model, load_tokenizer, model_kind
+from loramerge.runtime.placement import (
+    Placement,
+    check_full_weight,
+    module_kind,
+    place_adapter,
+    shared_parameters,
+)
+from loramerge.runtime.scoring import ScoreFunction, TaskScore, forward_logits, score_sequences, task_score
 
 Mode = Literal["patch", "hooks"]
 MODES: tuple[str, ...] = ("patch", "hooks")
@@ -81,6 +90,8 @@ class Runtime:
         hf_config = getattr(model, "config", None)
         self.config: dict[str, Any] = dict(config) if config is not None else (
             hf_config.to_dict() if hasattr(hf_config, "to_dict") else {})
+        if kind is None and hf_config is not None and getattr(hf_config, "model_type", None):
+            kind = model_kind(hf_config)
         self.kind: ModelKind | None = kind
         self.folder = folder
         self._tokenizer = tokenizer
@@ -110,8 +121,6 @@ class Runtime:
         """The model's tokenizer, loaded from its folder on first use."""
         if self._tokenizer is None:
             if self.folder is None:
-                from loramerge.errors import UnsupportedModel
-
                 raise UnsupportedModel("this runtime was built from a module without a tokenizer; pass tokenizer=")
             self._tokenizer = load_tokenizer(self.folder)
         return self._tokenizer
@@ -202,7 +211,7 @@ class Runtime:
         try:
             # Full weights first, as PEFT loads them before it adds the LoRA updates: they become W₀.
             bases = {parameter: self._replaced(parameter, values) for parameter, values in replacements.items()}
-            for target, (placement, template, terms) in grouped.items():
+            for placement, template, terms in grouped.values():
                 if not terms:
                     continue
                 if use == "hooks" or placement.tied:
@@ -242,10 +251,66 @@ class Runtime:
         finally:
             self.restore()
 
+    def set_parameter(self, name: str, value: torch.Tensor) -> None:
+        """Overwrite one parameter (cast to its dtype) until the next :meth:`restore` or :meth:`apply`."""
+        if name not in self._parameters:
+            raise InvalidParameter(f"the model has no parameter {name}")
+        if tuple(value.shape) != tuple(self._parameters[name].shape):
+            raise InvalidParameter(f"parameter {name} has shape {tuple(self._parameters[name].shape)}, "
+                                   f"got {tuple(value.shape)}")
+        self._write(name, value.to(self.device))
+
+    def parameter(self, name: str) -> torch.Tensor:
+        """The parameter ``name`` as it is now (a tied weight answers under either name)."""
+        return self._parameters[name]
+
+    @property
+    def parameter_names(self) -> list[str]:
+        return list(self._parameters)
+
     def release_backup(self) -> None:
         """Drop the saved original weights (memory: one copy of every weight ever patched); restores first."""
         self.restore()
         self._originals.clear()
+
+    # ------------------------------------------------------------------------------ running
+
+    def context_length(self) -> int | None:
+        """The longest sequence the model takes (from its config), or None."""
+        return context_length(self.config)
+
+    def evaluate(self, tasks: Sequence[Task], *, batch_size: int = 8, score: ScoreFunction | None = None,
+                 progress: bool = False, label: str | None = None) -> dict[str, TaskScore]:
+        """Score the model as it is now (base, or with what :meth:`apply` put on it) on every task.
+
+        With ``score``, each task's value is ``score(model, rows)`` (rows as the JSON objects);
+        otherwise the built-in metrics of :class:`~loramerge.runtime.scoring.TaskScore`.
+        """
+        if batch_size < 1:
+            raise InvalidParameter(f"batch size must be at least 1, got {batch_size}")
+        out: dict[str, TaskScore] = {}
+        for task in tasks:
+            if score is not None:
+                value = float(score(self.model, [dict(row.data) for row in task.rows]))
+                out[task.name] = TaskScore(task.name, "custom", len(task.rows), value=value)
+                continue
+            if self.kind not in (None, "causal"):
+                raise UnsupportedModel(f"{self.folder}: built-in evaluation scores causal language models; this is "
+                                       f"a {self.kind} model (pass score= to use your own metric)")
+            encoded = encode_task(task, self.tokenizer, self.context_length())
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            desc = f"{label}: {task.name}" if label else task.name
+            scores = score_sequences(self.model, encoded, batch_size=batch_size, pad_id=pad, device=self.device,
+                                     desc=desc, progress=progress, kind=self.kind)
+            out[task.name] = task_score(task, encoded, scores)
+        return out
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The model's logits for ``input_ids`` (moved to the model's device), as they come out of it."""
+        ids = input_ids.to(self.device)
+        mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(self.device)
+        with torch.inference_mode():
+            return forward_logits(self.model, ids, mask, self.kind)
 
     # ------------------------------------------------------------------------------ internals
 
