@@ -18,10 +18,12 @@ from loramerge.core.report import MergeReport, ModuleReport
 from loramerge.errors import (
     ConfigNotFound,
     CorruptFile,
+    DataError,
     HubError,
     IncompatibleAdapters,
     InvalidParameter,
     LoramergeError,
+    MissingDependency,
     NonFiniteValues,
     OutputExists,
     PickleRefused,
@@ -29,16 +31,23 @@ from loramerge.errors import (
     SourceNotFound,
     UnknownFormat,
     UnsupportedAdapter,
+    UnsupportedModel,
+    VerificationFailed,
 )
 from loramerge.extract import extract
 from loramerge.fold.engine import fold
 from loramerge.hub.publish import push_output as push_to_hub
 from loramerge.io.sources import load
-from loramerge.merge.engine import merge
 from loramerge.merge.methods import available_methods, get_method
+from loramerge.merge.statistics import InputStatistics
 from loramerge.recipe.plan import plan_recipe
 from loramerge.recipe.reader import load_recipe
 from loramerge.recipe.run import run_recipe
+from loramerge.runtime.data import load_tasks
+from loramerge.runtime.evaluate import Evaluation, evaluate
+from loramerge.runtime.merging import merge
+from loramerge.runtime.resident import Runtime
+from loramerge.runtime.verify import Verification, verify
 
 
 def save(adapter: Adapter, path: str, **kwargs) -> object:
@@ -50,32 +59,43 @@ __all__ = [
     "Adapter",
     "ConfigNotFound",
     "CorruptFile",
+    "DataError",
+    "Evaluation",
     "HubError",
     "IncompatibleAdapters",
+    "InputStatistics",
     "InvalidParameter",
     "LoramergeError",
     "LowRank",
     "MergeReport",
+    "MissingDependency",
     "ModuleReport",
     "NonFiniteValues",
     "OutputExists",
     "PickleRefused",
     "RankPolicy",
     "RecipeError",
+    "Runtime",
     "SourceNotFound",
     "UnknownFormat",
     "UnsupportedAdapter",
+    "UnsupportedModel",
+    "Verification",
+    "VerificationFailed",
     "__version__",
     "available_methods",
     "convert",
+    "evaluate",
     "extract",
     "fold",
     "get_method",
     "load",
     "load_recipe",
+    "load_tasks",
     "merge",
     "plan_recipe",
     "push_to_hub",
     "run_recipe",
     "save",
+    "verify",
 ]

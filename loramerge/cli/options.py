@@ -119,3 +119,12 @@ runtime_options = _apply([
                  help="Sequences per forward pass."),
     click.option("--allow-pickle", is_flag=True, help="Allow pickle .bin model weights (read with weights_only=True)."),
 ])
+
+data_options = _apply([
+    click.option("--model", help="Base model folder or Hub id, for data-aware methods (regmean).",),
+    click.option("--data", multiple=True,
+                 help="Data-aware methods: one JSONL data file per source, in the sources' order (or NAME=FILE)."),
+    click.option("--stats", type=click.Path(file_okay=False),
+                 help="Folder caching the collected statistics, so a second merge does not run the model."),
+    click.option("--limit", type=click.IntRange(min=1), help="Use the first N rows of each --data file."),
+])

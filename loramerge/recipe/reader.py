@@ -62,8 +62,9 @@ from loramerge.recipe.schedule import Rule, Schedule
 RECIPE_FILENAME = "loramerge_recipe.yaml"
 
 _TOP_KEYS = ("base_dir", "description", "sources", "method", "parameters", *POLICY_KEYS, "seed",
-             "compute_dtype", "ignore_base_mismatch", "allow_pickle", "output", "base_model", "tied_embeddings")
-_SOURCE_KEYS = ("path", "repo", "revision", "subfolder", "format", "weight", "parameters")
+             "compute_dtype", "ignore_base_mismatch", "allow_pickle", "output", "base_model", "tied_embeddings",
+             "model", "stats")
+_SOURCE_KEYS = ("path", "repo", "revision", "subfolder", "format", "weight", "parameters", "data")
 _OUTPUT_KEYS = ("path", "format", "dtype", "push", "card", "shard_size")
 # Keys that only mean something when the recipe folds into a base model.
 _FOLD_ONLY = ("output.shard_size", "tied_embeddings")
@@ -88,6 +89,7 @@ class SourceSpec:
     parameters: dict[str, Schedule] = field(default_factory=dict)
     format: str | None = None
     where: str = ""
+    data: Path | None = None
 
 
 @dataclass
@@ -131,6 +133,8 @@ class Recipe:
     file: Path | None = None
     base_dir: Path = field(default_factory=Path.cwd)
     locations: dict[str, str] = field(default_factory=dict)
+    model: str | None = None
+    stats: Path | None = None
 
     @property
     def spec(self) -> MergeMethod:
@@ -143,6 +147,10 @@ class Recipe:
             doc["description"] = self.description
         if self.base_model:
             doc["base_model"] = self.base_model
+        if self.model:
+            doc["model"] = self.model
+        if self.stats:
+            doc["stats"] = str(self.stats)
         doc["sources"] = list(sources) if sources is not None else [_source_dict(s) for s in self.sources]
         doc["method"] = self.method
         if self.parameters:
@@ -184,6 +192,8 @@ def _source_dict(s: SourceSpec) -> dict[str, Any]:
         entry["weight"] = s.weight.to_plain()
     if s.parameters:
         entry["parameters"] = {k: v.to_plain() for k, v in s.parameters.items()}
+    if s.data is not None:
+        entry["data"] = str(s.data)
     return entry
 
 
@@ -452,9 +462,34 @@ class _Reader:
             file=Path(self.name) if not self.name.startswith("<") else None,
             base_dir=base_dir,
             locations=self.locations,
+            model=self.base_model(top["model"][1], base_dir, "model") if "model" in top else None,
+            stats=base_dir / Path(self.scalar(top["stats"][1], "stats", "string")).expanduser()
+            if "stats" in top else None,
         )
         self.check_fold(recipe)
+        self.check_data(recipe, top, snode)
         return recipe
+
+    def check_data(self, recipe: Recipe, top: dict[str, tuple[Node, Node]], snode: SequenceNode) -> None:
+        """A data-aware method needs a model and one data file per source; other methods take neither."""
+        spec = recipe.spec
+        if not spec.needs_statistics:
+            given = [k for k in ("model", "stats") if k in top]
+            given += [f"sources[{i}].data" for i, s in enumerate(recipe.sources) if s.data is not None]
+            if given:
+                raise RecipeError(f"{self.locations.get(given[0], self.where(snode))}: {given[0]}: only applies to "
+                                  "a data-aware method (regmean)")
+            return
+        if recipe.base_model is not None:
+            raise RecipeError(f"{self.where(top['method'][1])}: method: {spec.name!r} needs data, which a fold recipe "
+                              "cannot collect yet; merge with a recipe without base_model, then fold the result")
+        if recipe.model is None:
+            raise RecipeError(f"{self.where(top['method'][1])}: model: method {spec.name!r} needs the base model "
+                              "(`model: path-or-hub-id`) to collect its statistics")
+        for i, source in enumerate(recipe.sources):
+            if source.data is None:
+                raise RecipeError(f"{self.where(snode.value[i])}: sources[{i}].data: method {spec.name!r} needs one "
+                                  "data file per source (`data: task.jsonl`)")
 
     def check_fold(self, recipe: Recipe) -> None:
         """Fold-only keys need ``base_model``; a fold writes a model folder, not an adapter format."""
@@ -470,9 +505,9 @@ class _Reader:
             raise RecipeError(f"{self.locations['output.format']}: output.format: a fold recipe writes a model "
                               "folder (its tensors as in the base model), not an adapter format")
 
-    def base_model(self, node: Node, base_dir: Path) -> str:
+    def base_model(self, node: Node, base_dir: Path, key: str = "base_model") -> str:
         """A local base model (relative to ``base_dir``) when one exists there, else a Hub id as written."""
-        text = self.scalar(node, "base_model", "string")
+        text = self.scalar(node, key, "string")
         local = base_dir / Path(text).expanduser()
         return str(local) if local.exists() else text
 
@@ -554,6 +589,8 @@ class _Reader:
                 source.format = get_format(fmt).name
             except LoramergeError as exc:
                 raise self.fail(entry["format"][1], f"{key}.format", str(exc)) from None
+        if "data" in entry:
+            source.data = base_dir / Path(self.scalar(entry["data"][1], f"{key}.data", "string")).expanduser()
         if "weight" in entry:
             source.weight = self.schedule(entry["weight"][1], f"{key}.weight", _weight, numeric=True)
         if "parameters" in entry:
@@ -705,8 +742,14 @@ def saved_recipe(recipe: Recipe, adapters: Sequence[Adapter], out_dir: Path | No
         entry = _source_dict(spec)
         entry.pop("path", None), entry.pop("repo", None), entry.pop("revision", None), entry.pop("subfolder", None)
         entry = {**source_location(adapter.origin, adapter.source, out_dir), **entry}
+        if spec.data is not None:
+            entry["data"] = source_location({"path": str(spec.data)}, None, out_dir)["path"]
         entries.append(entry)
     doc = recipe.to_dict(sources=entries)
+    if recipe.model is not None and Path(recipe.model).exists():
+        doc["model"] = source_location({"path": str(Path(recipe.model).resolve())}, None, out_dir)["path"]
+    if recipe.stats is not None:
+        doc["stats"] = source_location({"path": str(recipe.stats)}, None, out_dir)["path"]
     if base_model is not None:
         doc["base_model"] = base_model
     return doc

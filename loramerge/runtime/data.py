@@ -163,7 +163,7 @@ def load_task(spec: DataSpec, *, limit: int | None = None, validate: bool = True
     if isinstance(spec, Task):
         task = spec if limit is None or len(spec) <= limit else Task(spec.name, spec.rows[:limit], spec.source)
     else:
-        name, path = _name_and_path(spec)
+        name, path = task_name_and_path(spec)
         task = Task(name, read_rows(path, limit=limit, validate=validate), str(path))
     if not task.rows:
         raise DataError(f"{task.source}: task {task.name!r} has no rows")
@@ -216,7 +216,13 @@ def load_tasks(data: DataSpec | Sequence[DataSpec] | Mapping[str, str | Path | S
     return tasks
 
 
-def _name_and_path(spec: str | Path | tuple[str, str | Path]) -> tuple[str, Path]:
+def task_name_and_path(spec: str | Path | tuple[str, str | Path]) -> tuple[str, Path]:
+    """A task's name and file from ``FILE``, ``NAME=FILE`` or ``(NAME, FILE)``.
+
+    Example:
+        >>> task_name_and_path("math=/data/m.jsonl"), task_name_and_path("/data/code.jsonl")
+        (('math', PosixPath('/data/m.jsonl')), ('code', PosixPath('/data/code.jsonl')))
+    """
     if isinstance(spec, tuple):
         return spec[0], Path(spec[1])
     text = str(spec)
