@@ -100,6 +100,8 @@ class Evaluation:
         first = self.scores[self.models[0]]
         headers = ["model", *(f"{t} ({first[t].metric})" for t in self.tasks)]
         averages = [k for k in ("score", "accuracy", "loss", "normalized") if k in self.average(self.models[0])]
+        if "score" in averages and first[self.tasks[0]].metric == "acc":
+            averages.remove("accuracy")  # the average score is already the mean accuracy
         headers += [{"score": "avg", "accuracy": "avg acc", "loss": "avg loss", "normalized": "avg norm"}[k]
                     for k in averages]
         lines = [headers]
