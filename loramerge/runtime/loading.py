@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -77,7 +79,8 @@ def load_model(base: str | Path, *, device: str | torch.device = "auto", dtype: 
     if not allow_pickle:
         kwargs["use_safetensors"] = True
     try:
-        model = auto.from_pretrained(str(folder), **kwargs)
+        with _quiet_loading(transformers):
+            model = auto.from_pretrained(str(folder), **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         hint = " (pass --allow-pickle to read .bin weights)" if not allow_pickle and "safetensors" in first.lower() else ""
@@ -103,6 +106,19 @@ def load_tokenizer(folder: str | Path) -> Any:
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+@contextmanager
+def _quiet_loading(transformers: Any) -> Iterator[None]:
+    """transformers' own "Loading weights" bar off: loading a model is one step of a command with its own bars."""
+    logging = transformers.utils.logging
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
 
 
 def _version(text: str) -> tuple[int, int]:

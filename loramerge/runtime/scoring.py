@@ -81,7 +81,7 @@ def score_sequences(model: nn.Module, encoded: Sequence[Encoded], *, batch_size:
     correct = torch.zeros(count, dtype=torch.int64)
     groups = batches(encoded, batch_size)
     with torch.inference_mode():
-        for group in tqdm(groups, desc=desc, unit="batch", disable=not progress, leave=False):
+        for group in tqdm(groups, desc=desc, unit="batch", disable=True if not progress else None, leave=False):
             width = max(len(encoded[i].ids) for i in group)
             ids = torch.full((len(group), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(group), width), dtype=torch.long)

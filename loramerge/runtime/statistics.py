@@ -84,7 +84,7 @@ def collect_grams(runtime: Runtime, adapter: Adapter, task: Task, modules: Seque
     try:
         with runtime.applied(adapter), torch.inference_mode():
             for group in tqdm(batches(encoded, batch_size), desc=label or f"statistics: {task.name}", unit="batch",
-                              disable=not progress, leave=False):
+                              disable=True if not progress else None, leave=False):
                 width = max(len(encoded[i].ids) for i in group)
                 ids = torch.full((len(group), width), pad, dtype=torch.long)
                 mask = torch.zeros((len(group), width), dtype=torch.long)

@@ -263,7 +263,7 @@ def _outputs(runtime: Runtime, inputs: _Inputs, batch_size: int, only: Sequence[
     out: dict[int, torch.Tensor] = {}
     groups = [chosen[i:i + batch_size] for i in range(0, len(chosen), batch_size)]
     with torch.inference_mode():
-        for group in tqdm(groups, desc=desc, unit="batch", disable=not progress, leave=False):
+        for group in tqdm(groups, desc=desc, unit="batch", disable=True if not progress else None, leave=False):
             width = max(len(inputs.ids[i]) for i in group)
             ids = torch.zeros((len(group), width), dtype=torch.long)
             mask = torch.zeros_like(ids)
