@@ -104,10 +104,10 @@ def test_bad_rows_name_the_file_and_the_row(tmp_path, row, message):
 
 def test_empty_mixed_and_unparsable_tasks_are_refused(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n\n")
-    with pytest.raises(DataError, match="empty.jsonl: task 'empty' has no rows"):
+    with pytest.raises(DataError, match=r"empty.jsonl: task 'empty' has no rows"):
         load_tasks([tmp_path / "empty.jsonl"])
     (tmp_path / "broken.jsonl").write_text('{"text": "a"}\n{"text": \n')
-    with pytest.raises(DataError, match="broken.jsonl: row 2: not valid JSON"):
+    with pytest.raises(DataError, match=r"broken.jsonl: row 2: not valid JSON"):
         load_tasks([tmp_path / "broken.jsonl"])
     mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"text": "a"}, {"prompt": "p", "choices": ["a", "b"], "answer": 0}])
     with pytest.raises(DataError, match=r"mixes row types text \(row 1\), choice \(row 2\)"):
@@ -119,7 +119,7 @@ def test_empty_mixed_and_unparsable_tasks_are_refused(tmp_path):
 def test_a_row_longer_than_the_context_is_named(world, runtime, tmp_path):
     path = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "ok", "completion": "1"},
                                                  {"prompt": "x" * 80, "completion": "y"}])
-    with pytest.raises(DataError, match="long.jsonl: row 2: 82 tokens, longer than the model's context of 64"):
+    with pytest.raises(DataError, match=r"long.jsonl: row 2: 82 tokens, longer than the model's context of 64"):
         runtime.evaluate(load_tasks([path]))
 
 

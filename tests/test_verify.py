@@ -97,7 +97,7 @@ def test_an_unmatched_module_is_an_error_and_a_dropped_module_is_listed(world, c
     assert "model.layers.0.mlp.down_proj" in result.coverage.missing_in_merged
     assert "down_proj" in (result.culprit or "")
     stray = merged.with_layers({"model.layers.0.mlp.gate_prj": merged["model.layers.0.mlp.down_proj"]})
-    with pytest.raises(IncompatibleAdapters, match="module model.layers.0.mlp.gate_prj not found"):
+    with pytest.raises(IncompatibleAdapters, match=r"module model.layers.0.mlp.gate_prj not found"):
         loramerge.verify(world["base"], case["adapters"], merged=stray)
 
 
