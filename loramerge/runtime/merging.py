@@ -20,6 +20,7 @@ from loramerge.merge.engine import merge as merge_adapters
 from loramerge.merge.methods import get_method
 from loramerge.merge.statistics import InputStatistics
 from loramerge.runtime.data import DataSpec
+from loramerge.runtime.resident import Runtime
 from loramerge.runtime.statistics import input_statistics
 
 
@@ -29,7 +30,7 @@ def merge(
     weights: Sequence[float] | None = None,
     rank: int | None = None,
     *,
-    model: str | Path | None = None,
+    model: str | Path | Runtime | None = None,
     data: Sequence[DataSpec] | None = None,
     stats: str | Path | None = None,
     statistics: InputStatistics | None = None,
@@ -43,7 +44,8 @@ def merge(
 ) -> Adapter:
     """Merge LoRA adapters into one (see :func:`loramerge.merge.engine.merge` for the options).
 
-    A data-aware method (``regmean``) also needs ``model`` (the base model folder or Hub id) and
+    A data-aware method (``regmean``) also needs ``model`` (the base model folder or Hub id, or a
+    resident :class:`~loramerge.runtime.resident.Runtime`) and
     ``data`` (one task per source, in order: a JSONL file or ``NAME=FILE``), from which the
     input statistics are collected, or the ``statistics`` themselves. ``stats`` is a folder that
     caches them, so a second merge on the same inputs does not run the model. ``limit`` keeps the
