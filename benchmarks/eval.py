@@ -40,7 +40,7 @@ from loramerge.core.devices import one_core_spare, resolve_device
 from loramerge.runtime.data import load_tasks
 from loramerge.runtime.encoding import encode_task
 from loramerge.runtime.resident import Runtime
-from loramerge.runtime.scoring import batches
+from loramerge.runtime.scoring import batches, pad_right
 
 
 def sync(device: torch.device) -> None:
@@ -76,12 +76,7 @@ def plain_forward(runtime: Runtime, task, batch_size: int):
     encoded = encode_task(task, runtime.tokenizer, runtime.context_length())
     prepared = []
     for group in batches(encoded, batch_size):
-        width = max(len(encoded[i].ids) for i in group)
-        ids = torch.zeros((len(group), width), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, i in enumerate(group):
-            ids[row, :len(encoded[i].ids)] = torch.tensor(encoded[i].ids)
-            mask[row, :len(encoded[i].ids)] = 1
+        ids, mask = pad_right([encoded[i].ids for i in group])
         prepared.append((ids.to(runtime.device), mask.to(runtime.device)))
 
     def run() -> None:

@@ -86,6 +86,7 @@ def place_adapter(adapter: Adapter, model: nn.Module, *, config: Mapping[str, An
     included) and ``config`` its configuration dict (orientation of square GPT-2 weights).
 
     Example:
+        >>> from loramerge.core.adapter import LowRank
         >>> net = nn.Sequential()
         >>> net.add_module("fc", nn.Linear(3, 4))
         >>> ad = Adapter({"fc": LowRank(torch.ones(2, 3), torch.ones(4, 2))})

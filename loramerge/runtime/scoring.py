@@ -41,6 +41,23 @@ def batches(encoded: Sequence[Encoded], batch_size: int) -> list[list[int]]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def pad_right(sequences: Sequence[Sequence[int] | torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of sequences padded on the right to the longest.
+
+    Example:
+        >>> ids, mask = pad_right([[5, 6, 7], [8]], pad_id=0)
+        >>> ids.tolist(), mask.tolist()
+        ([[5, 6, 7], [8, 0, 0]], [[1, 1, 1], [1, 0, 0]])
+    """
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, :len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+        mask[row, :len(seq)] = 1
+    return ids, mask
+
+
 def forward_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    kind: str | None = "causal") -> torch.Tensor:
     """The model's output scores for a padded batch: transformers' ``.logits``, else its last hidden state.
@@ -82,15 +99,10 @@ def score_sequences(model: nn.Module, encoded: Sequence[Encoded], *, batch_size:
     groups = batches(encoded, batch_size)
     with torch.inference_mode():
         for group in tqdm(groups, desc=desc, unit="batch", disable=True if not progress else None, leave=False):
-            width = max(len(encoded[i].ids) for i in group)
-            ids = torch.full((len(group), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(group), width), dtype=torch.long)
-            scored = torch.zeros((len(group), width), dtype=torch.bool)
+            ids, mask = pad_right([encoded[i].ids for i in group], pad_id)
+            scored = torch.zeros(ids.shape, dtype=torch.bool)
             for row, i in enumerate(group):
-                seq = encoded[i]
-                ids[row, :len(seq.ids)] = torch.tensor(seq.ids)
-                mask[row, :len(seq.ids)] = 1
-                scored[row, seq.start:len(seq.ids)] = True
+                scored[row, encoded[i].start:len(encoded[i].ids)] = True
             ids, mask, scored = ids.to(device), mask.to(device), scored.to(device)
             logits = forward_logits(model, ids, mask, kind)
             # Token j is predicted by the logits at j - 1.

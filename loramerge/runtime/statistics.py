@@ -31,7 +31,7 @@ from loramerge.merge.statistics import InputStatistics
 from loramerge.runtime.data import DataSpec, Task, load_task
 from loramerge.runtime.encoding import Encoded, encode_task
 from loramerge.runtime.resident import Runtime
-from loramerge.runtime.scoring import batches, forward_logits
+from loramerge.runtime.scoring import batches, forward_logits, pad_right
 
 CACHE_VERSION = "1"
 
@@ -85,12 +85,7 @@ def collect_grams(runtime: Runtime, adapter: Adapter, task: Task, modules: Seque
         with runtime.applied(adapter), torch.inference_mode():
             for group in tqdm(batches(encoded, batch_size), desc=label or f"statistics: {task.name}", unit="batch",
                               disable=True if not progress else None, leave=False):
-                width = max(len(encoded[i].ids) for i in group)
-                ids = torch.full((len(group), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(group), width), dtype=torch.long)
-                for row, i in enumerate(group):
-                    ids[row, :len(encoded[i].ids)] = torch.tensor(encoded[i].ids)
-                    mask[row, :len(encoded[i].ids)] = 1
+                ids, mask = pad_right([encoded[i].ids for i in group], pad)
                 state["mask"] = mask.reshape(-1).bool().to(runtime.device)
                 tokens += int(mask.sum())
                 forward_logits(runtime.model, ids.to(runtime.device), mask.to(runtime.device), runtime.kind)

@@ -36,7 +36,7 @@ from loramerge.io.sources import load
 from loramerge.runtime.data import read_prompts
 from loramerge.runtime.encoding import row_ids
 from loramerge.runtime.resident import AdapterLike, Runtime
-from loramerge.runtime.scoring import forward_logits
+from loramerge.runtime.scoring import forward_logits, pad_right
 
 # The default tolerance is measured, not guessed: the error of the *correct* result stored in the
 # candidate's dtype (the sources' exact sum rounded to it), times ROUNDING_MARGIN; never below the
@@ -264,12 +264,7 @@ def _outputs(runtime: Runtime, inputs: _Inputs, batch_size: int, only: Sequence[
     groups = [chosen[i:i + batch_size] for i in range(0, len(chosen), batch_size)]
     with torch.inference_mode():
         for group in tqdm(groups, desc=desc, unit="batch", disable=True if not progress else None, leave=False):
-            width = max(len(inputs.ids[i]) for i in group)
-            ids = torch.zeros((len(group), width), dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, i in enumerate(group):
-                ids[row, :len(inputs.ids[i])] = inputs.ids[i]
-                mask[row, :len(inputs.ids[i])] = 1
+            ids, mask = pad_right([inputs.ids[i] for i in group])
             logits = forward_logits(runtime.model, ids.to(runtime.device), mask.to(runtime.device), runtime.kind)
             for row, i in enumerate(group):
                 out[i] = logits[row, :len(inputs.ids[i])].float().cpu()
