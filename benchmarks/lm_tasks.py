@@ -11,8 +11,8 @@ validation and test splits as JSONL files of ``{"prompt", "completion"}`` rows.
     world = prepare(Path("bench-cache/lm"))        # builds once (minutes), then reloads in seconds
     world.base, world.adapters["sort"], world.data["sort"]["test"]
 
-``prepare`` writes a ``manifest.json`` last; a folder with a manifest for the same settings is
-reused as it is.
+``prepare`` records in ``manifest.json`` what the base model and each LoRA were built with, and
+reuses whatever was built with the same settings.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import random
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -43,10 +43,10 @@ TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 class Settings:
     """What a built world depends on; a saved world is reused only for the same settings."""
 
-    tasks: tuple[str, ...] = ("sort", "add", "max", "map")
+    tasks: tuple[str, ...] = ("sort", "max", "map", "shift")
     seed: int = 0
     pretrain_steps: int = 800
-    lora_steps: int = 300
+    lora_steps: int = 600
     hidden: int = 128
     layers: int = 4
     rank: int = 8
@@ -185,59 +185,71 @@ def write_jsonl(path: Path, rows: list[dict[str, str]]) -> Path:
 
 def prepare(folder: Path, settings: Settings | None = None, *, device: str = "cpu", log: Callable[[str], None] = print
             ) -> World:
-    """Build (or reuse) the world in ``folder``: data, pretrained base model, one PEFT LoRA per task."""
+    """Build (or reuse) the world in ``folder``: data, pretrained base model, one PEFT LoRA per task.
+
+    The base model is reused when it was pretrained with the same settings, and so is each task's
+    LoRA (``manifest.json`` records what each part was built with).
+    """
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     settings = settings or Settings()
-    folder = Path(folder)
-    manifest = folder / "manifest.json"
-    if manifest.is_file():
-        saved = json.loads(manifest.read_text())
-        if saved["settings"] == json.loads(json.dumps(asdict(settings))):
-            return _world(folder, settings, saved.get("seconds", {}))
-        log(f"{folder}: built with other settings; rebuilding")
+    folder = Path(folder).resolve()  # the adapters record their base model's path
+    manifest_file = folder / "manifest.json"
+    manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {}
+    base_key = {k: getattr(settings, k) for k in ("seed", "pretrain_steps", "hidden", "layers")}
+    lora_key = {**base_key, **{k: getattr(settings, k) for k in ("lora_steps", "rank")}}
     target = torch.device(device)
     tok = tokenizer()
-    seconds: dict[str, float] = {}
-    data: dict[str, dict[str, Path]] = {}
+    seconds: dict[str, float] = dict(manifest.get("seconds", {}))
     for task in settings.tasks + PRETRAIN_TASKS:
-        data[task] = {split: write_jsonl(folder / "data" / task / f"{split}.jsonl",
-                                         task_rows(task, size, settings.seed, split))
-                      for split, size in SPLITS.items()}
+        for split, size in SPLITS.items():
+            write_jsonl(folder / "data" / task / f"{split}.jsonl", task_rows(task, size, settings.seed, split))
 
-    torch.manual_seed(settings.seed)
-    config = LlamaConfig(vocab_size=len(VOCAB), hidden_size=settings.hidden, intermediate_size=2 * settings.hidden,
-                         num_hidden_layers=settings.layers, num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=64, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-                         pad_token_id=0)
-    model = LlamaForCausalLM(config).to(target)
-    pools = {t: encode(tok, task_rows(t, SPLITS["train"], settings.seed, "train")) for t in PRETRAIN_TASKS}
-    started = time.perf_counter()
-    loss = train(model, lambda rng: [rng.choice(pools[rng.choice(PRETRAIN_TASKS)]) for _ in range(64)],
-                 settings.pretrain_steps, 3e-3, target, settings.seed)
-    seconds["pretrain"] = time.perf_counter() - started
-    log(f"pretrained the base model: {settings.pretrain_steps} steps, last loss {loss:.3f}, {seconds['pretrain']:.0f}s")
     base = folder / "base"
-    model.save_pretrained(str(base), safe_serialization=True)
-    tok.save_pretrained(str(base))
+    if manifest.get("base") != base_key or not (base / "config.json").is_file():
+        torch.manual_seed(settings.seed)
+        config = LlamaConfig(vocab_size=len(VOCAB), hidden_size=settings.hidden, intermediate_size=2 * settings.hidden,
+                             num_hidden_layers=settings.layers, num_attention_heads=4, num_key_value_heads=4,
+                             max_position_embeddings=64, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                             pad_token_id=0)
+        model = LlamaForCausalLM(config).to(target)
+        pools = {t: encode(tok, task_rows(t, SPLITS["train"], settings.seed, "train")) for t in PRETRAIN_TASKS}
+        started = time.perf_counter()
+        loss = train(model, lambda rng: [rng.choice(pools[rng.choice(PRETRAIN_TASKS)]) for _ in range(64)],
+                     settings.pretrain_steps, 3e-3, target, settings.seed)
+        seconds["pretrain"] = time.perf_counter() - started
+        log(f"pretrained the base model: {settings.pretrain_steps} steps, last loss {loss:.3f}, "
+            f"{seconds['pretrain']:.0f}s")
+        model.save_pretrained(str(base), safe_serialization=True)
+        tok.save_pretrained(str(base))
+        manifest = {"base": base_key, "adapters": {}}
+        _save_manifest(manifest_file, manifest, seconds)
 
-    adapters = {}
-    for i, task in enumerate(settings.tasks):
+    for task in settings.tasks:
+        out = folder / "adapters" / task
+        if manifest.get("adapters", {}).get(task) == lora_key and (out / "adapter_config.json").is_file():
+            continue
         wrapped = get_peft_model(LlamaForCausalLM.from_pretrained(str(base)).to(target),
                                  LoraConfig(r=settings.rank, lora_alpha=2 * settings.rank, lora_dropout=0.0,
                                             target_modules=TARGET_MODULES, task_type="CAUSAL_LM"))
         pool = encode(tok, task_rows(task, SPLITS["train"], settings.seed, "train"))
         started = time.perf_counter()
         loss = train(wrapped, lambda rng, pool=pool: [rng.choice(pool) for _ in range(64)], settings.lora_steps, 3e-3,
-                     target, settings.seed + 1 + i)
+                     target, settings.seed + 1 + LORA_TASKS.index(task))
         seconds[f"lora {task}"] = time.perf_counter() - started
         log(f"trained the {task} LoRA: {settings.lora_steps} steps, last loss {loss:.3f}, "
             f"{seconds[f'lora {task}']:.0f}s")
-        adapters[task] = folder / "adapters" / task
-        wrapped.save_pretrained(str(adapters[task]))
-    manifest.write_text(json.dumps({"settings": asdict(settings), "seconds": seconds}, indent=2) + "\n")
-    return _world(folder, settings, seconds)
+        wrapped.save_pretrained(str(out))
+        manifest.setdefault("adapters", {})[task] = lora_key
+        _save_manifest(manifest_file, manifest, seconds)
+    return _world(folder, settings, {k: v for k, v in seconds.items()
+                                     if k == "pretrain" or k.removeprefix("lora ") in settings.tasks})
+
+
+def _save_manifest(file: Path, manifest: dict, seconds: dict[str, float]) -> None:
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_text(json.dumps({**manifest, "seconds": seconds}, indent=2) + "\n")
 
 
 def _world(folder: Path, settings: Settings, seconds: dict[str, float]) -> World:

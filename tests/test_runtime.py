@@ -179,3 +179,37 @@ def test_without_the_eval_extra_commands_say_how_to_install_it(world, monkeypatc
         Runtime.load(world["base"])
     result = run_cli("eval", world["base"], "--data", world["data"]["add"])
     assert_clean_failure(result, "needs transformers", 'pip install "loramerge[eval]"')
+
+
+def tiny_t5():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    return T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2,
+                                               num_heads=4, decoder_start_token_id=0)).eval()
+
+
+def tiny_bert():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    return BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=48, max_position_embeddings=32)).eval()
+
+
+@pytest.mark.parametrize(("build", "kind", "targets"), [(tiny_t5, "seq2seq", ["q", "v", "wo"]),
+                                                         (tiny_bert, "encoder", ["query", "value", "dense"])])
+def test_seq2seq_and_encoder_models_come_for_free(tmp_path, build, kind, targets):
+    model = build()
+    folder = make_peft_adapter(model, tmp_path / "adapter", r=2, lora_alpha=4, target_modules=targets)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    reference = peft_model(model, folder)
+    inputs = {"decoder_input_ids": ids} if kind == "seq2seq" else {}
+    with torch.no_grad():
+        out = reference(input_ids=ids, attention_mask=torch.ones_like(ids), **inputs)
+    expected = out.logits if kind == "seq2seq" else out.last_hidden_state
+    for mode in ("patch", "hooks"):
+        runtime = Runtime(copy.deepcopy(model), mode=mode)
+        assert runtime.kind == kind
+        with runtime.applied(folder):
+            assert torch.allclose(runtime.logits(ids), expected, atol=1e-5), mode

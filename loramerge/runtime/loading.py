@@ -30,14 +30,21 @@ class LoadedModel:
     config: dict[str, Any]
 
 
-def model_kind(config: Any) -> ModelKind:
-    """``causal`` for any ``AutoModelForCausalLM`` type, ``seq2seq`` for encoder-decoder LMs, else ``encoder``."""
+def model_kind(config: Any, architecture: str | None = None) -> ModelKind:
+    """``causal``, ``seq2seq`` or ``encoder``: from the model class (``architecture``, else the config's
+    ``architectures``), else from the model type (any ``AutoModelForCausalLM`` type is causal)."""
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
         MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
     )
 
-    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not getattr(config, "is_encoder_decoder", False):
+    names = [architecture] if architecture else list(getattr(config, "architectures", None) or [])
+    encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    if names:
+        if any(n.endswith(("ForCausalLM", "LMHeadModel")) for n in names) and not encoder_decoder:
+            return "causal"
+        return "seq2seq" if encoder_decoder else "encoder"
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not encoder_decoder:
         return "causal"
     if config.model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
         return "seq2seq"

@@ -91,7 +91,7 @@ class Runtime:
         self.config: dict[str, Any] = dict(config) if config is not None else (
             hf_config.to_dict() if hasattr(hf_config, "to_dict") else {})
         if kind is None and hf_config is not None and getattr(hf_config, "model_type", None):
-            kind = model_kind(hf_config)
+            kind = model_kind(hf_config, type(model).__name__)
         self.kind: ModelKind | None = kind
         self.folder = folder
         self._tokenizer = tokenizer
