@@ -130,6 +130,12 @@ def run(args: argparse.Namespace, device: torch.device) -> None:
           + ", ".join(f"{k} {v:.0f}s" for k, v in world.seconds.items()) + ")")
     print(f"regmean statistics and merge: {regmean_seconds:.1f}s\n")
     print(result.table())
+    print("\ntoken accuracy (the fraction of completion tokens that are the argmax):")
+    width = max(len(m) for m in result.models)
+    print(" " * width + "".join(f"{t:>9}" for t in names) + "      avg")
+    for model in result.models:
+        values = [result.scores[model][t].token_accuracy or 0.0 for t in names]
+        print(f"{model:<{width}}" + "".join(f"{v:9.3f}" for v in values) + f"{sum(values) / T:9.3f}")
 
     # ---- timings
     task = tests[0]
