@@ -79,11 +79,13 @@ def shared_parameters(model: nn.Module) -> set[str]:
 
 def place_adapter(adapter: Adapter, model: nn.Module, *, config: Mapping[str, Any] | None = None,
                   resolver: Resolver = hf_resolver, parameters: Collection[str] | None = None,
-                  tied: Collection[str] = (), label: str | None = None) -> dict[str, Placement]:
+                  modules: Mapping[str, nn.Module] | None = None, tied: Collection[str] = (),
+                  label: str | None = None) -> dict[str, Placement]:
     """Resolve every LoRA module of ``adapter`` onto ``model``; an unmatched module is an error.
 
     ``parameters`` are the model's parameter names (by default all of them, tied copies
-    included) and ``config`` its configuration dict (orientation of square GPT-2 weights).
+    included), ``modules`` its modules by name, and ``config`` its configuration dict
+    (orientation of square GPT-2 weights).
 
     Example:
         >>> from loramerge.core.adapter import LowRank
@@ -95,7 +97,8 @@ def place_adapter(adapter: Adapter, model: nn.Module, *, config: Mapping[str, An
     """
     label = label or adapter.source or "adapter"
     names = set(parameters) if parameters is not None else {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    modules = dict(model.named_modules(remove_duplicate=False))
+    if modules is None:
+        modules = dict(model.named_modules(remove_duplicate=False))
     config = dict(config or {})
     placed = {}
     for module, lowrank in adapter.layers.items():

@@ -159,7 +159,7 @@ class Runtime:
     def placements(self, adapter: Adapter) -> dict[str, Placement]:
         """Where each module of ``adapter`` goes in this model; an unmatched module is an error."""
         return place_adapter(adapter, self.model, config=self.config, resolver=self.resolver,
-                             parameters=self._parameters, tied=self._tied)
+                             parameters=self._parameters, modules=self._modules, tied=self._tied)
 
     def adaptable_modules(self, kinds: Sequence[str] = ("linear", "conv", "embedding")) -> dict[str, str]:
         """``{module path: kind}`` of every module of ``kinds`` in the model (what a LoRA could target)."""

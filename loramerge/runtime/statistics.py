@@ -23,8 +23,9 @@ import torch
 from tqdm.auto import tqdm
 
 from loramerge.core.adapter import Adapter
+from loramerge.core.devices import parse_dtype
 from loramerge.errors import CorruptFile, InvalidParameter
-from loramerge.io.formats.tensorfile import read_safetensors, write_safetensors
+from loramerge.io.formats.tensorfile import read_json_object, read_safetensors, write_safetensors
 from loramerge.io.output import atomic_output
 from loramerge.io.sources import resolve_model
 from loramerge.merge.statistics import InputStatistics
@@ -113,6 +114,16 @@ def base_fingerprint(folder: Path) -> str:
     return _digest({"files": listing, "config": config})
 
 
+def checkpoint_dtype(folder: Path) -> torch.dtype:
+    """The dtype a model folder loads in by default: its config's ``torch_dtype`` (or ``dtype``), else float32."""
+    config = read_json_object(folder / "config.json") if (folder / "config.json").is_file() else {}
+    named = config.get("torch_dtype") or config.get("dtype")
+    try:
+        return parse_dtype(named) or torch.float32 if isinstance(named, str) else torch.float32
+    except InvalidParameter:
+        return torch.float32
+
+
 def adapter_fingerprint(adapter: Adapter) -> str:
     """A hash of an adapter's factors and scales (what the statistics depend on)."""
     digest = hashlib.sha256()
@@ -177,11 +188,11 @@ def input_statistics(
     folder = Path(cache) if cache is not None else None
     keys: list[str | None] = [None] * len(adapters)
     if folder is not None:
-        base_id = base_fingerprint(resolve_model(base)) if runtime is None else (
-            base_fingerprint(runtime.folder) if runtime.folder is not None else None)
-        if base_id is not None:
-            dtype_label = str(dtype) if runtime is None else str(runtime.dtype)
-            keys = [cache_key(base_id, a, t, modules, dtype_label) for a, t in zip(adapters, tasks)]
+        model_folder = resolve_model(base) if runtime is None else runtime.folder  # type: ignore[arg-type]
+        if model_folder is not None:
+            loaded = runtime.dtype if runtime is not None else parse_dtype(dtype) or checkpoint_dtype(model_folder)
+            keys = [cache_key(base_fingerprint(model_folder), a, t, modules, str(loaded))
+                    for a, t in zip(adapters, tasks)]
     grams: list[dict[str, torch.Tensor]] = []
     tokens: list[int] = []
     for i, (adapter, task) in enumerate(zip(adapters, tasks)):
