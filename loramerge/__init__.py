@@ -13,7 +13,7 @@ Example:
 from loramerge._version import __version__
 from loramerge.convert import convert
 from loramerge.core.adapter import Adapter, LowRank
-from loramerge.core.linalg import RankPolicy
+from loramerge.core.rank import RankPolicy
 from loramerge.core.report import MergeReport, ModuleReport
 from loramerge.errors import (
     ConfigNotFound,
@@ -23,8 +23,10 @@ from loramerge.errors import (
     IncompatibleAdapters,
     InvalidParameter,
     LoramergeError,
+    LoramergeWarning,
     MissingDependency,
     NonFiniteValues,
+    OutOfMemory,
     OutputExists,
     PickleRefused,
     RecipeError,
@@ -33,6 +35,7 @@ from loramerge.errors import (
     UnsupportedAdapter,
     UnsupportedModel,
     VerificationFailed,
+    WriteFailed,
 )
 from loramerge.extract import extract
 from loramerge.fold.engine import fold
@@ -66,11 +69,13 @@ __all__ = [
     "InputStatistics",
     "InvalidParameter",
     "LoramergeError",
+    "LoramergeWarning",
     "LowRank",
     "MergeReport",
     "MissingDependency",
     "ModuleReport",
     "NonFiniteValues",
+    "OutOfMemory",
     "OutputExists",
     "PickleRefused",
     "RankPolicy",
@@ -82,6 +87,7 @@ __all__ = [
     "UnsupportedModel",
     "Verification",
     "VerificationFailed",
+    "WriteFailed",
     "__version__",
     "available_methods",
     "convert",

@@ -8,8 +8,8 @@ from typing import Any
 import click
 
 from loramerge.cli.options import merge_options, method_params_from, parse_weights, push_options
-from loramerge.fold.engine import TIED_MODES
 from loramerge.fold.engine import fold as run_fold
+from loramerge.fold.plan import TIED_MODES
 from loramerge.hub.publish import push_fold
 from loramerge.io.hub import check_push
 from loramerge.io.output import check_output

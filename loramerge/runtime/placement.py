@@ -18,7 +18,7 @@ from torch import nn
 
 from loramerge.core.adapter import Adapter, ModuleKind
 from loramerge.errors import IncompatibleAdapters, UnsupportedAdapter
-from loramerge.fold.engine import _orientation as fold_orientation
+from loramerge.fold.plan import _orientation as fold_orientation
 from loramerge.io.names import Resolver, as_targets, hf_resolver, nearest
 
 # The module classes each kind of update may sit on, by class name (transformers' GPT-2 Conv1D
