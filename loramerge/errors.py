@@ -26,6 +26,7 @@ FileNotFoundError`` or ``except ValueError`` in their code sees it too:
 | `MissingDependency` | `ImportError` | an optional extra (`loramerge[eval]`) is not installed |
 | `DataError` | `ValueError` | evaluation data that cannot be used (names the file and row) |
 | `UnsupportedModel` | `ValueError` | a base model the runtime cannot load or run |
+| `VerificationFailed` | `AssertionError` | `verify` found that a merge or fold does not do what the unmerged adapters do: a failed check, not bad input |
 
 Every error carries optional structured fields, ``None`` when unknown: ``path`` (the file,
 folder or Hub id), ``module`` (the module path being processed) and ``parameter`` (the option at
@@ -191,5 +192,5 @@ class UnsupportedModel(LoramergeError, ValueError):
     """A base model the runtime cannot load or run (an unknown model type, no tokenizer where one is needed)."""
 
 
-class VerificationFailed(LoramergeError):
+class VerificationFailed(LoramergeError, AssertionError):
     """``verify`` found a merge or fold that does not do what the unmerged adapters do."""
