@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import loramerge
 from loramerge.errors import IncompatibleAdapters, InvalidParameter
+from loramerge.runtime.resident import Runtime
 from tests.cli_helpers import assert_clean_failure, run_cli
 from tests.runtime_fixtures import char_tokenizer, write_jsonl
 
@@ -43,6 +44,12 @@ def case(world, tmp_path_factory):
             "ties": ties, "tampered": tampered, "root": root}
 
 
+@pytest.fixture(scope="module")
+def base(world):
+    """The base model loaded once for the Python-API checks (verify takes a Runtime as well as a folder)."""
+    return Runtime.load(world["base"], mode="hooks")
+
+
 @pytest.mark.parametrize("which", ["ours", "peft"])
 def test_a_fold_shows_rounding_only(world, case, which):
     result = loramerge.verify(world["base"], case["adapters"], weights=case["weights"], folded=case[which])
@@ -51,10 +58,10 @@ def test_a_fold_shows_rounding_only(world, case, which):
     assert len(result.prompts) == 8 and result.culprit is None
 
 
-def test_an_exact_merge_passes_and_ties_shows_its_gap_and_the_module(world, case):
-    exact = loramerge.verify(world["base"], case["adapters"], weights=case["weights"], merged=case["merged"])
+def test_an_exact_merge_passes_and_ties_shows_its_gap_and_the_module(base, case):
+    exact = loramerge.verify(base, case["adapters"], weights=case["weights"], merged=case["merged"])
     assert exact.passed and exact.max_relative_error < 1e-5
-    gap = loramerge.verify(world["base"], case["adapters"], weights=case["weights"], merged=case["ties"])
+    gap = loramerge.verify(base, case["adapters"], weights=case["weights"], merged=case["ties"], samples=4)
     assert not gap.passed and gap.max_relative_error > 1e-2 and gap.top1_agreement < 1.0
     assert gap.culprit in loramerge.load(case["ties"]).modules
     assert gap.culprit_error == max(gap.tried.values())
@@ -81,29 +88,29 @@ def test_the_cli_passes_a_good_fold_and_prints_coverage(world, case):
     assert "on 3 input(s)" in result.stdout and "within tolerance" in result.stdout
 
 
-def test_prompts_from_a_file_name_the_worst_row(world, case):
-    result = loramerge.verify(world["base"], case["adapters"], weights=case["weights"], merged=case["ties"],
+def test_prompts_from_a_file_name_the_worst_row(world, base, case):
+    result = loramerge.verify(base, case["adapters"], weights=case["weights"], merged=case["ties"],
                               prompts=world["data"]["add"], locate=False)
     assert len(result.prompts) == len(world["data"]["add"].read_text().splitlines())
     assert result.worst.label.startswith("row ") and "of add.jsonl" in result.worst.label
     assert result.culprit is None
 
 
-def test_an_unmatched_module_is_an_error_and_a_dropped_module_is_listed(world, case, tmp_path):
+def test_an_unmatched_module_is_an_error_and_a_dropped_module_is_listed(base, case):
     merged = loramerge.load(case["merged"])
     dropped = merged.with_layers({k: v for k, v in merged.layers.items() if "down_proj" not in k})
-    result = loramerge.verify(world["base"], case["adapters"], weights=case["weights"], merged=dropped)
+    result = loramerge.verify(base, case["adapters"], weights=case["weights"], merged=dropped, samples=4)
     assert not result.passed
     assert "model.layers.0.mlp.down_proj" in result.coverage.missing_in_merged
     assert "down_proj" in (result.culprit or "")
     stray = merged.with_layers({"model.layers.0.mlp.gate_prj": merged["model.layers.0.mlp.down_proj"]})
     with pytest.raises(IncompatibleAdapters, match=r"module model.layers.0.mlp.gate_prj not found"):
-        loramerge.verify(world["base"], case["adapters"], merged=stray)
+        loramerge.verify(base, case["adapters"], merged=stray)
 
 
-def test_verify_needs_one_candidate_and_prompt_rows_within_context(world, case, tmp_path):
+def test_verify_needs_one_candidate_and_prompt_rows_within_context(world, base, case, tmp_path):
     with pytest.raises(InvalidParameter, match="exactly one of"):
-        loramerge.verify(world["base"], case["adapters"])
+        loramerge.verify(base, case["adapters"])
     long = write_jsonl(tmp_path / "long.jsonl", [{"text": "y" * 80}])
     assert_clean_failure(run_cli("verify", world["base"], *case["adapters"], "--merged", case["merged"], "--prompts",
                                  long), "long.jsonl: row 1: 81 tokens, longer than the model's context of 64")
