@@ -1,0 +1,77 @@
+"""Writing an :class:`~loramerge.core.adapter.Adapter` as one kohya ``.safetensors`` file.
+
+The file stores ``lora_down``/``lora_up`` with one float32 ``alpha`` per module such that
+``alpha / r`` is the module's scale (a common alpha for all modules, see
+:func:`kohya_state_dict`), re-fuses Flux modules (:mod:`.fused`) and carries the metadata and
+hashes of :mod:`.metadata`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from loramerge.core.adapter import Adapter, LowRank
+from loramerge.errors import IncompatibleAdapters, UnsupportedAdapter
+from loramerge.io.formats.kohya.fused import fuse
+from loramerge.io.formats.kohya.metadata import build_metadata, kohya_hashes
+from loramerge.io.formats.kohya.names import choose_architecture, kohya_name
+from loramerge.io.formats.tensorfile import write_safetensors
+
+
+def kohya_state_dict(adapter: Adapter, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[str, float]]:
+    """The kohya tensors of ``adapter`` (cast to ``dtype``; alphas float32) and each module's rank and alpha.
+
+    Every module is written with one common alpha (the most frequent ``scale · r``); a module
+    whose own ``scale · r`` differs has the ratio folded into its factors (√ on each side).
+    ``alpha / r`` still gives each module's scale, and loaders that cannot map per-module alphas
+    onto every module (diffusers loses them on SD/SDXL attention layers) still scale it right.
+    """
+    arch = choose_architecture(adapter)
+    groups: dict[str, dict[str, LowRank]] = {}
+    for module, lr in adapter.layers.items():
+        if lr.bias is not None:
+            raise UnsupportedAdapter(f"module {module}: a bias update cannot be written as a kohya LoRA")
+        name = kohya_name(module, arch)
+        groups.setdefault(name, {})[module] = lr
+    updates: dict[str, LowRank] = {}
+    for name, members in groups.items():
+        target = arch.kohya.get(name) if arch is not None else None
+        if target is not None and target.fused:
+            updates[name] = fuse(name, members, target)
+        elif len(members) == 1:
+            updates[name] = next(iter(members.values()))
+        else:
+            raise IncompatibleAdapters(f"modules {', '.join(members)} would all be written as kohya module {name}")
+    alpha = Counter(lr.scale * lr.rank for lr in updates.values()).most_common(1)[0][0]
+    if alpha <= 0:
+        alpha = float(Counter(lr.rank for lr in updates.values()).most_common(1)[0][0])
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    for name, lr in updates.items():
+        A, B = lr.A, lr.B
+        ratio = lr.scale * lr.rank / alpha
+        if ratio != 1.0:
+            root = math.sqrt(abs(ratio))
+            A, B = A * root, B * math.copysign(root, ratio)
+        tensors[f"{name}.lora_down.weight"] = A.to(dtype)
+        tensors[f"{name}.lora_up.weight"] = B.to(dtype)
+        tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+        if lr.magnitude is not None:
+            dora = lr.magnitude if lr.magnitude.ndim > 1 else lr.magnitude.reshape(-1, *([1] * (lr.A.ndim - 1)))
+            tensors[f"{name}.dora_scale"] = dora.to(dtype)
+        ranks[name] = lr.rank
+    return tensors, ranks, dict.fromkeys(ranks, alpha)
+
+
+def write(adapter: Adapter, path: Path, *, dtype: torch.dtype) -> None:
+    """Write ``adapter`` as one kohya ``.safetensors`` file at ``path``."""
+    tensors, ranks, alphas = kohya_state_dict(adapter, dtype)
+    metadata = build_metadata(adapter, ranks, alphas, {n: tensors[f"{n}.lora_down.weight"].ndim for n in ranks})
+    model_hash, legacy_hash = kohya_hashes(tensors, metadata)
+    metadata["sshs_model_hash"] = model_hash
+    metadata["sshs_legacy_hash"] = legacy_hash
+    write_safetensors(tensors, path, metadata)
