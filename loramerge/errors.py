@@ -64,5 +64,9 @@ class WriteFailed(LoramergeError):
     """The output could not be written (no space left, permissions); nothing was left behind."""
 
 
+class MissingDependency(LoramergeError, ImportError):
+    """An optional extra that the work needs is not installed; the message says how to install it."""
+
+
 class LoramergeWarning(UserWarning):
     """Something suspicious that does not stop the work (the CLI prints it as ``warning: ...``)."""

@@ -81,6 +81,10 @@ class BaseNames:
             raise UnknownFormat(f"{path}: no .safetensors weights found to resolve module names from")
         return cls(modules, origin=str(path))
 
+    def index_names(self) -> list[str]:
+        """Every spelling the index knows (for 'nearest name' suggestions)."""
+        return list(self._index)
+
     def lookup(self, kohya_name: str) -> str | None:
         """The base module path that ``kohya_name`` flattens, or None."""
         return self._index.get(kohya_name)

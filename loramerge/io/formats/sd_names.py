@@ -68,6 +68,8 @@ class KohyaTarget:
     name: str
     shape: Shape
     pieces: tuple[Piece, ...]
+    # Row counts of the canonical modules, where a piece set does not reach a module's last row.
+    rows: Mapping[str, int] | None = field(default=None, compare=False, hash=False)
 
     @property
     def fused(self) -> bool:

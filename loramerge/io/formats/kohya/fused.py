@@ -34,6 +34,8 @@ def split_update(update: LowRank, target: KohyaTarget, *, origin: Path | str = "
     out: dict[str, LowRank] = {}
     for module, pieces in modules.items():
         rows = max(p.dst + p.size for p in pieces)
+        if target.rows is not None:
+            rows = max(rows, target.rows.get(module, rows))
         Bm = B.new_zeros(rows, B.shape[1])
         magnitude = bias = None
         if update.magnitude is not None:

@@ -11,13 +11,18 @@ Writing: :func:`kohya_name` spells a canonical module the way the architecture's
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from loramerge.core.adapter import Adapter
 from loramerge.errors import IncompatibleAdapters, UnknownFormat
 from loramerge.io.formats.base_names import BaseNames
+from loramerge.io.formats.converted import ProbeModule, resolve_flattened
+from loramerge.io.formats.converted import resolve as resolve_by_converter
+from loramerge.io.formats.families import FAMILIES, diffusers_available
 from loramerge.io.formats.kohya.keys import fits
 from loramerge.io.formats.sd_names import (
     ARCHITECTURES,
@@ -30,6 +35,7 @@ from loramerge.io.formats.sd_names import (
     flatten,
     identify,
 )
+from loramerge.io.names import nearest
 
 # Where canonical components go when no table names the module.
 _DEFAULT_COMPONENT_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_",
@@ -40,17 +46,31 @@ _ORIGINAL_CONTAINERS = {"model.diffusion_model.": "lora_unet_", "diffusion_model
                         "conditioner.embedders.1.model.": "lora_te2_"}
 
 
-def resolve_names(flat: Mapping[str, Shape], *, origin: Path | str,
-                  base: BaseNames | str | Path | None = None) -> tuple[dict[str, KohyaTarget], list[str]]:
-    """Each kohya module's :class:`KohyaTarget` and the architectures that fit, best first.
+@dataclass
+class Resolved:
+    """Where a file's modules go: each one's :class:`KohyaTarget`, the architectures or family that fit
+    (best first), and the modules skipped as unknown (``skip_unknown``)."""
 
-    With ``base`` the names are looked up among the base checkpoint's weights; otherwise in the
-    built-in tables. A file none of whose names any table knows keeps its names (opaque); one
-    with only some names known, or names from different architectures, is refused.
+    targets: dict[str, KohyaTarget]
+    architectures: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def resolve_names(flat: Mapping[str, Shape], *, origin: Path | str,
+                  base: BaseNames | str | Path | None = None, probes: Mapping[str, ProbeModule] | None = None,
+                  base_key: Callable[[str], str] | None = None, skip_unknown: bool = False) -> Resolved:
+    """Each module's :class:`KohyaTarget` and the architectures that fit, best first.
+
+    With ``base`` the names (spelled for the lookup by ``base_key``) are looked up among the
+    base checkpoint's weights; otherwise in the built-in tables and then, when diffusers is
+    installed, through the model families' own converters (``probes`` gives each module's keys,
+    see :mod:`loramerge.io.formats.converted`). A file none of whose names anything knows keeps
+    its names (opaque). An unknown name among known ones is an error naming it (and, with a base,
+    the nearest base names) unless ``skip_unknown``, which leaves it out and lists it.
 
     Example:
-        >>> targets, archs = resolve_names({"lora_unet_input_blocks_4_1_proj_in": (640, 640)}, origin="f")
-        >>> targets["lora_unet_input_blocks_4_1_proj_in"].pieces[0].module, archs
+        >>> found = resolve_names({"lora_unet_input_blocks_4_1_proj_in": (640, 640)}, origin="f")
+        >>> found.targets["lora_unet_input_blocks_4_1_proj_in"].pieces[0].module, found.architectures
         ('unet.down_blocks.1.attentions.0.proj_in', ['sdxl'])
     """
     names = list(flat)
@@ -59,41 +79,66 @@ def resolve_names(flat: Mapping[str, Shape], *, origin: Path | str,
         targets: dict[str, KohyaTarget] = {}
         unresolved = []
         for name in names:
-            module = base_names.lookup(name)
+            module = base_names.lookup(base_key(name) if base_key else name)
             if module is None:
                 unresolved.append(name)
                 continue
             shape = base_names.modules[module]
             targets[name] = KohyaTarget(name, shape, (Piece(module, 0, 0, shape[0]),))
-        if unresolved:
+        if unresolved and not skip_unknown:
+            near = nearest(unresolved[0], base_names.index_names())
+            hint = f"; nearest base names: {', '.join(near)}" if near else ""
             raise UnknownFormat(
                 f"{origin}: {len(unresolved)} module name(s) match no weight of the base {base_names.origin}: "
-                f"{first_names(unresolved)}"
+                f"{first_names(unresolved)}{hint} (--skip-unknown leaves them out)"
             )
-        return targets, identify({t.pieces[0].module: t.shape for t in targets.values()})
+        return Resolved(targets, identify({t.pieces[0].module: t.shape for t in targets.values()}), unresolved)
 
     found = architectures_for_kohya(names)
     unknown = [n for n in names if not found[n]]
     if len(unknown) == len(names):
-        return {n: KohyaTarget(n, flat[n], (Piece(n, 0, 0, flat[n][0]),)) for n in names}, []
-    if unknown:
+        if probes is not None and diffusers_available():
+            with contextlib.suppress(UnknownFormat):  # no family knows them either: they stay opaque
+                return _family_resolved(flat, probes, origin, skip_unknown)
+        return Resolved({n: KohyaTarget(n, flat[n], (Piece(n, 0, 0, flat[n][0]),)) for n in names})
+    if unknown and not skip_unknown:
         raise UnknownFormat(
             f"{origin}: {len(unknown)} module name(s) match no SD 1.x/SD 2.x/SDXL/Flux module: {first_names(unknown)}; "
-            "pass --base CHECKPOINT (base=...) to resolve names from the model's own weights"
+            "pass --base CHECKPOINT (base=...) to resolve names from the model's own weights, "
+            "or --skip-unknown to leave them out"
         )
-    common = set.intersection(*found.values())
+    known = [n for n in names if found[n]]
+    common = set.intersection(*(found[n] for n in known))
     if not common:
         examples = {}
-        for n in names:
+        for n in known:
             examples.setdefault(frozenset(found[n]), n)
         shown = "; ".join(f"{n} is {'/'.join(ARCHITECTURES[a].label for a in sorted(s))}" for s, n in examples.items())
         raise IncompatibleAdapters(f"{origin}: modules of different architectures in one file ({shown})")
     candidates = [a for a in ARCHITECTURES if a in common]
-    exact = [a for a in candidates if all(flat[n] == ARCHITECTURES[a].kohya[n].shape for n in names)]
-    fitting = [a for a in candidates if all(fits(flat[n], ARCHITECTURES[a].kohya[n].shape) for n in names)]
+    exact = [a for a in candidates if all(flat[n] == ARCHITECTURES[a].kohya[n].shape for n in known)]
+    fitting = [a for a in candidates if all(fits(flat[n], ARCHITECTURES[a].kohya[n].shape) for n in known)]
     architectures = exact or fitting or candidates
     table = ARCHITECTURES[architectures[0]]
-    return {n: _scaled_target(table.kohya[n], flat[n], origin) for n in names}, architectures
+    return Resolved({n: _scaled_target(table.kohya[n], flat[n], origin) for n in known}, architectures, unknown)
+
+
+def _family_resolved(flat: Mapping[str, Shape], probes: Mapping[str, ProbeModule], origin: Path | str,
+                     skip_unknown: bool) -> Resolved:
+    """Names no built-in table knows, resolved by a model family's module list or its diffusers converter."""
+    names = list(flat)
+    flattened = resolve_flattened(names)
+    if flattened is not None:
+        family, modules = flattened
+        targets = {n: KohyaTarget(n, flat[n], (Piece(m, 0, 0, int(flat[n][0])),)) for n, m in modules.items()}
+        return Resolved(targets, [family])
+    found = resolve_by_converter([probes[n] for n in names], origin=origin)
+    if found.unmapped and not skip_unknown:
+        raise UnknownFormat(
+            f"{origin}: {len(found.unmapped)} module(s) that diffusers' {FAMILIES[found.family].label} converter "
+            f"maps to no module: {first_names(found.unmapped)} (--skip-unknown leaves them out)"
+        )
+    return Resolved(found.targets, [found.family], found.unmapped)
 
 
 def first_names(names: list[str], count: int = 5) -> str:
