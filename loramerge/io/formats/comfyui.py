@@ -35,7 +35,7 @@ from loramerge.io.formats import lycoris
 from loramerge.io.formats.converted import ProbeModule
 from loramerge.io.formats.kohya.keys import flat_shape
 from loramerge.io.formats.kohya.read import assemble, single_file
-from loramerge.io.formats.original_names import check_names, original_name
+from loramerge.io.formats.original_names import RULES, check_names, original_name, writable
 from loramerge.io.formats.sd_names import KOHYA_PREFIXES, flatten
 from loramerge.io.formats.tensorfile import read_safetensors_header, read_tensor_file, write_safetensors
 
@@ -85,7 +85,8 @@ def detect(path: Path) -> bool:
         return True
     from loramerge.io.formats.diffusers import component_of
 
-    return all(component_of(k) is None for k in keys)
+    # Bare names (DiffSynth-Studio): a diffusers-style file names every module by a diffusers path.
+    return any(component_of(k) is None for k in keys)
 
 
 def read(path: Path, *, allow_pickle: bool = False, base: str | Path | None = None,
@@ -112,13 +113,17 @@ def read(path: Path, *, allow_pickle: bool = False, base: str | Path | None = No
     if not groups:
         raise CorruptFile(f"{path}: no LoRA tensors found")
     a_style, b_style = _dominant_style(spelled)
+    # Bare original names (DiffSynth-Studio) reach the converters as ComfyUI spells them.
+    bare = not any(k.startswith(CONTAINERS) or ".processor." in k for k in tensors)
+    lead = CONTAINERS[1] if bare else ""
     probes = {}
     for name, parts in groups.items():
         keys = spelled[name]
+        alpha = keys.get("alpha")
         probes[name] = ProbeModule(
             name, flat_shape(name, parts, path),
-            keys.get("lora_down.weight", f"{name}.{a_style}"), keys.get("lora_up.weight", f"{name}.{b_style}"),
-            keys.get("alpha"),
+            lead + keys.get("lora_down.weight", f"{name}.{a_style}"), lead + keys.get("lora_up.weight", f"{name}.{b_style}"),
+            lead + alpha if alpha else None,
         )
     return assemble(groups, tensors, metadata, path=path, base=base, probes=probes, source_format=NAME,
                     skip_unknown=skip_unknown, base_key=kohya_spelling)
@@ -174,12 +179,11 @@ def _family_of(adapter: Adapter) -> str:
     from loramerge.io.formats.families import FAMILIES, families_of
 
     recorded = [a for a in adapter.config.get("architectures") or [] if a in FAMILIES]
-    if recorded:
-        return recorded[0]
-    found = families_of(list(adapter.layers))
-    if not found:
+    found = recorded or families_of(list(adapter.layers))
+    writable_found = [f for f in found if writable(f)]
+    if not writable_found:
         raise UnsupportedAdapter(
-            f"{adapter.source or 'adapter'}: the ComfyUI layout needs a known model family "
-            f"({', '.join(FAMILIES)}); these modules fit none"
+            f"{adapter.source or 'adapter'}: the ComfyUI layout needs a family whose original names loramerge "
+            f"knows ({', '.join(sorted(RULES))}); these modules fit {', '.join(found) or 'none'}: use --to diffusers"
         )
-    return found[0]
+    return writable_found[0]

@@ -188,22 +188,16 @@ def resolve(modules: Sequence[ProbeModule], *, origin: Path | str, family: str |
     """
     names = [m.name for m in modules]
     candidates = [family] if family else candidates_by_markers(names)
-    # The alphas only steer some converters to the right layout; a converter that chokes on one
-    # (Wan's rejects an alpha on ``head.head``) gets the probe without them.
-    variants = [modules]
-    if any(m.alpha_key for m in modules):
-        variants.append([replace(m, alpha_key=None) for m in modules])
     best: Resolution | None = None
-    for name in candidates:
-        for variant in variants:
-            probe, starts = probe_state_dict(variant)
-            try:
-                targets, unmapped = read_probe(run_converter(name, probe), variant, starts)
-            except Exception:  # a converter that does not know this layout fails in its own ways
-                continue
-            break
-        else:
+    for position, name in enumerate(candidates):
+        attempt = _convert(name, modules)
+        if attempt is None and position == 0 and len(modules) > 1:
+            # The converters work on whole files and refuse one they cannot finish: one stray key
+            # would hide every other module. The likeliest family gets its modules one at a time.
+            attempt = _convert_each(name, modules)
+        if attempt is None:
             continue
+        targets, unmapped = attempt
         if not targets:
             continue
         produced = sorted({p.module for t in targets.values() for p in t.pieces})
@@ -219,6 +213,36 @@ def resolve(modules: Sequence[ProbeModule], *, origin: Path | str, family: str |
         tried = ", ".join(FAMILIES[c].label for c in candidates)
         raise UnknownFormat(f"{origin}: no model family's diffusers converter ({tried}) knows these modules: {shown}")
     return best
+
+
+def _convert(family: str, modules: Sequence[ProbeModule]) -> tuple[dict[str, KohyaTarget], list[str]] | None:
+    """The probe of ``modules`` through ``family``'s converter, or None when the converter refuses it.
+
+    The alphas only steer some converters to the right layout; a converter that chokes on one
+    (Wan's rejects an alpha on ``head.head``) gets the probe without them.
+    """
+    variants = [list(modules)]
+    if any(m.alpha_key for m in modules):
+        variants.append([replace(m, alpha_key=None) for m in modules])
+    for variant in variants:
+        probe, starts = probe_state_dict(variant)
+        try:
+            return read_probe(run_converter(family, probe), variant, starts)
+        except Exception:  # a converter that does not know this layout fails in its own ways
+            continue
+    return None
+
+
+def _convert_each(family: str, modules: Sequence[ProbeModule]) -> tuple[dict[str, KohyaTarget], list[str]] | None:
+    targets: dict[str, KohyaTarget] = {}
+    unmapped: list[str] = []
+    for module in modules:
+        attempt = _convert(family, [module])
+        if attempt is None or not attempt[0]:
+            unmapped.append(module.name)
+        else:
+            targets.update(attempt[0])
+    return (targets, unmapped) if targets else None
 
 
 def resolve_flattened(names: Sequence[str]) -> tuple[str, dict[str, str]] | None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+from loramerge.core.adapter import Adapter
 from loramerge.errors import UnsupportedAdapter
 
 Shape = tuple[int, ...]
@@ -53,6 +54,15 @@ def writable(family: str) -> bool:
     return family in RULES
 
 
+def family_for_writing(adapter: Adapter) -> str | None:
+    """The family whose original names an adapter is written with: the one it was read as, when that
+    family's names are known here and every module is a denoiser module; else None."""
+    recorded = [a for a in adapter.config.get("architectures") or [] if a in RULES]
+    if recorded and all(m.startswith(DENOISERS) for m in adapter.layers):
+        return recorded[0]
+    return None
+
+
 def original_name(module: str, family: str) -> str:
     """The original-checkpoint path of diffusers module ``module`` (``transformer.<path>``) in ``family``."""
     if family not in RULES:
@@ -82,7 +92,8 @@ def check_names(names: Mapping[str, str], shapes: Mapping[str, Shape], family: s
     if not diffusers_available():
         return
     down, up = ("lora_down.weight", "lora_up.weight") if flat_names else ("lora_A.weight", "lora_B.weight")
-    probes = [ProbeModule(written, shapes[module], f"{key_prefix}{written}.{down}", f"{key_prefix}{written}.{up}")
+    probes = [ProbeModule(written, shapes[module], f"{key_prefix}{written}.{down}", f"{key_prefix}{written}.{up}",
+                          f"{key_prefix}{written}.alpha" if flat_names else None)
               for module, written in names.items()]
     found = resolve(probes, origin="output", family=family)
     back = {written: module for module, written in names.items()}

@@ -85,21 +85,38 @@ def resolve_names(flat: Mapping[str, Shape], *, origin: Path | str,
                 continue
             shape = base_names.modules[module]
             targets[name] = KohyaTarget(name, shape, (Piece(module, 0, 0, shape[0]),))
+        architectures = identify({t.pieces[0].module: t.shape for t in targets.values()})
+        if unresolved and probes is not None and diffusers_available():
+            # Original-checkpoint names against a diffusers-named base: the family converter names them.
+            with contextlib.suppress(UnknownFormat):
+                found = _family_resolved({n: flat[n] for n in unresolved}, probes, origin, skip_unknown=True)
+                targets.update(found.targets)
+                unresolved = found.skipped
+                architectures = found.architectures
         if unresolved and not skip_unknown:
-            near = nearest(unresolved[0], base_names.index_names())
+            near = nearest(base_key(unresolved[0]) if base_key else unresolved[0], base_names.index_names())
             hint = f"; nearest base names: {', '.join(near)}" if near else ""
             raise UnknownFormat(
                 f"{origin}: {len(unresolved)} module name(s) match no weight of the base {base_names.origin}: "
                 f"{first_names(unresolved)}{hint} (--skip-unknown leaves them out)"
             )
-        return Resolved(targets, identify({t.pieces[0].module: t.shape for t in targets.values()}), unresolved)
+        return Resolved(targets, architectures, unresolved)
 
     found = architectures_for_kohya(names)
     unknown = [n for n in names if not found[n]]
-    if len(unknown) == len(names):
-        if probes is not None and diffusers_available():
-            with contextlib.suppress(UnknownFormat):  # no family knows them either: they stay opaque
-                return _family_resolved(flat, probes, origin, skip_unknown)
+    if unknown and probes is not None and diffusers_available():
+        # A newer family whose names the SD/Flux.1 tables do not know (or know only a few of by chance).
+        with contextlib.suppress(UnknownFormat):
+            family = _family_resolved(flat, probes, origin, skip_unknown=True)
+            if len(family.skipped) < len(unknown):
+                if family.skipped and not skip_unknown:
+                    raise UnknownFormat(
+                        f"{origin}: {len(family.skipped)} module(s) that diffusers' "
+                        f"{FAMILIES[family.architectures[0]].label} converter maps to no module: "
+                        f"{first_names(family.skipped)} (--skip-unknown leaves them out)"
+                    )
+                return family
+    if len(unknown) == len(names):  # nothing knows them: they stay opaque
         return Resolved({n: KohyaTarget(n, flat[n], (Piece(n, 0, 0, flat[n][0]),)) for n in names})
     if unknown and not skip_unknown:
         raise UnknownFormat(

@@ -19,6 +19,8 @@ from loramerge.errors import IncompatibleAdapters, UnsupportedAdapter
 from loramerge.io.formats.kohya.fused import fuse
 from loramerge.io.formats.kohya.metadata import build_metadata, kohya_hashes
 from loramerge.io.formats.kohya.names import choose_architecture, kohya_name
+from loramerge.io.formats.original_names import check_names, family_for_writing, original_name
+from loramerge.io.formats.sd_names import flatten
 from loramerge.io.formats.tensorfile import write_safetensors
 
 
@@ -31,12 +33,17 @@ def kohya_state_dict(adapter: Adapter, dtype: torch.dtype) -> tuple[dict[str, to
     onto every module (diffusers loses them on SD/SDXL attention layers) still scale it right.
     """
     arch = choose_architecture(adapter)
+    family = None if arch is not None else family_for_writing(adapter)
     groups: dict[str, dict[str, LowRank]] = {}
     for module, lr in adapter.layers.items():
         if lr.bias is not None:
             raise UnsupportedAdapter(f"module {module}: a bias update cannot be written as a kohya LoRA")
-        name = kohya_name(module, arch)
+        name = kohya_name(module, arch) if family is None else "lora_unet_" + flatten(original_name(module, family))
         groups.setdefault(name, {})[module] = lr
+    if family is not None:  # musubi-tuner names, checked against the family's diffusers converter
+        check_names({m: n for n, members in groups.items() for m in members},
+                    {m: tuple(lr.delta_shape) for m, lr in adapter.layers.items()}, family, key_prefix="",
+                    flat_names=True)
     updates: dict[str, LowRank] = {}
     for name, members in groups.items():
         target = arch.kohya.get(name) if arch is not None else None

@@ -1,0 +1,186 @@
+"""Trainer layouts of the new families, written the way each trainer writes them (test writers below, from
+the trainers' key conventions, not from loramerge's writers), through loramerge's ``inspect``, ``convert``
+and ``fold``. The oracle is the family's own diffusers loader reading the same file (or, for layouts
+diffusers cannot read, the diffusers-style file of the same LoRA)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from loramerge import fold, load
+from loramerge.io.formats import write_adapter
+from tests.cli_helpers import assert_clean_failure, run_cli
+from tests.family_fixtures import (
+    build,
+    forward,
+    linear_modules,
+    load_folded,
+    load_with_diffusers,
+    random_adapter,
+    relative_error,
+    save,
+)
+
+pytest.importorskip("diffusers")
+
+# Wan's original (ComfyUI / musubi-tuner / DiffSynth) module names, from the Wan repository's model.py.
+WAN_ATTN = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "o"}
+
+
+def wan_original(path: str) -> str | None:
+    m = re.fullmatch(r"blocks\.(\d+)\.attn([12])\.(.+)", path)
+    if m:
+        return f"blocks.{m[1]}.{'self_attn' if m[2] == '1' else 'cross_attn'}.{WAN_ATTN[m[3]]}"
+    m = re.fullmatch(r"blocks\.(\d+)\.ffn\.net\.(0\.proj|2)", path)
+    if m:
+        return f"blocks.{m[1]}.ffn.{m[2][0]}"
+    return {"condition_embedder.time_embedder.linear_1": "time_embedding.0",
+            "condition_embedder.time_embedder.linear_2": "time_embedding.2",
+            "condition_embedder.text_embedder.linear_1": "text_embedding.0",
+            "condition_embedder.text_embedder.linear_2": "text_embedding.2",
+            "condition_embedder.time_proj": "time_projection.1", "proj_out": "head.head"}.get(path)
+
+
+def same_name(path: str) -> str:
+    return path
+
+
+ORIGINAL = {"wan": wan_original, "qwen_image": same_name, "hidream": same_name, "ltx_video": same_name}
+
+
+def write_layout(adapter, layout: str, family: str, file, *, alpha_factor: float = 2.0, blocks_only=False):
+    """``adapter`` (diffusers names, one scale) written in a trainer's layout; alphas carry the scale."""
+    tensors = {}
+    for module, lr in adapter.layers.items():
+        path = module.split(".", 1)[1]
+        if blocks_only and not path.startswith(("blocks.", "transformer_blocks.")):
+            continue
+        rank = lr.rank
+        alpha = lr.scale * rank
+        if layout in ("comfyui", "musubi", "diffsynth"):
+            original = ORIGINAL[family](path)
+            if original is None:
+                continue
+            if layout == "comfyui":  # ComfyUI / AI-Toolkit: diffusion_model.<original>.lora_A/B + alpha
+                key, a, b = f"diffusion_model.{original}", "lora_A.weight", "lora_B.weight"
+            elif layout == "musubi":  # kohya / musubi-tuner: lora_unet_<original flattened>.lora_down/up + alpha
+                key, a, b = "lora_unet_" + original.replace(".", "_"), "lora_down.weight", "lora_up.weight"
+            else:  # DiffSynth-Studio: bare original names, PEFT suffixes, no alpha (scale baked in)
+                key, a, b = original, "lora_A.default.weight" if family == "qwen_image" else "lora_A.weight", \
+                    "lora_B.default.weight" if family == "qwen_image" else "lora_B.weight"
+        elif layout == "onetrainer":  # OneTrainer: lora_transformer_<diffusers path flattened>
+            key, a, b = "lora_transformer_" + path.replace(".", "_"), "lora_down.weight", "lora_up.weight"
+        else:
+            raise ValueError(layout)
+        # diffusers' Wan converter takes alphas on block modules only, so the oracle file bakes the rest.
+        # diffusers' LTX-Video loader ignores ``.alpha`` keys (scale 1), so its oracle file bakes every scale.
+        baked = layout == "diffsynth" or (layout == "comfyui" and not path.startswith(("blocks.", "transformer_blocks."))) \
+            or family == "ltx_video"
+        if baked:
+            tensors[f"{key}.{a}"] = (lr.A * lr.scale).contiguous()
+            tensors[f"{key}.{b}"] = lr.B.contiguous()
+        else:
+            tensors[f"{key}.{a}"] = lr.A.contiguous()
+            tensors[f"{key}.{b}"] = lr.B.contiguous()
+            tensors[f"{key}.alpha"] = torch.tensor(alpha)
+    save_file(tensors, str(file))
+    return file
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("layout-bases")
+    return {name: save(name, build(name), root / name) for name in ("wan", "qwen_image", "hidream", "ltx_video", "sd3")}
+
+
+CASES = [("wan", "comfyui"), ("wan", "musubi"), ("wan", "diffsynth"), ("qwen_image", "comfyui"),
+         ("qwen_image", "musubi"), ("qwen_image", "diffsynth"), ("hidream", "comfyui"), ("ltx_video", "comfyui")]
+
+
+@pytest.mark.parametrize(("family", "layout"), CASES)
+def test_trainer_layout_reads_like_the_family_loader_and_folds(family, layout, bases, tmp_path):
+    adapter = random_adapter(linear_modules(build(family)), seed=5, scale=0.25)
+    file = write_layout(adapter, layout, family, tmp_path / "lora.safetensors", blocks_only=layout == "musubi")
+    ours = load(file)
+    assert ours.config["architectures"] == [family]
+    # diffusers reads DiffSynth's bare names as ComfyUI spells them (what ComfyUI's loader does too)
+    oracle = {f"diffusion_model.{k}": v for k, v in load_file(str(file)).items()} if layout == "diffsynth" else file
+    expected = forward(family, load_with_diffusers(family, oracle, build(family)))
+
+    fold(bases[family], file, output=tmp_path / "folded", device="cpu")
+    assert relative_error(forward(family, load_folded(family, tmp_path / "folded")), expected) < 1e-4
+
+    # convert to diffusers-style: the family loader gives the same outputs
+    assert run_cli("convert", file, "-o", tmp_path / "conv", "--to", "diffusers").exit_code == 0
+    converted = load_with_diffusers(family, tmp_path / "conv" / "pytorch_lora_weights.safetensors", build(family))
+    assert relative_error(forward(family, converted), expected) < 1e-4
+
+
+@pytest.mark.parametrize("family", ["wan", "sd3"])
+def test_onetrainer_names_resolve_through_the_family_module_list(family, bases, tmp_path):
+    adapter = random_adapter(linear_modules(build(family)), seed=7)
+    file = write_layout(adapter, "onetrainer", family, tmp_path / "ot.safetensors")
+    ours = load(file)
+    assert sorted(ours.layers) == sorted(adapter.layers)
+    reference = write_adapter(adapter, tmp_path / "ref", format="diffusers")
+    expected = forward(family, load_with_diffusers(family, reference / "pytorch_lora_weights.safetensors", build(family)))
+    fold(bases[family], file, output=tmp_path / "folded", device="cpu")
+    assert relative_error(forward(family, load_folded(family, tmp_path / "folded")), expected) < 1e-4
+
+
+@pytest.mark.parametrize(("family", "layout"), [("wan", "comfyui"), ("wan", "kohya"), ("qwen_image", "comfyui"),
+                                                ("qwen_image", "kohya"), ("hidream", "comfyui")])
+def test_writers_in_trainer_layouts_convert_back_through_diffusers(family, layout, tmp_path):
+    """Our ComfyUI/musubi output, converted by the family's diffusers converter, gives our deltas back."""
+    model = build(family)
+    modules = linear_modules(model)
+    if layout == "kohya":
+        modules = {m: s for m, s in modules.items() if m.startswith(("transformer.blocks.", "transformer.transformer_blocks."))}
+    adapter = random_adapter(modules, seed=9, scale=0.75)
+    adapter.config["architectures"] = [family]
+    out = write_adapter(adapter, tmp_path / "out.safetensors", format=layout)
+    with torch.no_grad():
+        expected = forward(family, load_with_diffusers(family, write_adapter(adapter, tmp_path / "ref", format="diffusers")
+                                                       / "pytorch_lora_weights.safetensors", build(family)))
+        got = forward(family, load_with_diffusers(family, out, build(family)))
+    assert relative_error(got, expected) < 1e-4
+    again = load(out)
+    for module, lr in adapter.layers.items():
+        assert torch.allclose(again.layers[module].product(), lr.product(), atol=1e-5)
+
+
+def test_inspect_with_base_reports_coverage(bases, tmp_path):
+    adapter = random_adapter({m: s for m, s in linear_modules(build("wan")).items() if ".attn1." in m}, seed=2)
+    file = write_layout(adapter, "comfyui", "wan", tmp_path / "lora.safetensors")
+    result = run_cli("inspect", file, "--base", bases["wan"], "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    coverage = info["coverage"]
+    assert coverage["matched"]["transformer.blocks.0.attn1.to_q"] == ["blocks.0.attn1.to_q.weight"]
+    assert coverage["unmatched"] == {}
+    assert "blocks.0.attn2.to_q.weight" in coverage["untouched"]
+    assert "blocks.1.attn1.to_out.0.weight" not in coverage["untouched"]  # adapted
+    assert "blocks.0.ffn.net.0.proj.weight" not in coverage["untouched"]  # not a kind the LoRA adapts
+    text = run_cli("inspect", file, "--base", bases["wan"]).stdout
+    assert "untouched: blocks.0.attn2.to_q.weight" in text
+
+
+def test_unknown_key_names_it_and_the_nearest_base_names_and_skip_unknown_lists_it(bases, tmp_path):
+    adapter = random_adapter({"transformer.blocks.0.attn1.to_q": (16, 16)}, seed=2)
+    file = write_layout(adapter, "comfyui", "wan", tmp_path / "lora.safetensors")
+    tensors = load_file(str(file))
+    tensors["diffusion_model.blocks.0.self_attn.qq.lora_A.weight"] = torch.ones(2, 16)
+    tensors["diffusion_model.blocks.0.self_attn.qq.lora_B.weight"] = torch.ones(16, 2)
+    save_file(tensors, str(file))
+    assert_clean_failure(run_cli("inspect", file, "--base", bases["wan"]), "self_attn.qq", "nearest base names")
+    result = run_cli("inspect", file, "--base", bases["wan"], "--skip-unknown", "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["skipped"] == ["diffusion_model.blocks.0.self_attn.qq"]
+    assert math.isclose(len(info["modules"]), 1)
