@@ -33,8 +33,8 @@ class AdapterFormat:
 
 FORMATS: tuple[AdapterFormat, ...] = (
     AdapterFormat("peft", peft.detect, peft.read, peft.write),
-    # LyCORIS files share kohya's names; they are written back as kohya LoRA/LoCon (the exact B@A).
-    AdapterFormat("lycoris", kohya.detect_lycoris, kohya.read_lycoris, kohya.write, single_file=True),
+    # LyCORIS files share kohya's names; LoHa/LoKr/full modules read from one are written back unexpanded.
+    AdapterFormat("lycoris", kohya.detect_lycoris, kohya.read_lycoris, kohya.write_lycoris, single_file=True),
     AdapterFormat("kohya", kohya.detect, kohya.read, kohya.write, single_file=True),
     # Original-checkpoint names (ComfyUI, AI-Toolkit, DiffSynth, XLabs), resolved by diffusers' converters.
     AdapterFormat("comfyui", comfyui.detect, comfyui.read, comfyui.write, single_file=True),

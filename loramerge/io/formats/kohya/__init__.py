@@ -29,13 +29,15 @@ the saved dtype.
 
 One job per module: :mod:`.keys` (key grammar, detection, grouping), :mod:`.update` (a module's
 tensors → LowRank), :mod:`.names` (kohya names ↔ canonical paths), :mod:`.fused` (split and
-re-fuse fused modules), :mod:`.read`, :mod:`.write` and :mod:`.metadata`.
+re-fuse fused modules), :mod:`.read`, :mod:`.write`, :mod:`.native` (LyCORIS files kept factored)
+and :mod:`.metadata`.
 """
 
 from __future__ import annotations
 
 from loramerge.io.formats.kohya.keys import detect, detect_lycoris, header_keys, is_kohya_key
+from loramerge.io.formats.kohya.native import write as write_lycoris
 from loramerge.io.formats.kohya.read import NAME, read, read_lycoris
 from loramerge.io.formats.kohya.write import write
 
-__all__ = ["NAME", "detect", "detect_lycoris", "header_keys", "is_kohya_key", "read", "read_lycoris", "write"]
+__all__ = ["NAME", "detect", "detect_lycoris", "header_keys", "is_kohya_key", "read", "read_lycoris", "write", "write_lycoris"]

@@ -39,7 +39,7 @@ def split_update(update: LowRank, target: KohyaTarget, *, origin: Path | str = "
         Bm = B.new_zeros(rows, B.shape[1])
         magnitude = bias = None
         if update.magnitude is not None:
-            if update.magnitude.ndim != 1:
+            if update.magnitude_axis != "out":
                 raise UnsupportedAdapter(f"{origin}: module {target.name}: an input-axis DoRA magnitude cannot be split")
             magnitude = update.magnitude.new_zeros(rows)
         if update.bias is not None:

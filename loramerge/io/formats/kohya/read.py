@@ -16,9 +16,11 @@ from loramerge.core.adapter import Adapter, LowRank
 from loramerge.errors import CorruptFile, IncompatibleAdapters, UnknownFormat
 from loramerge.io.formats.base_names import BaseNames
 from loramerge.io.formats.converted import ProbeModule
+from loramerge.io.formats.families import FAMILIES, family_modules
 from loramerge.io.formats.kohya.fused import split_update
-from loramerge.io.formats.kohya.keys import fits, flat_shape, group_keys
+from loramerge.io.formats.kohya.keys import fits, flat_shape, group_keys, is_kohya_key
 from loramerge.io.formats.kohya.names import resolve_names, shape_hint
+from loramerge.io.formats.kohya.native import ALGORITHMS, NATIVE_KEY, NativeModule
 from loramerge.io.formats.kohya.update import module_update
 from loramerge.io.formats.sd_names import ARCHITECTURES
 from loramerge.io.formats.tensorfile import read_tensor_file
@@ -68,14 +70,19 @@ def assemble(groups: Mapping[str, Mapping[str, torch.Tensor]], tensors: Mapping[
         and base_names is None else None
     base_shapes = base_names.modules if base_names is not None else {}
 
+    family_shapes = family_modules(architectures[0]) if architectures and architectures[0] in FAMILIES else {}
     layers: dict[str, LowRank] = {}
     algorithms: dict[str, str] = {}
+    flattened: list[str] = []
+    native: dict[str, NativeModule] = {}
     for name, parts in groups.items():
         target = resolved.targets.get(name)
         if target is None:
             continue
-        hint = shape_hint(target, arch, base_shapes)
+        hint = shape_hint(target, arch, base_shapes) or family_shapes.get(target.pieces[0].module)
         update, algorithm = module_update(name, parts, origin=path, shape_hint=hint)
+        if algorithm in ("loha", "lokr") and update.A.ndim == 2 and hint is None:
+            flattened.extend(p.module for p in target.pieces)  # LyCORIS stores conv kernels flattened
         if base is not None and not fits(update.delta_shape, target.shape):
             raise IncompatibleAdapters(
                 f"{path}: module {name} has an update of shape {tuple(update.delta_shape)} but the base "
@@ -86,6 +93,8 @@ def assemble(groups: Mapping[str, Mapping[str, torch.Tensor]], tensors: Mapping[
                 raise CorruptFile(f"{path}: module {module} is given twice (by {name} and another key)")
             layers[module] = lowrank
             algorithms[module] = algorithm
+            if algorithm in ALGORITHMS and not target.fused:
+                native[module] = NativeModule(lowrank, name if is_kohya_key(name + ".x") else None, dict(parts))
     if not layers:
         raise UnknownFormat(f"{path}: no module of this file is known; skipped {len(resolved.skipped)}")
     dtypes = {t.dtype for t in tensors.values() if t.is_floating_point() and t.ndim > 0}
@@ -94,6 +103,10 @@ def assemble(groups: Mapping[str, Mapping[str, torch.Tensor]], tensors: Mapping[
         config["architectures"] = architectures
     if resolved.skipped:
         config["skipped"] = list(resolved.skipped)
+    if flattened:
+        config["flattened"] = flattened
+    if native:
+        config[NATIVE_KEY] = native
     config["keys"] = {name: target.pieces[0].module if len(target.pieces) == 1 else [p.module for p in target.pieces]
                       for name, target in resolved.targets.items()}
     return Adapter(

@@ -9,8 +9,10 @@ DoRA magnitude.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -37,8 +39,7 @@ def module_update(name: str, parts: Mapping[str, torch.Tensor], *, origin: Path 
     """
     algorithm = check_parts(name, parts, origin)
     shape = flat_shape(name, parts, origin)
-    if len(shape) == 2 and shape_hint is not None and matrix_shape(shape_hint) == shape:
-        shape = tuple(shape_hint)
+    shape = unflatten(shape, shape_hint)
     rank_for_alpha: int | None
     if algorithm == "lora" and "lora_mid.weight" not in parts:
         A, B = parts["lora_down.weight"], parts["lora_up.weight"]
@@ -78,10 +79,16 @@ def module_update(name: str, parts: Mapping[str, torch.Tensor], *, origin: Path 
         scale = alpha / rank_for_alpha
     if algorithm in ("full",):
         alpha = None
-    magnitude = _magnitude(parts.get("dora_scale"), int(shape[0]), name, origin)
+    magnitude, axis = _magnitude(parts.get("dora_scale"), int(shape[0]), name, origin)
+    # ``diff_b`` is added as stored (ComfyUI, diffusers' Wan converter); a LowRank's bias is scaled with B.
+    bias = parts.get("diff_b")
+    if bias is not None and scale != 1.0:
+        if scale == 0.0:
+            raise CorruptFile(f"{origin}: module {name} has a diff_b bias but a zero scale")
+        bias = bias.float() / scale
     try:
         update = LowRank(A=A, B=B, scale=scale, kind="conv" if A.ndim > 2 else "linear", alpha=alpha,
-                         magnitude=magnitude, bias=parts.get("diff_b"))
+                         magnitude=magnitude, magnitude_axis=axis, bias=bias)
     except (ValueError, UnsupportedAdapter) as exc:
         raise CorruptFile(f"{origin}: module {name}: {exc}") from None
     if tuple(update.delta_shape) != tuple(shape):
@@ -89,16 +96,38 @@ def module_update(name: str, parts: Mapping[str, torch.Tensor], *, origin: Path 
     return update, algorithm if "lora_mid.weight" not in parts else "lora-tucker"
 
 
-def _magnitude(dora: torch.Tensor | None, out: int, name: str, origin: Path | str) -> torch.Tensor | None:
-    """DoRA magnitude: ``(out, 1…)`` becomes PEFT's per-output ``(out,)``; ``(1, in…)`` is kept as stored.
+def unflatten(shape: Shape, hint: Shape | None) -> Shape:
+    """A LoHa/LoKr conv update's full shape: ``shape`` ``(out, in·kh·kw)`` with the kernel of ``hint``.
 
-    The two shapes are the two LyCORIS conventions (norm per output row, norm per input column);
-    a fold tells them apart by shape.
+    ``hint`` is the base weight's shape (exact) or a name table's (same kernel, maybe another
+    width: a tiny test model, an inpainting ``conv_in`` with 9 input channels).
+
+    Example:
+        >>> unflatten((320, 81), (320, 4, 3, 3)), unflatten((8, 16), None)
+        ((320, 9, 3, 3), (8, 16))
+    """
+    if len(shape) != 2 or hint is None or len(hint) <= 2:
+        return tuple(shape)
+    if matrix_shape(hint) == tuple(shape):
+        return tuple(hint)
+    kernel = tuple(int(d) for d in hint[2:])
+    size = math.prod(kernel)
+    if size > 1 and shape[1] % size == 0:
+        return (int(shape[0]), int(shape[1]) // size, *kernel)
+    return tuple(shape)
+
+
+def _magnitude(dora: torch.Tensor | None, out: int, name: str,
+               origin: Path | str) -> tuple[torch.Tensor | None, Literal["out", "in"]]:
+    """DoRA magnitude and its axis, from how LyCORIS/kohya lay ``dora_scale`` out.
+
+    ``(out, 1…)`` (``wd_on_output=True``) becomes PEFT's per-output ``(out,)``; ``(1, in…)``
+    (``wd_on_output=False``, one norm per input channel) is kept as stored, with axis ``in``.
     """
     if dora is None:
-        return None
+        return None, "out"
     if dora.shape[0] == out and all(d == 1 for d in dora.shape[1:]):
-        return dora.reshape(out)
-    if dora.shape[0] == 1:
-        return dora
+        return dora.reshape(out), "out"
+    if dora.ndim > 1 and dora.shape[0] == 1:
+        return dora, "in"
     raise CorruptFile(f"{origin}: module {name}: dora_scale of shape {tuple(dora.shape)} fits neither DoRA axis")
