@@ -184,3 +184,92 @@ def test_unknown_key_names_it_and_the_nearest_base_names_and_skip_unknown_lists_
     info = json.loads(result.stdout)
     assert info["skipped"] == ["diffusion_model.blocks.0.self_attn.qq"]
     assert math.isclose(len(info["modules"]), 1)
+
+
+def lycoris_on(family: str, folder, *, algo: str, **kwargs):
+    """A LyCORIS file that lycoris-lora writes for the family's tiny denoiser (SimpleTuner's ``lycoris_`` layout),
+    and lycoris's own forward with it applied."""
+    import logging
+
+    from lycoris import LycorisNetwork, create_lycoris
+
+    logging.getLogger("LyCORIS").setLevel(logging.ERROR)
+    model = build(family)
+    attention = {"wan": "WanAttention", "qwen_image": "Attention", "flux": "FluxAttention"}[family]
+    LycorisNetwork.apply_preset({"target_module": [attention, "FeedForward"]})
+    net = create_lycoris(model, 1.0, linear_dim=2, linear_alpha=1.0, algo=algo, **kwargs)
+    net.apply_to()
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for parameter in net.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=g) * 0.3)
+    path = folder / f"{family}-{algo}.safetensors"
+    net.save_weights(str(path), torch.float32, {})
+    return path, forward(family, model)
+
+
+@pytest.mark.parametrize(("family", "algo"), [("wan", "lokr"), ("wan", "loha"), ("qwen_image", "lokr")])
+def test_lycoris_on_new_families_folds_converts_and_stays_factored(family, algo, bases, tmp_path):
+    pytest.importorskip("lycoris")
+    path, expected = lycoris_on(family, tmp_path, algo=algo, **({"factor": 4} if algo == "lokr" else {}))
+    adapter = load(path)
+    assert adapter.config["architectures"] == [family]
+    fold(bases[family], path, output=tmp_path / "folded", device="cpu")
+    assert relative_error(forward(family, load_folded(family, tmp_path / "folded")), expected) < 1e-4
+    # diffusers-style output (exact B@A) loads with the family's own loader
+    assert run_cli("convert", path, "-o", tmp_path / "conv", "--to", "diffusers").exit_code == 0
+    loaded = load_with_diffusers(family, tmp_path / "conv" / "pytorch_lora_weights.safetensors", build(family))
+    assert relative_error(forward(family, loaded), expected) < 1e-4
+    # re-saved as LyCORIS: the same tensors, not an expanded LoCon
+    assert run_cli("convert", path, "-o", tmp_path / "again.safetensors").exit_code == 0
+    before, after = load_file(str(path)), load_file(str(tmp_path / "again.safetensors"))
+    assert set(before) == set(after) and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_lycoris_in_musubi_names_resolves_through_the_converter(bases, tmp_path):
+    pytest.importorskip("lycoris")
+    path, expected = lycoris_on("wan", tmp_path, algo="lokr", factor=4)
+    renamed = {}
+    for key, value in load_file(str(path)).items():
+        module, suffix = key.split(".", 1)
+        dotted = module.removeprefix("lycoris_")
+        for diffusers_path in linear_modules(build("wan")):
+            if diffusers_path.split(".", 1)[1].replace(".", "_") == dotted:
+                renamed[f"lora_unet_{wan_original(diffusers_path.split('.', 1)[1]).replace('.', '_')}.{suffix}"] = value
+    save_file(renamed, str(tmp_path / "musubi.safetensors"))
+    fold(bases["wan"], tmp_path / "musubi.safetensors", output=tmp_path / "folded", device="cpu")
+    assert relative_error(forward("wan", load_folded("wan", tmp_path / "folded")), expected) < 1e-4
+
+
+def test_xlabs_flux_layout_reads_like_diffusers(tmp_path):
+    """XLabs' Flux LoRA: ``double_blocks.N.processor.{qkv,proj}_lora{1,2}.{down,up}.weight``, one shared
+    ``down`` for the fused q, k, v (XLabs' x-flux trainer)."""
+    model = build("flux")
+    h = model.config.num_attention_heads * model.config.attention_head_dim
+    g = torch.Generator().manual_seed(11)
+    tensors = {}
+    for stream in ("1", "2"):
+        for kind, rows in (("qkv", 3 * h), ("proj", h)):
+            key = f"double_blocks.0.processor.{kind}_lora{stream}"
+            tensors[f"{key}.down.weight"] = torch.randn(4, h, generator=g) / math.sqrt(h)
+            tensors[f"{key}.up.weight"] = torch.randn(rows, 4, generator=g) * 0.3
+    save_file(tensors, str(tmp_path / "xlabs.safetensors"))
+    ours = load(tmp_path / "xlabs.safetensors")
+    assert ours.source_format == "comfyui" and ours.config["architectures"] == ["flux"]
+    assert "transformer.transformer_blocks.0.attn.add_k_proj" in ours.layers
+    folder = save("flux", model, tmp_path / "base")
+    expected = forward("flux", load_with_diffusers("flux", tmp_path / "xlabs.safetensors", build("flux")))
+    fold(folder, tmp_path / "xlabs.safetensors", output=tmp_path / "folded", device="cpu")
+    assert relative_error(forward("flux", load_folded("flux", tmp_path / "folded")), expected) < 1e-4
+
+
+def test_combine_of_two_trainer_files_loads_in_the_family_loader(bases, tmp_path):
+    """``combine`` of a ComfyUI and a musubi Wan LoRA: the diffusers output is the sum of the two."""
+    modules = {m: s for m, s in linear_modules(build("wan")).items() if m.startswith("transformer.blocks.")}
+    first = write_layout(random_adapter(modules, seed=1), "comfyui", "wan", tmp_path / "a.safetensors")
+    second = write_layout(random_adapter(modules, seed=2, scale=0.1), "musubi", "wan", tmp_path / "b.safetensors")
+    result = run_cli("combine", first, second, "-o", tmp_path / "sum", "--format", "diffusers", "--weights", "0.5,1")
+    assert result.exit_code == 0, result.output
+    got = forward("wan", load_with_diffusers("wan", tmp_path / "sum" / "pytorch_lora_weights.safetensors", build("wan")))
+    fold(bases["wan"], [first, second], output=tmp_path / "folded", weights=[0.5, 1.0], device="cpu")
+    assert relative_error(got, forward("wan", load_folded("wan", tmp_path / "folded"))) < 1e-4
