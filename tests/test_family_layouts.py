@@ -273,3 +273,62 @@ def test_combine_of_two_trainer_files_loads_in_the_family_loader(bases, tmp_path
     got = forward("wan", load_with_diffusers("wan", tmp_path / "sum" / "pytorch_lora_weights.safetensors", build("wan")))
     fold(bases["wan"], [first, second], output=tmp_path / "folded", weights=[0.5, 1.0], device="cpu")
     assert relative_error(got, forward("wan", load_folded("wan", tmp_path / "folded"))) < 1e-4
+
+
+# Original (ComfyUI / AI-Toolkit) module names and the diffusers module whose shape each has (× rows for fused
+# q, k, v), from each family's original model code.
+ORIGINAL_MODULES = {
+    "hunyuan_video": [("double_blocks.0.img_attn_qkv", "transformer_blocks.0.attn.to_q", 3),
+                      ("double_blocks.0.img_attn_proj", "transformer_blocks.0.attn.to_out.0", 1),
+                      ("double_blocks.0.img_mlp.fc1", "transformer_blocks.0.ff.net.0.proj", 1),
+                      ("double_blocks.0.img_mlp.fc2", "transformer_blocks.0.ff.net.2", 1),
+                      ("double_blocks.0.img_mod.linear", "transformer_blocks.0.norm1.linear", 1),
+                      ("double_blocks.0.txt_attn_qkv", "transformer_blocks.0.attn.add_q_proj", 3),
+                      ("double_blocks.0.txt_attn_proj", "transformer_blocks.0.attn.to_add_out", 1),
+                      ("double_blocks.0.txt_mlp.fc1", "transformer_blocks.0.ff_context.net.0.proj", 1)],
+    "flux2": [("double_blocks.0.img_attn.qkv", "transformer_blocks.0.attn.to_q", 3),
+              ("double_blocks.0.txt_attn.qkv", "transformer_blocks.0.attn.add_q_proj", 3),
+              ("single_blocks.0.linear1", "single_transformer_blocks.0.attn.to_qkv_mlp_proj", 1),
+              ("single_blocks.0.linear2", "single_transformer_blocks.0.attn.to_out", 1)],
+}
+
+
+@pytest.mark.parametrize("family", sorted(ORIGINAL_MODULES))
+def test_original_layouts_with_fused_qkv_read_like_the_family_loader(family, tmp_path):
+    model = build(family)
+    shapes = linear_modules(model)
+    g = torch.Generator().manual_seed(13)
+    tensors = {}
+    for original, diffusers_module, fused in ORIGINAL_MODULES[family]:
+        out, inp = shapes[f"transformer.{diffusers_module}"]
+        tensors[f"diffusion_model.{original}.lora_A.weight"] = torch.randn(3, inp, generator=g) / math.sqrt(inp)
+        tensors[f"diffusion_model.{original}.lora_B.weight"] = torch.randn(fused * out, 3, generator=g) * 0.3
+    file = tmp_path / "lora.safetensors"
+    save_file(tensors, str(file))
+    assert load(file).config["architectures"] == [family]
+    expected = forward(family, load_with_diffusers(family, file, build(family)))
+    assert relative_error(expected, forward(family, model)) > 1e-3
+    folder = save(family, model, tmp_path / "base")
+    fold(folder, file, output=tmp_path / "folded", device="cpu")
+    assert relative_error(forward(family, load_folded(family, tmp_path / "folded")), expected) < 1e-4
+    assert run_cli("convert", file, "-o", tmp_path / "conv", "--to", "diffusers").exit_code == 0
+    converted = load_with_diffusers(family, tmp_path / "conv" / "pytorch_lora_weights.safetensors", build(family))
+    assert relative_error(forward(family, converted), expected) < 1e-4
+
+
+def test_lumina2_names_resolve_at_the_released_width():
+    """diffusers' Lumina 2 converter splits q, k, v with Lumina-Image-2.0's widths written in, so its files are
+    resolved at that size (the probe is rank 1, so this costs nothing)."""
+    from loramerge.io.formats.converted import ProbeModule, resolve
+
+    modules = [("layers.0.attention.qkv", (2304 + 768 + 768, 2304)), ("layers.0.attention.out", (2304, 2304)),
+               ("layers.0.feed_forward.w1", (6144, 2304)), ("layers.0.feed_forward.w2", (2304, 6144)),
+               ("layers.0.feed_forward.w3", (6144, 2304)), ("layers.0.adaLN_modulation.1", (9216, 1024))]
+    probes = [ProbeModule(f"diffusion_model.{n}", s, f"diffusion_model.{n}.lora_A.weight",
+                          f"diffusion_model.{n}.lora_B.weight") for n, s in modules]
+    found = resolve(probes, origin="probe")
+    assert found.family == "lumina2" and not found.unmapped
+    qkv = found.targets["diffusion_model.layers.0.attention.qkv"]
+    assert [(p.module, p.src, p.size) for p in qkv.pieces] == [
+        ("transformer.layers.0.attn.to_q", 0, 2304), ("transformer.layers.0.attn.to_k", 2304, 768),
+        ("transformer.layers.0.attn.to_v", 3072, 768)]
