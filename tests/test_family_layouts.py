@@ -332,3 +332,11 @@ def test_lumina2_names_resolve_at_the_released_width():
     assert [(p.module, p.src, p.size) for p in qkv.pieces] == [
         ("transformer.layers.0.attn.to_q", 0, 2304), ("transformer.layers.0.attn.to_k", 2304, 768),
         ("transformer.layers.0.attn.to_v", 3072, 768)]
+
+
+def test_a_lora_for_one_family_folded_into_another_names_both(bases, tmp_path):
+    file = write_layout(random_adapter(linear_modules(build("wan")), seed=1), "comfyui", "wan",
+                        tmp_path / "wan.safetensors")
+    result = run_cli("fold", bases["qwen_image"], file, "-o", tmp_path / "out")
+    assert_clean_failure(result, "Wan 2.1/2.2", "QwenImageTransformer2DModel")
+    assert not (tmp_path / "out").exists()

@@ -227,8 +227,9 @@ def fold(
         notes = _check_bases(loaded, folder, ckpt.config, strict)
         if resolver is None:
             resolver = default_resolver(ckpt)
-        family = getattr(resolver, "family", None)
-        families, described = ([family] if family else None), getattr(resolver, "describe", lambda: "")()
+        family = getattr(resolver, "family", None) or _pipeline_family(ckpt.config)
+        families, described = ([family] if isinstance(family, str) else family), \
+            getattr(resolver, "describe", lambda: f"a {ckpt.config.get('_class_name', 'model')} folder")()
     if not ignore_base_mismatch:
         _check_family(loaded, families, f"{folder} is {described}")
 
@@ -313,12 +314,17 @@ class _Job:
 
 def _pipeline_family(index: dict[str, Any]) -> list[str] | None:
     """The architectures a diffusers pipeline class stands for (None: one the name tables do not cover)."""
+    from loramerge.io.formats.families import family_of_class
+
     name = str(index.get("_class_name", ""))
+    family = family_of_class(name)
+    if family is not None:
+        return [family]
     if name.startswith("StableDiffusionXL"):
         return ["sdxl"]
     if name.startswith("StableDiffusion") and not name.startswith("StableDiffusion3"):
         return ["sd1", "sd2"]
-    if name.startswith("Flux"):
+    if name.startswith("Flux") and not name.startswith("Flux2"):
         return ["flux"]
     return None
 
@@ -506,14 +512,15 @@ def _inside_component(component: str, path: str, names: Collection[str]) -> Reso
 
 def _check_family(adapters: Sequence[Adapter], families: Sequence[str] | None, described: str) -> None:
     """Refuse an image-generation LoRA for one architecture folded into a model of another."""
+    from loramerge.io.formats.families import FAMILIES, compatible
     from loramerge.io.formats.sd_names import ARCHITECTURES
 
     if not families:
         return
     for adapter in adapters:
-        recorded = [a for a in adapter.config.get("architectures") or [] if a in ARCHITECTURES]
-        if recorded and not set(recorded) & set(families):
-            labels = "/".join(ARCHITECTURES[a].label for a in recorded)
+        recorded = [a for a in adapter.config.get("architectures") or [] if a in ARCHITECTURES or a in FAMILIES]
+        if recorded and not compatible(set(recorded), set(families)):
+            labels = "/".join((ARCHITECTURES[a] if a in ARCHITECTURES else FAMILIES[a]).label for a in recorded)
             raise IncompatibleAdapters(
                 f"{adapter.source or 'adapter'} is a LoRA for {labels}, but {described}; "
                 "pass --ignore-base-mismatch to fold it anyway"

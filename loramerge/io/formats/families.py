@@ -200,3 +200,30 @@ def candidates_by_markers(names: list[str], converting: bool = True) -> list[str
         hits = sum(1 for n in names if any(m in n for m in family.markers))
         scored.append((-hits, index, family.name))
     return [name for _, _, name in sorted(scored)]
+
+
+# Families whose LoRAs use one naming: kohya trains Chroma with Flux.1's network and names.
+COMPATIBLE = ({"flux", "chroma"},)
+
+
+def family_of_class(class_name: str) -> str | None:
+    """The family whose diffusers pipeline or denoiser class is ``class_name`` (a ``model_index.json`` or
+    ``config.json`` ``_class_name``), or None.
+
+    Example:
+        >>> family_of_class("WanTransformer3DModel"), family_of_class("QwenImagePipeline"), family_of_class("X")
+        ('wan', 'qwen_image', None)
+    """
+    for family in FAMILIES.values():
+        if class_name in (family.pipeline, family.model):
+            return family.name
+    return None
+
+
+def compatible(recorded: set[str], found: set[str]) -> bool:
+    """True when a LoRA recorded for ``recorded`` families fits a base of the ``found`` families."""
+    widened = set(found)
+    for group in COMPATIBLE:
+        if group & widened:
+            widened |= group
+    return bool(recorded & widened)
