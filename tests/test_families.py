@@ -46,3 +46,25 @@ def test_diffusers_output_loads_in_the_family_loader_and_matches_the_fold(family
 
     assert relative_error(loaded, base_out) > 1e-3  # the LoRA changes the output
     assert relative_error(folded, loaded) < 1e-4
+
+
+def test_both_wan22_experts_fold_into_a_two_expert_pipeline(tmp_path):
+    """Wan 2.2 has two denoisers (``transformer``, ``transformer_2``); a LoRA naming modules of each lands in each."""
+    import json
+
+    first, second = build("wan", seed=0), build("wan", seed=1)
+    save("wan", first, tmp_path / "pipe" / "transformer")
+    save("wan", second, tmp_path / "pipe" / "transformer_2")
+    (tmp_path / "pipe" / "model_index.json").write_text(json.dumps(
+        {"_class_name": "WanPipeline", "transformer": ["diffusers", "WanTransformer3DModel"],
+         "transformer_2": ["diffusers", "WanTransformer3DModel"]}))
+    modules = linear_modules(first)
+    high = random_adapter(modules, seed=1)
+    low = random_adapter(modules, seed=2)
+    both = high.with_layers({**high.layers, **{m.replace("transformer.", "transformer_2.", 1): lr
+                                               for m, lr in low.layers.items()}})
+    fold(tmp_path / "pipe", both, output=tmp_path / "out", device="cpu")
+    for component, model, adapter in (("transformer", first, high), ("transformer_2", second, low)):
+        lora = write_adapter(adapter, tmp_path / f"{component}-lora", format="diffusers")
+        expected = forward("wan", load_with_diffusers("wan", lora / "pytorch_lora_weights.safetensors", model))
+        assert relative_error(forward("wan", load_folded("wan", tmp_path / "out" / component)), expected) < 1e-4
