@@ -340,3 +340,12 @@ def test_a_lora_for_one_family_folded_into_another_names_both(bases, tmp_path):
     result = run_cli("fold", bases["qwen_image"], file, "-o", tmp_path / "out")
     assert_clean_failure(result, "Wan 2.1/2.2", "QwenImageTransformer2DModel")
     assert not (tmp_path / "out").exists()
+
+
+def test_without_diffusers_the_error_says_how_to_install_it(tmp_path, monkeypatch):
+    import sys
+
+    file = write_layout(random_adapter({"transformer.blocks.0.attn1.to_q": (16, 16)}), "comfyui", "wan",
+                        tmp_path / "lora.safetensors")
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers now fails
+    assert_clean_failure(run_cli("inspect", file), "pip install 'loramerge[diffusion]'")

@@ -34,6 +34,7 @@ from loramerge.errors import CorruptFile, UnknownFormat, UnsupportedAdapter
 from loramerge.io.formats import lycoris
 from loramerge.io.formats.converted import ProbeModule
 from loramerge.io.formats.kohya.keys import flat_shape
+from loramerge.io.formats.families import require_diffusers
 from loramerge.io.formats.kohya.read import assemble, single_file
 from loramerge.io.formats.original_names import RULES, check_names, original_name, writable
 from loramerge.io.formats.sd_names import KOHYA_PREFIXES, flatten
@@ -93,6 +94,8 @@ def read(path: Path, *, allow_pickle: bool = False, base: str | Path | None = No
          skip_unknown: bool = False) -> Adapter:
     """Read a ComfyUI/AI-Toolkit/DiffSynth/XLabs LoRA into an :class:`Adapter` with diffusers module names."""
     path = single_file(path)
+    if base is None:
+        require_diffusers()  # the family converters name these modules
     tensors, metadata = read_tensor_file(path, allow_pickle=allow_pickle)
     groups: dict[str, dict[str, torch.Tensor]] = {}
     spelled: dict[str, dict[str, str]] = {}
