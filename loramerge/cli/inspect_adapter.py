@@ -23,6 +23,7 @@ def describe(adapter: Adapter) -> dict:
         >>> describe(Adapter({"fc": LowRank(torch.ones(2, 3), torch.ones(4, 2), 0.5)}))["modules"][0]["rank"]
         2
     """
+    flattened = set(adapter.config.get("flattened") or ())  # LyCORIS conv kernels nothing here knows
     return {
         "source": adapter.source,
         "format": adapter.source_format,
@@ -43,6 +44,7 @@ def describe(adapter: Adapter) -> dict:
                 "scale": lr.scale,
                 "shape": list(lr.base_shape),
                 "dora": lr.magnitude is not None,
+                "kernel_unknown": name in flattened,
             }
             for name, lr in adapter.layers.items()
         ],
@@ -87,7 +89,8 @@ def inspect(source: str, as_json: bool, allow_pickle: bool, from_format: str | N
     click.echo(f"\n{'module':<{width}}  {'kind':<9} {'rank':>4} {'alpha':>8} {'scale':>8}  shape")
     for m in info["modules"]:
         alpha = f"{m['alpha']:g}" if math.isfinite(m["alpha"]) else "-"
-        dora = "  (DoRA)" if m["dora"] else ""
+        dora = ("  (DoRA)" if m["dora"] else "") + \
+            ("  (LyCORIS stores it flattened: a conv's kernel needs --base)" if m["kernel_unknown"] else "")
         click.echo(
             f"{m['module']:<{width}}  {m['kind']:<9} {m['rank']:>4} {alpha:>8} {m['scale']:>8.4g}  "
             f"{'x'.join(map(str, m['shape']))}{dora}"

@@ -30,15 +30,15 @@ from pathlib import Path
 import torch
 
 from loramerge.core.adapter import Adapter
-from loramerge.errors import CorruptFile, UnknownFormat, UnsupportedAdapter
+from loramerge.errors import UnsupportedAdapter
 from loramerge.io.formats import lycoris
 from loramerge.io.formats.converted import ProbeModule
-from loramerge.io.formats.kohya.keys import flat_shape
 from loramerge.io.formats.families import require_diffusers
+from loramerge.io.formats.kohya.keys import flat_shape, header_keys
 from loramerge.io.formats.kohya.read import assemble, single_file
 from loramerge.io.formats.original_names import RULES, check_names, original_name, writable
 from loramerge.io.formats.sd_names import KOHYA_PREFIXES, flatten
-from loramerge.io.formats.tensorfile import read_safetensors_header, read_tensor_file, write_safetensors
+from loramerge.io.formats.tensorfile import check_keys, read_tensor_file, write_safetensors
 
 NAME = "comfyui"
 CONTAINERS = ("model.diffusion_model.", "diffusion_model.")
@@ -70,13 +70,7 @@ def detect(path: Path) -> bool:
     That is: behind ``diffusion_model.``, XLabs' ``.processor.`` modules, or bare names that are
     neither kohya-prefixed nor diffusers component paths (DiffSynth-Studio).
     """
-    if not path.is_file() or path.suffix != ".safetensors":
-        return False
-    try:
-        header, _ = read_safetensors_header(path)
-    except CorruptFile:
-        return False
-    keys = list(header)
+    keys = header_keys(path)
     if not keys or any(k.startswith(KOHYA_PREFIXES) or k.startswith(_DIFFUSERS_HEADS) for k in keys):
         return False
     split = [split_key(k) for k in keys]
@@ -110,11 +104,7 @@ def read(path: Path, *, allow_pickle: bool = False, base: str | Path | None = No
             raise UnsupportedAdapter(f"{path}: module {module} is a LyCORIS {lycoris.BASE_DEPENDENT[suffix]} update")
         groups.setdefault(module, {})[suffix] = tensor
         spelled.setdefault(module, {})[suffix] = key
-    if unknown:
-        shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
-        raise UnknownFormat(f"{path}: {len(unknown)} key(s) in no LoRA layout: {shown}")
-    if not groups:
-        raise CorruptFile(f"{path}: no LoRA tensors found")
+    check_keys(path, unknown, found=bool(groups), layout="LoRA")
     a_style, b_style = _dominant_style(spelled)
     # Bare original names (DiffSynth-Studio) reach the converters as ComfyUI spells them.
     bare = not any(k.startswith(CONTAINERS) or ".processor." in k for k in tensors)

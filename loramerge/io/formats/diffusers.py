@@ -45,7 +45,12 @@ from loramerge.core.adapter import Adapter, LowRank
 from loramerge.errors import CorruptFile, UnknownFormat, UnsupportedAdapter
 from loramerge.io.formats import peft
 from loramerge.io.formats.sd_names import COMPONENTS, identify
-from loramerge.io.formats.tensorfile import read_safetensors_header, read_tensor_file, write_safetensors
+from loramerge.io.formats.tensorfile import (
+    check_keys,
+    read_safetensors_header,
+    read_tensor_file,
+    write_safetensors,
+)
 
 NAME = "diffusers"
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -154,11 +159,7 @@ def read(path: Path, *, allow_pickle: bool = False, base: str | Path | None = No
         if body in by_component.get(component, {}):
             raise CorruptFile(f"{file}: key {key} duplicates another spelling of the same tensor")
         by_component.setdefault(component, {})[body] = tensor
-    if unknown:
-        shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
-        raise UnknownFormat(f"{file}: {len(unknown)} key(s) in no diffusers LoRA layout: {shown}")
-    if not by_component:
-        raise CorruptFile(f"{file}: no LoRA tensors found")
+    check_keys(file, unknown, found=bool(by_component), layout="diffusers LoRA")
 
     layers: dict[str, LowRank] = {}
     for component, parts in by_component.items():
