@@ -79,6 +79,8 @@ def test_a_conv_whose_kernel_nothing_knows_is_never_written_as_a_matrix(files, t
     renamed = {k.replace("lora_unet_conv_in", "lora_unet_my_stem_conv"): v for k, v in tensors.items()
                if k.startswith("lora_unet_conv_in")}
     save_file(renamed, str(tmp_path / "custom.safetensors"))
+    shown = run_cli("inspect", tmp_path / "custom.safetensors", "--json")
+    assert json.loads(shown.stdout)["modules"][0]["kernel_unknown"] is True
     assert_clean_failure(run_cli("convert", tmp_path / "custom.safetensors", "-o", tmp_path / "k.safetensors",
                                  "--to", "kohya"), "lora_unet_my_stem_conv", "--base")
     # the LyCORIS writer keeps it as lycoris stored it
