@@ -44,7 +44,8 @@ import torch
 from loramerge.core.adapter import Adapter, LowRank
 from loramerge.errors import CorruptFile, UnknownFormat, UnsupportedAdapter
 from loramerge.io.formats import peft
-from loramerge.io.formats.sd_names import COMPONENTS, identify
+from loramerge.io.formats.families import architectures_of
+from loramerge.io.formats.sd_names import COMPONENTS
 from loramerge.io.formats.tensorfile import (
     check_keys,
     read_safetensors_header,
@@ -169,7 +170,7 @@ def read(path: Path, *, allow_pickle: bool = False, base: str | Path | None = No
             raise UnknownFormat(f"{file}: keys in no diffusers LoRA layout: {', '.join(sorted(sub.full_weights)[:5])}")
         layers.update({f"{component}.{m}": lr for m, lr in sub.layers.items()})
     dtypes = {t.dtype for t in tensors.values() if t.is_floating_point() and t.ndim > 0}
-    architectures = identify({m: tuple(lr.delta_shape) for m, lr in layers.items()})
+    architectures = architectures_of({m: tuple(lr.delta_shape) for m, lr in layers.items()})
     config: dict[str, Any] = {"metadata": header_meta}
     if architectures:
         config["architectures"] = architectures

@@ -227,3 +227,28 @@ def compatible(recorded: set[str], found: set[str]) -> bool:
         if group & widened:
             widened |= group
     return bool(recorded & widened)
+
+
+def architectures_of(shapes: Mapping[str, Shape]) -> list[str]:
+    """The SD/SDXL/Flux.1 tables and the diffusers families that hold every module of ``shapes``, best first.
+
+    A table or family whose shapes match exactly comes first; name-only matches follow (tiny
+    test models, or a family that shares another's module names, as SD3 does Flux.1's). The
+    families are only asked when the tables find no exact match and diffusers is installed.
+
+    Example:
+        >>> architectures_of({"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k": (640, 2048)})
+        ['sdxl']
+    """
+    from loramerge.io.formats.sd_names import ARCHITECTURES, identify
+
+    found = identify(shapes)
+    if found and all(ARCHITECTURES[found[0]].shapes.get(m) == tuple(s) for m, s in shapes.items()):
+        return found
+    if not diffusers_available():
+        return found
+    denoiser = {m: tuple(s) for m, s in shapes.items() if m.split(".", 1)[0] in ("transformer", "transformer_2")}
+    families = families_of(list(denoiser))
+    exact = [f for f in families
+             if all(family_modules(f).get("transformer." + m.split(".", 1)[1]) == s for m, s in denoiser.items())]
+    return list(dict.fromkeys([*exact, *found, *families]))

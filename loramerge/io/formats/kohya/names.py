@@ -192,6 +192,8 @@ def choose_architecture(adapter: Adapter) -> Architecture | None:
     shapes = {m: tuple(lr.delta_shape) for m, lr in adapter.layers.items()}
     found = identify(shapes)
     recorded = adapter.config.get("architectures") or []
+    if recorded and recorded[0] not in ARCHITECTURES:
+        return None  # read as a newer family (SD3, Wan …): its own names, not a table's
     preferred = [a for a in recorded if a in found] or found
     return ARCHITECTURES[preferred[0]] if preferred else None
 

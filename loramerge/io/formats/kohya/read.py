@@ -16,7 +16,7 @@ from loramerge.core.adapter import Adapter, LowRank
 from loramerge.errors import CorruptFile, IncompatibleAdapters, UnknownFormat
 from loramerge.io.formats.base_names import BaseNames
 from loramerge.io.formats.converted import ProbeModule
-from loramerge.io.formats.families import FAMILIES, family_modules
+from loramerge.io.formats.families import FAMILIES, architectures_of, family_modules
 from loramerge.io.formats.kohya.fused import split_update
 from loramerge.io.formats.kohya.keys import fits, flat_shape, group_keys, is_kohya_key
 from loramerge.io.formats.kohya.names import resolve_names, shape_hint
@@ -99,6 +99,10 @@ def assemble(groups: Mapping[str, Mapping[str, torch.Tensor]], tensors: Mapping[
         raise UnknownFormat(f"{path}: no module of this file is known; skipped {len(resolved.skipped)}")
     dtypes = {t.dtype for t in tensors.values() if t.is_floating_point() and t.ndim > 0}
     config: dict[str, Any] = {"metadata": metadata, "algorithms": algorithms}
+    if architectures and architectures[0] in ARCHITECTURES and base_names is None:
+        # Table names can fit a newer family too (SD3's diffusers names are a subset of Flux.1's).
+        architectures = list(dict.fromkeys([*architectures, *architectures_of(
+            {m: tuple(lr.delta_shape) for m, lr in layers.items()})]))
     if architectures:
         config["architectures"] = architectures
     if resolved.skipped:
