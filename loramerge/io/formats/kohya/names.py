@@ -54,6 +54,7 @@ class Resolved:
     targets: dict[str, KohyaTarget]
     architectures: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    by_family: bool = False  # resolved by a diffusers family (its converter or module list), not a table
 
 
 def resolve_names(flat: Mapping[str, Shape], *, origin: Path | str,
@@ -148,14 +149,14 @@ def _family_resolved(flat: Mapping[str, Shape], probes: Mapping[str, ProbeModule
     if flattened is not None:
         family, modules = flattened
         targets = {n: KohyaTarget(n, flat[n], (Piece(m, 0, 0, int(flat[n][0])),)) for n, m in modules.items()}
-        return Resolved(targets, [family])
+        return Resolved(targets, [family], by_family=True)
     found = resolve_by_converter([probes[n] for n in names], origin=origin)
     if found.unmapped and not skip_unknown:
         raise UnknownFormat(
             f"{origin}: {len(found.unmapped)} module(s) that diffusers' {FAMILIES[found.family].label} converter "
             f"maps to no module: {first_names(found.unmapped)} (--skip-unknown leaves them out)"
         )
-    return Resolved(found.targets, [found.family], found.unmapped)
+    return Resolved(found.targets, [found.family], found.unmapped, by_family=True)
 
 
 def first_names(names: list[str], count: int = 5) -> str:

@@ -99,7 +99,7 @@ def assemble(groups: Mapping[str, Mapping[str, torch.Tensor]], tensors: Mapping[
         raise UnknownFormat(f"{path}: no module of this file is known; skipped {len(resolved.skipped)}")
     dtypes = {t.dtype for t in tensors.values() if t.is_floating_point() and t.ndim > 0}
     config: dict[str, Any] = {"metadata": metadata, "algorithms": algorithms}
-    if architectures and architectures[0] in ARCHITECTURES and base_names is None:
+    if architectures and not resolved.by_family and base_names is None:
         # Table names can fit a newer family too (SD3's diffusers names are a subset of Flux.1's).
         architectures = list(dict.fromkeys([*architectures, *architectures_of(
             {m: tuple(lr.delta_shape) for m, lr in layers.items()})]))
