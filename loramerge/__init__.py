@@ -13,7 +13,7 @@ Example:
 from loramerge._version import __version__
 from loramerge.convert import convert
 from loramerge.core.adapter import Adapter, LowRank
-from loramerge.core.linalg import RankPolicy
+from loramerge.core.rank import RankPolicy
 from loramerge.core.report import MergeReport, ModuleReport
 from loramerge.errors import (
     ConfigNotFound,
@@ -22,14 +22,17 @@ from loramerge.errors import (
     IncompatibleAdapters,
     InvalidParameter,
     LoramergeError,
+    LoramergeWarning,
     MissingDependency,
     NonFiniteValues,
+    OutOfMemory,
     OutputExists,
     PickleRefused,
     RecipeError,
     SourceNotFound,
     UnknownFormat,
     UnsupportedAdapter,
+    WriteFailed,
 )
 from loramerge.extract import extract
 from loramerge.fold.engine import fold
@@ -55,11 +58,13 @@ __all__ = [
     "IncompatibleAdapters",
     "InvalidParameter",
     "LoramergeError",
+    "LoramergeWarning",
     "LowRank",
     "MergeReport",
     "MissingDependency",
     "ModuleReport",
     "NonFiniteValues",
+    "OutOfMemory",
     "OutputExists",
     "PickleRefused",
     "RankPolicy",
@@ -67,6 +72,7 @@ __all__ = [
     "SourceNotFound",
     "UnknownFormat",
     "UnsupportedAdapter",
+    "WriteFailed",
     "__version__",
     "available_methods",
     "convert",

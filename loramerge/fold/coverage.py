@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from loramerge.core.adapter import Adapter
+from loramerge.fold.pipelines import PIPELINE_INDEX, pipeline_components
+from loramerge.fold.resolvers import component_resolver, default_resolver
 from loramerge.io.checkpoint import open_checkpoint
 from loramerge.io.formats.tensorfile import read_json_object
 from loramerge.io.names import Resolver, as_targets, nearest
@@ -30,13 +32,6 @@ from loramerge.io.names import Resolver, as_targets, nearest
 
 def coverage(adapter: Adapter, base: str | Path) -> dict[str, Any]:
     """``{"matched": {module: [tensor…]}, "unmatched": {module: [nearest…]}, "untouched": [tensor…]}`` for ``base``."""
-    from loramerge.fold.engine import (
-        PIPELINE_INDEX,
-        component_resolver,
-        default_resolver,
-        pipeline_components,
-    )
-
     base = Path(base)
     names: dict[str, Collection[str]] = {}
     resolvers: dict[str, Resolver] = {}

@@ -29,7 +29,8 @@ def check_output(path: str | Path, *, force: bool) -> Path:
         return path
     if path.is_dir() and not any(path.iterdir()):
         return path
-    raise OutputExists(f"{path}: output exists and is not empty; pass --force (force=True) to overwrite it")
+    raise OutputExists(f"{path}: output exists and is not empty; pass --force (force=True) to overwrite it",
+                       path=str(path))
 
 
 @contextmanager
