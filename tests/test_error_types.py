@@ -35,6 +35,7 @@ BUILTINS = {
     errors.RecipeError: (ValueError,),
     errors.NonFiniteValues: (ValueError, ArithmeticError),
     errors.OutOfMemory: (MemoryError,),
+    errors.MissingDependency: (ImportError,),
 }
 ERRNOS = {errors.SourceNotFound: errno.ENOENT, errors.ConfigNotFound: errno.ENOENT, errors.OutputExists: errno.EEXIST,
           errors.PickleRefused: errno.EPERM}
