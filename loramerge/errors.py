@@ -23,7 +23,7 @@ FileNotFoundError`` or ``except ValueError`` in their code sees it too:
 | `RecipeError` | `ValueError` | a recipe that does not validate |
 | `NonFiniteValues` | `ValueError` and `ArithmeticError` | NaN/Inf read from a file (a bad value) or produced by a merge that overflowed (an arithmetic failure) |
 | `OutOfMemory` | `MemoryError` | the compute device ran out of memory on a module |
-| `MissingDependency` | `ImportError` | an optional extra (`loramerge[eval]`) is not installed |
+| `MissingDependency` | `ImportError` | an optional extra the work needs is not installed (the message says how to install it: `loramerge[eval]`, `loramerge[diffusion]`, …) |
 | `DataError` | `ValueError` | evaluation data that cannot be used (names the file and row) |
 | `UnsupportedModel` | `ValueError` | a base model the runtime cannot load or run |
 | `VerificationFailed` | `AssertionError` | `verify` found that a merge or fold does not do what the unmerged adapters do: a failed check, not bad input |
@@ -170,6 +170,10 @@ class WriteFailed(LoramergeError, OSError):
     """The output could not be written (no space left, permissions); nothing was left behind."""
 
 
+class MissingDependency(LoramergeError, ImportError):
+    """An optional extra that the work needs is not installed; the message says how to install it."""
+
+
 class OutOfMemory(LoramergeError, MemoryError):
     """The compute device ran out of memory while processing a module; the message says what to do."""
 
@@ -177,10 +181,6 @@ class OutOfMemory(LoramergeError, MemoryError):
 class LoramergeWarning(UserWarning):
     """Something suspicious that does not stop the work (the CLI prints it as ``warning: ...``)."""
 
-
-
-class MissingDependency(LoramergeError, ImportError):
-    """An optional extra that a command needs is not installed; the message says how to install it."""
 
 
 class DataError(LoramergeError, ValueError):

@@ -47,8 +47,8 @@ def check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
 device_option = click.option("--device", default="auto", show_default=True, callback=check_device,
                              help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N.")
 
-READ_FORMATS = ("peft", "kohya", "lycoris", "diffusers")
-WRITE_FORMATS = ("peft", "kohya", "diffusers")
+READ_FORMATS = ("peft", "kohya", "lycoris", "comfyui", "diffusers")
+WRITE_FORMATS = ("peft", "kohya", "lycoris", "comfyui", "diffusers")
 
 source_options = _apply([
     click.option("--allow-pickle", is_flag=True, help="Allow .bin pickle checkpoints (read with weights_only=True)."),
@@ -57,6 +57,10 @@ source_options = _apply([
     click.option("--base", type=click.Path(exists=True),
                  help="Base checkpoint (file or folder) whose weight names resolve kohya module names."),
 ])
+
+skip_unknown_option = click.option(
+    "--skip-unknown", is_flag=True,
+    help="Leave out adapter modules whose names resolve to nothing (listed), instead of stopping.")
 
 
 def _method_param_options() -> list[Decorator]:
