@@ -86,7 +86,7 @@ def test_linear_merge_matches_peft_with_both_adapters_active(moe, kind, tmp_path
     torch.testing.assert_close(_peft_logits(model, [out]), _peft_logits(model, folders), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", [m.name for m in available_methods()])
+@pytest.mark.parametrize("method", [m.name for m in available_methods() if not m.needs_statistics])
 def test_every_method_merges_each_expert_as_its_own_module(moe, method):
     _, folders = moe["qwen3_moe"]
     sources = [loramerge.load(f) for f in folders]

@@ -7,7 +7,13 @@ from typing import Any
 
 import click
 
-from loramerge.cli.options import merge_options, method_params_from, parse_weights, push_options
+from loramerge.cli.options import (
+    merge_options,
+    method_params_from,
+    parse_weights,
+    push_options,
+    skip_unknown_option,
+)
 from loramerge.fold.engine import fold as run_fold
 from loramerge.fold.plan import TIED_MODES
 from loramerge.hub.publish import push_fold
@@ -45,13 +51,15 @@ from loramerge.io.sources import load
               help="Write a pre-quantized base's folded weights quantized again the same way (bitsandbytes, FP8).")
 @click.option("--quantize", type=click.Choice(["nf4", "fp4"]),
               help="Write a pre-quantized bitsandbytes 4-bit checkpoint that transformers loads as such.")
+@skip_unknown_option
 @push_options
 def fold(base: str, adapters: tuple[str, ...], output: str, dtype: str, shard_size: str | None, tied_embeddings: str,
          strict: bool, force: bool, method: str, weights: str | None, rank: int | None, energy: float | None,
          max_error: float | None, rank_max: int | None, seed: int, device: str, compute_dtype: str,
          ignore_base_mismatch: bool, report_path: str | None, allow_pickle: bool, base_quant: str | None,
          blocksize: int, double_quant: bool, quant_skip_modules: str | None, keep_quant: bool, quantize: str | None,
-         push_to_hub: str | None, private: bool, commit_message: str | None, **method_options: Any) -> None:
+         skip_unknown: bool, push_to_hub: str | None, private: bool, commit_message: str | None,
+         **method_options: Any) -> None:
     """Fold ADAPTERS into the model at BASE and write the full model to -o OUTPUT.
 
     BASE is a model folder, a diffusers pipeline folder (model_index.json) or a single-file
@@ -83,7 +91,14 @@ def fold(base: str, adapters: tuple[str, ...], output: str, dtype: str, shard_si
     if push_to_hub:
         check_push(push_to_hub)
     # Loaded here when pushing, so the card and recipe know the commit each Hub source resolved to.
-    sources = [load(a, allow_pickle=allow_pickle) for a in adapters] if push_to_hub else list(adapters)
+    # With --skip-unknown, loaded here so that what was left out is listed.
+    loaded = push_to_hub or skip_unknown
+    sources = [load(a, allow_pickle=allow_pickle, skip_unknown=skip_unknown) for a in adapters] if loaded \
+        else list(adapters)
+    for adapter in sources if loaded else ():
+        skipped = adapter.config.get("skipped") or []
+        if skipped:
+            click.echo(f"skipped {len(skipped)} unknown module(s) of {adapter.source}: {', '.join(skipped)}", err=True)
     skip = [m.strip() for m in quant_skip_modules.split(",") if m.strip()] if quant_skip_modules else None
     spec = BaseQuant(base_quant, blocksize, double_quant, skip) if base_quant else None
     result = run_fold(
