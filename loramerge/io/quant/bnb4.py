@@ -53,9 +53,14 @@ _FP4_PATTERNS = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0
 def code_table(quant_type: str) -> torch.Tensor:
     """The 16 dequantized values of ``quant_type`` (``nf4``/``fp4``), indexed by the 4-bit code, float32.
 
+    These are the values bitsandbytes' dequantization kernels (CUDA, and the native CPU one) give:
+    FP4's code 8 is -0.0. The table bitsandbytes stores as ``quant_map`` has +0.0 there
+    (:func:`stored_map`), and its Python reference kernel, which looks values up in that table,
+    gives +0.0.
+
     Example:
-        >>> code_table("nf4")[7].item(), code_table("fp4")[3].item()
-        (0.0, 1.0)
+        >>> code_table("nf4")[7].item(), code_table("fp4")[3].item(), code_table("fp4")[8].item()
+        (0.0, 1.0, -0.0)
     """
     if quant_type == "nf4":
         return torch.tensor(_NF4, dtype=torch.float32)
@@ -63,6 +68,30 @@ def code_table(quant_type: str) -> torch.Tensor:
         table = torch.tensor(_FP4_PATTERNS, dtype=torch.float32)
         return table / table.abs().max()
     raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+
+
+def stored_map(quant_type: str) -> torch.Tensor:
+    """The ``quant_map`` bitsandbytes serializes (``get_4bit_type``): :func:`code_table` with +0.0 for -0.0.
+
+    Example:
+        >>> stored_map("fp4")[8].item()
+        0.0
+    """
+    return code_table(quant_type) + 0.0
+
+
+def kernel_map(quant_map: torch.Tensor, quant_type: str) -> torch.Tensor:
+    """The values a stored ``quant_map`` dequantizes to: :func:`code_table` where the map holds its values (the
+    kernels use their built-in table), else the map itself (float32).
+
+    Example:
+        >>> kernel_map(stored_map("fp4"), "fp4")[8].item()
+        -0.0
+    """
+    table = code_table(quant_type) if quant_type in QUANT_TYPES else None
+    if table is not None and quant_map.numel() == 16 and torch.equal(quant_map.float().cpu(), table):
+        return table.to(quant_map.device)
+    return quant_map.float()
 
 
 @cache
@@ -392,7 +421,7 @@ def quantize_4bit(weight: torch.Tensor, quant_type: str = "nf4", blocksize: int 
     packed = pack(codes).unsqueeze(1)
     nested = double_quantize(absmax) if double_quant else None
     state = QuantState4bit(quant_type, blocksize, weight.dtype, tuple(weight.shape),
-                           nested.codes if nested is not None else absmax, code_table(quant_type).clone(), nested)
+                           nested.codes if nested is not None else absmax, stored_map(quant_type), nested)
     return packed, state
 
 
@@ -404,7 +433,7 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState4bit, dtype: torch.dt
         >>> dequantize_4bit(*quantize_4bit(w, "fp4", 32)).tolist()
         [[1.0, 0.0, -1.0]]
     """
-    values = byte_values(packed, state.quant_map)[:math.prod(state.shape)]
+    values = byte_values(packed, kernel_map(state.quant_map, state.quant_type))[:math.prod(state.shape)]
     return scale_blocks(values, state.scales(), state.blocksize).reshape(state.shape).to(dtype or state.dtype)
 
 

@@ -254,7 +254,7 @@ def _bnb4_decoder(ckpt: Checkpoint, weight: str, dtype: torch.dtype | None,
         raise CorruptFile(f"{ckpt.location}: {weight} holds {packed.nbytes} bytes, too few for shape {state.shape}")
     scales = state.scales()
     columns = math.prod(state.shape[1:])
-    pairs = lookup.pair_table(state.quant_map)
+    pairs = lookup.pair_table(bnb4.kernel_map(state.quant_map, state.quant_type))
 
     def rows(stored: Checkpoint, start: int, stop: int, buffer: torch.Tensor | None) -> torch.Tensor:
         first, last = start * columns, stop * columns
