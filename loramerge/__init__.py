@@ -51,6 +51,8 @@ from loramerge.runtime.evaluate import Evaluation, evaluate
 from loramerge.runtime.merging import merge
 from loramerge.runtime.resident import Runtime
 from loramerge.runtime.verify import Verification, verify
+from loramerge.tune.result import TuneResult
+from loramerge.tune.run import tune
 
 
 def save(adapter: Adapter, path: str, **kwargs) -> object:
@@ -82,6 +84,7 @@ __all__ = [
     "RecipeError",
     "Runtime",
     "SourceNotFound",
+    "TuneResult",
     "UnknownFormat",
     "UnsupportedAdapter",
     "UnsupportedModel",
@@ -103,5 +106,6 @@ __all__ = [
     "push_to_hub",
     "run_recipe",
     "save",
+    "tune",
     "verify",
 ]

@@ -11,9 +11,10 @@ from loramerge.cli.inspect_adapter import inspect
 from loramerge.cli.methods import methods
 from loramerge.cli.push import push
 from loramerge.cli.run import run
+from loramerge.cli.tune import tune
 from loramerge.cli.verify import verify
 
-for command in (combine, convert, demo, evaluate, extract, fold, inspect, methods, push, run, verify):
+for command in (combine, convert, demo, evaluate, extract, fold, inspect, methods, push, run, tune, verify):
     main.add_command(command)
 
 __all__ = ["main"]

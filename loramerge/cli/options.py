@@ -99,6 +99,9 @@ merge_options = _apply([
     *_method_param_options(),
 ])
 
+# A method's own parameters alone (``tune`` fixes the ones it does not search with them).
+method_param_options = _apply(_method_param_options())
+
 output_options = _apply([
     click.option("--output", "-o", required=True, type=click.Path(), help="Output folder (or file, for single-file formats)."),
     click.option("--dtype", type=click.Choice(DTYPE_CHOICES), help="Stored dtype [default: the sources' dtype]."),
