@@ -48,6 +48,8 @@ from loramerge.tune.search import SAMPLERS
               help="Send trials to the Ray cluster at HOST:PORT (needs loramerge[ray]); --workers actors.")
 @click.option("--batch", type=click.IntRange(min=1), help="Candidates asked of the optimizer at a time "
                                                            "[default: --workers]; the result depends on it.")
+@click.option("--no-fallback", is_flag=True, help="Write the search's best even when a cheap baseline scores better "
+                                                  "on the holdout rows (the table still says so).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Record every trial here (after each batch).")
 @click.option("--resume", type=click.Path(dir_okay=False), help="Continue from a record written by --json.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
@@ -62,7 +64,8 @@ from loramerge.tune.search import SAMPLERS
 def tune(base: str, sources: tuple[str, ...], data: tuple[str, ...], output: str, dtype: str | None, force: bool,
          out_format: str | None, method: str, search: str | None, bounds: tuple[str, ...], budget: int,
          timeout: str | None, holdout: float, objective: str, metric: str, l1: float, paired: bool, seed: int,
-         sampler: str, workers: int, ray_address: str | None, batch: int | None, json_path: str | None,
+         sampler: str, workers: int, ray_address: str | None, batch: int | None, no_fallback: bool,
+         json_path: str | None,
          resume: str | None, plot_path: str | None, limit: int | None, batch_size: int | None, device: str,
          model_dtype: str | None, allow_pickle: bool, no_card: bool, **method_options: Any) -> None:
     """Search the best merge of SOURCE adapters for BASE on --data, and write it to -o OUTPUT.
@@ -91,7 +94,7 @@ def tune(base: str, sources: tuple[str, ...], data: tuple[str, ...], output: str
     result = run_tune(base, list(sources), list(data), method=method, search=search, budget=budget,
                       bounds=list(bounds) or None, params=method_params_from(method_options), holdout=holdout,
                       objective=objective, metric=metric, l1=l1, paired=paired, seed=seed, sampler=sampler,
-                      workers=workers, ray=ray_address, batch=batch, timeout=timeout, resume=resume,
+                      workers=workers, ray=ray_address, batch=batch, fallback=not no_fallback, timeout=timeout, resume=resume,
                       record=json_path or resume, limit=limit, batch_size=batch_size, device=device,
                       dtype=model_dtype, allow_pickle=allow_pickle, progress=True)
     recipe = recipe_from_report(result.best, Path(output),

@@ -14,6 +14,7 @@ from loramerge.tune.record import Trial, write_record
 from loramerge.tune.space import Candidate
 
 SEARCH_LABEL = "tuned"
+CHEAP_LABELS = ("linear w=1", "linear λ")
 
 
 @dataclass
@@ -106,14 +107,19 @@ class TuneResult:
         return "\n".join(lines)
 
     def verdict(self) -> str:
+        """One line: whether the search beat the cheap ``linear`` baselines on the holdout rows, and what was chosen."""
         tuned = self.baselines[SEARCH_LABEL].holdout
-        if self.chosen == SEARCH_LABEL:
-            return (f"chosen: the search's best ({self.candidate.describe()}), holdout objective "
-                    f"{_fmt(tuned.objective if tuned else math.nan)}")
-        chosen = self.baselines[self.chosen].holdout
-        return (f"the search did NOT beat the cheap baseline {self.chosen!r} on the holdout rows "
-                f"({_fmt(tuned.objective if tuned else math.nan)} vs {_fmt(chosen.objective if chosen else math.nan)}); "
-                f"chosen: {self.chosen} ({self.candidate.describe()})")
+        cheap = max((k for k in CHEAP_LABELS if self.baselines.get(k) and self.baselines[k].holdout),
+                    key=lambda k: self.baselines[k].holdout.objective, default=None)  # type: ignore[union-attr]
+        ours = tuned.objective if tuned else math.nan
+        theirs = self.baselines[cheap].holdout.objective if cheap else math.nan  # type: ignore[union-attr]
+        if cheap is not None and not ours >= theirs:
+            head = (f"the search did NOT beat the cheap baseline {self.baselines[cheap].label!r} on the holdout rows "
+                    f"({_fmt(ours)} vs {_fmt(theirs)})")
+            kept = " (kept: no fallback)" if self.chosen == SEARCH_LABEL else ""
+            return f"{head}; chosen: {self.baselines[self.chosen].label}{kept}: {self.candidate.describe()}"
+        return f"the search's best beats the cheap baselines on the holdout rows ({_fmt(ours)} vs {_fmt(theirs)}); " \
+               f"chosen: {self.candidate.describe()}"
 
     def to_dict(self) -> dict[str, Any]:
         return {

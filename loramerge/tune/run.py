@@ -16,6 +16,7 @@ The run, in order:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -29,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from loramerge.core.adapter import Adapter
+from loramerge.core.devices import one_core_spare
 from loramerge.errors import InvalidParameter
 from loramerge.io.sources import load
 from loramerge.merge.engine import merge as merge_adapters
@@ -41,15 +43,14 @@ from loramerge.runtime.statistics import input_statistics
 from loramerge.tune.evaluator import EvaluatorSpec, Outcome
 from loramerge.tune.objective import Metric, Objective
 from loramerge.tune.record import Trial, check_resumable, read_record, write_record
-from loramerge.tune.result import SEARCH_LABEL, Baseline, TuneResult, scored
+from loramerge.tune.result import CHEAP_LABELS, SEARCH_LABEL, Baseline, TuneResult, scored
 from loramerge.tune.search import SearchState, run_search, sampler_name
 from loramerge.tune.space import Candidate, SearchSpace, build_space
 from loramerge.tune.splits import split_tasks
 from loramerge.tune.workers import Pool, make_pool
 
 BASE_LABEL = "base"
-SUM_LABEL = "linear w=1"
-LAMBDA_LABEL = "linear λ"
+SUM_LABEL, LAMBDA_LABEL = CHEAP_LABELS
 LAMBDA_STEPS = 10
 # The batch size that combine and recipes collect statistics with: the same batches give the same
 # Grams bit for bit, so the recipe written beside a tuned regmean merge reproduces it exactly.
@@ -81,6 +82,7 @@ def tune(
     record: str | Path | None = None,
     score: ScoreFunction | None = None,
     lambda_steps: int = LAMBDA_STEPS,
+    fallback: bool = True,
     limit: int | None = None,
     batch_size: int | None = None,
     device: str | torch.device = "auto",
@@ -96,7 +98,7 @@ def tune(
     dimensions (default λ and one weight per source; see :mod:`loramerge.tune.space`) and
     ``bounds`` overrides their ranges (``"lambda=0:1,density=0.1:0.9"``); ``params`` fixes method
     parameters that are not searched. ``budget`` is the number of search trials, ``timeout``
-    (seconds, or ``"30m"``) a limit in time. ``holdout`` is the fraction of each task's rows kept
+    (seconds, or ``"30m"``, counted from the call) a limit in time: no batch of trials starts after it. ``holdout`` is the fraction of each task's rows kept
     for the final comparison. ``objective`` is ``mean`` or ``min`` over tasks of the ``metric``
     (see :mod:`loramerge.tune.objective`), normalized by each task's own adapter when ``paired``
     (task i belongs to source i), minus ``l1`` × the mean absolute weight. ``score(model, rows)``
@@ -109,7 +111,8 @@ def tune(
     several); ``ray`` sends them to the Ray cluster at that address instead. ``batch`` is the
     number of candidates asked of the optimizer at a time (default: the number of workers); the
     result depends on it, not on the workers' timing. ``record`` writes ``tune.json`` after every
-    batch; ``resume`` continues from one.
+    batch; ``resume`` continues from one. ``fallback=False`` keeps the search's best even when a
+    cheap baseline scores better on the holdout rows (the report still says so).
 
     Example:
         >>> import torch
@@ -126,6 +129,7 @@ def tune(
         0.6
     """
     started = time.perf_counter()
+    clock = time.monotonic()
     # Everything that can be refused without loading anything is refused first.
     if budget < 1:
         raise InvalidParameter(f"the budget must be at least 1 trial, got {budget}", parameter="budget")
@@ -179,20 +183,25 @@ def tune(
                          mode=mode, allow_pickle=allow_pickle, batch_size=batch_size, score=score, seed=seed,
                          statistics=statistics)
     pool = make_pool(spec, workers=workers, ray=ray, runtime=runtime)
+    # Many small forward passes: with every core in torch's pool, any other thread stalls them all.
+    spare = one_core_spare() if runtime is not None and runtime.device.type == "cpu" else contextlib.nullcontext()
     try:
-        return _tune(pool, space, goal, adapters, tasks, steps, settings, replay, budget=budget, seed=seed,
-                     sampler=sampler, batch=batch or pool.size, timeout=seconds, record=record,
-                     statistics=statistics, statistics_tasks=tune_tasks,
-                     device=runtime.device if runtime is not None else device,
-                     progress=progress, started=started)
+        with spare:
+            return _tune(pool, space, goal, adapters, tasks, steps, settings, replay, budget=budget, seed=seed,
+                         sampler=sampler, batch=batch or pool.size, record=record,
+                         deadline=None if seconds is None else clock + seconds,
+                         statistics=statistics, statistics_tasks=tune_tasks, fallback=fallback,
+                         device=runtime.device if runtime is not None else device,
+                         progress=progress, started=started)
     finally:
         pool.close()
 
 
 def _tune(pool: Pool, space: SearchSpace, goal: Objective, adapters: list[Adapter], tasks: list[Task],
           steps: list[float], settings: dict[str, Any], replay: list[Trial], *, budget: int, seed: int,
-          sampler: str, batch: int, timeout: float | None, record: str | Path | None,
-          statistics: InputStatistics | None, statistics_tasks: list[Task], device: str | torch.device,
+          sampler: str, batch: int, deadline: float | None, record: str | Path | None,
+          statistics: InputStatistics | None, statistics_tasks: list[Task], fallback: bool,
+          device: str | torch.device,
           progress: bool,
           started: float) -> TuneResult:
     count = len(adapters)
@@ -230,7 +239,7 @@ def _tune(pool: Pool, space: SearchSpace, goal: Objective, adapters: list[Adapte
 
     with bar:
         state = run_search(space, goal_tune, pool, budget=budget, seed=seed, sampler=sampler, batch=batch,
-                           timeout=timeout, replay=replay, on_batch=on_batch, on_trial=on_trial)
+                           deadline=deadline, replay=replay, on_batch=on_batch, on_trial=on_trial)
     best = state.best
     notes: list[str] = []
     if best is None:
@@ -251,9 +260,8 @@ def _tune(pool: Pool, space: SearchSpace, goal: Objective, adapters: list[Adapte
                                                                                     best.value))
         baselines[label].holdout = _scored(goal_held, held[label], candidate)
 
-    cheap = [SUM_LABEL, LAMBDA_LABEL]
-    chosen = max(cheap, key=lambda k: _rank(baselines[k].holdout))
-    if best is not None and _rank(baselines[SEARCH_LABEL].holdout) >= _rank(baselines[chosen].holdout):
+    chosen = max(CHEAP_LABELS, key=lambda k: _rank(baselines[k].holdout))
+    if best is not None and (not fallback or _rank(baselines[SEARCH_LABEL].holdout) >= _rank(baselines[chosen].holdout)):
         chosen = SEARCH_LABEL
     if best is None:
         baselines[SEARCH_LABEL] = Baseline(SEARCH_LABEL, None)

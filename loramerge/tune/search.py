@@ -108,12 +108,12 @@ class SearchState:
 
 
 def run_search(space: SearchSpace, objective: Objective, pool: Pool, *, budget: int, seed: int = 0,
-               sampler: str = "auto", batch: int = 1, timeout: float | None = None,
+               sampler: str = "auto", batch: int = 1, deadline: float | None = None,
                replay: Sequence[Trial] = (), on_batch: Callable[[SearchState], None] | None = None,
                on_trial: Callable[[Trial], None] | None = None) -> SearchState:
     """Ask, score and tell up to ``budget`` trials (counting the replayed ones) in batches of ``batch``.
 
-    ``timeout`` (seconds) stops before a batch that would start after it; Ctrl-C stops at once and
+    ``deadline`` (a ``time.monotonic()`` value) stops before a batch that would start after it; Ctrl-C stops at once and
     drops the batch in flight (a resumed run asks for it again). ``on_batch`` is called after
     each batch (to save the record), ``on_trial`` after each trial (progress).
     """
@@ -126,7 +126,6 @@ def run_search(space: SearchSpace, objective: Objective, pool: Pool, *, budget: 
     study.enqueue_trial(space.start())
     state = SearchState()
     recorded = {t.number: t for t in replay if t.kind == "search"}
-    deadline = None if timeout is None else time.monotonic() + timeout
     round_index = 0
     try:
         while len(state.trials) < budget:

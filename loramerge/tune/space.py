@@ -254,8 +254,11 @@ def build_space(methods: str | Sequence[str], sources: int, search: str | Sequen
                                        parameter="search")
             dims.append(Dimension("method", choices=tuple(s.name for s in specs)))
             continue
+        owners = params_of.get(name, [])
+        choice = next((p for _, p in owners if p.choices or p.type is bool), None)
         low, high = overrides.get(name, limits.get(name, (0.0, 1.0)))
-        _check_bounds(name, low, high, params_of.get(name, []))
+        if choice is None or name in overrides:
+            _check_bounds(name, low, high, owners)
         if name == "weights":
             dims.extend(Dimension(f"weight.{i}", low, high) for i in range(sources))
         elif name == "lambda":
