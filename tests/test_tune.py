@@ -7,6 +7,7 @@ the trial's candidate, scored by ``loramerge.evaluate`` on the same rows.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -230,3 +231,62 @@ def test_pairing_needs_one_data_file_per_source(setup, tmp_path):
     assert_clean_failure(result, "--paired needs one data file per source", "1 task(s) (sums) for 2 source(s)")
     with pytest.raises(DataError, match="holdout part empty"):
         split_tasks(load_tasks({"one": [{"text": "a b"}]}), 0.3)
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A Ray head of this test's own on 127.0.0.1 only (no network): ``ray start --head --block``, ended
+    by terminating that one process, which takes the cluster it started down with it."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # bind and advertise the loopback address only
+           "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # the driver (this process) must agree before it imports ray
+    pytest.importorskip("ray")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    log = open(temp / "head.log", "w")  # noqa: SIM115 (not a pipe: the daemons it starts would hold a pipe open)
+    head = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+                             f"--port={port}", "--num-cpus=1", "--include-dashboard=false", f"--temp-dir={temp}",
+                             "--disable-usage-stats"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while "Ray runtime started" not in (temp / "head.log").read_text():
+            assert head.poll() is None and time.monotonic() < deadline, (temp / "head.log").read_text()
+            time.sleep(0.5)
+        yield f"127.0.0.1:{port}"
+    finally:
+        head.terminate()
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.mark.ray
+def test_ray_actors_keep_the_model_resident_and_give_the_same_trials(setup, ray_head, tmp_path):
+    local = quick(setup, budget=4, batch=2)
+    out = tmp_path / "tuned"
+    result = run_cli("tune", setup["base"], *setup["sources"], "-d", setup["data"][0], "-d", setup["data"][1],
+                     "--paired", "--metric", "loss", "-o", out, "--budget", "4", "--batch", "2", "--batch-size", "16",
+                     "--ray", ray_head, "--json", tmp_path / "tune.json")
+    assert result.exit_code == 0, result.output
+    trials = json.loads((tmp_path / "tune.json").read_text())["trials"]
+    assert [t["params"] for t in trials] == [t.params for t in local.trials]
+    assert [t["value"] for t in trials] == pytest.approx([t.value for t in local.trials], rel=1e-6)
