@@ -21,6 +21,7 @@ passes).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -32,44 +33,26 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import lm_tasks
-from common import add_device_argument, chosen_device, device_label, synchronize
+from common import add_device_argument, chosen_device, device_label, timed
+from eval import plain_forward
 
 import loramerge
 from loramerge.core.devices import one_core_spare
 from loramerge.runtime.data import load_tasks
-from loramerge.runtime.encoding import encode_task
 from loramerge.runtime.resident import Runtime
-from loramerge.runtime.scoring import batches, pad_right
+from loramerge.tune.evaluator import EvaluatorSpec, TrialEvaluator
 from loramerge.tune.splits import split_tasks
 
 
 def plain_pass(runtime: Runtime, tasks, batch_size: int):
     """One transformers forward pass over every row of ``tasks``, in the evaluation's padded batches."""
-    prepared = []
-    for task in tasks:
-        encoded = encode_task(task, runtime.tokenizer, runtime.context_length())
-        for group in batches(encoded, batch_size):
-            ids, mask = pad_right([encoded[i].ids for i in group])
-            prepared.append((ids.to(runtime.device), mask.to(runtime.device)))
+    runs = [plain_forward(runtime, task, batch_size) for task in tasks]
 
     def run() -> None:
-        with torch.inference_mode():
-            for ids, mask in prepared:
-                runtime.model(input_ids=ids, attention_mask=mask, use_cache=False)
+        for one in runs:
+            one()
 
     return run
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()
-    synchronize()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -83,20 +66,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--methods", default="linear,ties", help="Comma-separated methods to tune, one run each.")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--json", type=Path, help="Also write every figure here.")
     args = parser.parse_args()
     device = chosen_device(args.device)
-    with one_core_spare() if device.type == "cpu" else _null():
+    with one_core_spare() if device.type == "cpu" else contextlib.nullcontext():
         run(args, device)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def run(args: argparse.Namespace, device: torch.device) -> None:
@@ -119,22 +94,35 @@ def run(args: argparse.Namespace, device: torch.device) -> None:
               f"({time.perf_counter() - started:.0f}s)")
         print(result.report)
 
-    # One plain forward pass over the tune rows, against the median trial of each run.
-    tune_rows, _ = split_tasks(load_tasks(data), args.holdout, args.seed)
+    # One plain forward pass over the tune rows against one trial of each run's best candidate, taken
+    # in turns (so that the load of a shared machine falls on both alike), medians.
+    tune_rows, held_rows = split_tasks(load_tasks(data), args.holdout, args.seed)
     runtime.restore()
-    plain = median_seconds(plain_pass(runtime, tune_rows, args.batch_size), args.repeats)
+    evaluator = TrialEvaluator(EvaluatorSpec(None, sources, {"tune": tune_rows, "holdout": held_rows},
+                                             batch_size=args.batch_size), runtime)
+    plain = plain_pass(runtime, tune_rows, args.batch_size)
     rows = sum(len(t) for t in tune_rows)
-    print(f"\ntimings on {device_label(device)} ({rows} tune rows in {len(tune_rows)} tasks, batch {args.batch_size}):")
-    print(f"  plain transformers forward pass over the tune rows: {plain * 1e3:9.1f} ms")
-    timings = {"plain_forward_ms": plain * 1e3}
+    samples: dict[str, list[float]] = {"plain": []}
+    merges: dict[str, list[float]] = {}
+    for _ in range(args.repeats):
+        samples["plain"].append(timed(plain, 1, warmup=False)[0])
+        for method, result in results.items():
+            outcome = evaluator.evaluate(result.search_best.candidate)
+            samples.setdefault(method, []).append(outcome.merge_seconds + outcome.eval_seconds)
+            merges.setdefault(method, []).append(outcome.merge_seconds)
+    plain_s = statistics.median(samples["plain"])
+    print(f"\ntimings on {device_label(device)} ({rows} tune rows in {len(tune_rows)} tasks, batch {args.batch_size}, "
+          f"medians of {args.repeats}, taken in turns):")
+    print(f"  plain transformers forward pass over the tune rows: {plain_s * 1e3:9.1f} ms")
+    timings = {"plain_forward_ms": plain_s * 1e3}
     for method, result in results.items():
-        done = [t for t in result.trials if t.ok]
-        trial = statistics.median(t.seconds for t in done)
-        merge = statistics.median(t.merge_seconds for t in done)
-        print(f"  median trial, {method:7}: {trial * 1e3:9.1f} ms = {trial / plain:.2f} passes "
-              f"(merge/swap {merge * 1e3:.1f} ms)")
+        trial, merge = statistics.median(samples[method]), statistics.median(merges[method])
+        during = statistics.median(t.seconds for t in result.trials if t.ok)
+        print(f"  one trial, {method:7}: {trial * 1e3:9.1f} ms = {trial / plain_s:.2f} passes "
+              f"(merge/swap {merge * 1e3:.1f} ms; median trial during the search {during * 1e3:.1f} ms)")
         timings[f"{method}_trial_ms"] = trial * 1e3
         timings[f"{method}_merge_ms"] = merge * 1e3
+        timings[f"{method}_search_trial_ms"] = during * 1e3
     figures["timings"] = timings
     figures["runs"] = {m: r.to_dict() for m, r in results.items()}
     if args.json:
