@@ -121,12 +121,14 @@ def scalar(tensor: torch.Tensor, origin: Path | str, module: str, what: str) -> 
 
 
 def low_rank(origin: Path | str, module: str, *, A: torch.Tensor, B: torch.Tensor, scale: float,
-             kind: str | None = None, names: tuple[str, str] = ("lora_A", "lora_B"), **extra: Any) -> LowRank:
+             kind: str | None = None, names: tuple[str, str] = ("lora_A", "lora_B"), checked: bool = False,
+             **extra: Any) -> LowRank:
     """The module's :class:`~loramerge.core.adapter.LowRank`, after checking that its factors fit.
 
     ``names`` label A and B in messages (``lora_down``/``lora_up`` for kohya). ``kind`` defaults to
     ``conv`` for factors of more than two dimensions, else ``linear``. ``extra`` goes to
-    :class:`LowRank` (``fan_in_fan_out``, ``alpha``, ``magnitude``, ``bias``).
+    :class:`LowRank` (``fan_in_fan_out``, ``alpha``, ``magnitude``, ``bias``). ``checked`` says
+    that A and B already went through :func:`factor`.
 
     Example:
         >>> try:
@@ -136,8 +138,9 @@ def low_rank(origin: Path | str, module: str, *, A: torch.Tensor, B: torch.Tenso
         a: module fc: lora_B has 3 columns but lora_A has rank 2; the factors do not fit together
     """
     a_name, b_name = names
-    A = factor(A, origin, module, a_name)
-    B = factor(B, origin, module, b_name)
+    if not checked:
+        A = factor(A, origin, module, a_name)
+        B = factor(B, origin, module, b_name)
     kind = kind or ("conv" if A.ndim > 2 else "linear")
     if kind in ("linear", "embedding") and (A.ndim != 2 or B.ndim != 2):
         raise CorruptFile(f"{origin}: module {module}: a {kind} update needs 2-D factors, got {a_name} "
