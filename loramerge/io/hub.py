@@ -55,6 +55,15 @@ class HubRef:
     revision: str | None = None
     subpath: str | None = None
 
+    def __post_init__(self) -> None:
+        problem = hub_ref_problem(self.repo_id, self.revision, self.subpath)
+        if problem is not None:
+            from loramerge.errors import InvalidParameter
+
+            raise InvalidParameter(f"{self.repo_id}{'/' + self.subpath if self.subpath else ''}"
+                                   f"{'@' + self.revision if self.revision else ''}: not a valid Hub reference "
+                                   f"({problem})")
+
     @property
     def is_file(self) -> bool:
         """True when ``subpath`` names a single weights file rather than a folder."""
@@ -79,9 +88,52 @@ def parse_hub_id(text: str) -> HubRef | None:
     if match is None:
         return None
     sub = match["sub"].strip("/") or None
-    if sub and any(part in (".", "..") for part in sub.split("/")):
+    if hub_ref_problem(match["repo"], match["revision"], sub) is not None:
         return None
     return HubRef(repo_id=match["repo"], revision=match["revision"], subpath=sub)
+
+
+def not_a_hub_id(text: str) -> str:
+    """The end of a "no such file" message for ``text``: why it is not a Hub id either, when it looks like one.
+
+    Example:
+        >>> not_a_hub_id("org/name@../../etc")
+        " (and not a valid Hub id: the revision '../../etc' is not a valid branch, tag or commit name)"
+        >>> not_a_hub_id("./local")
+        ''
+    """
+    match = _HUB_ID.fullmatch(str(text).strip())
+    if match is None:
+        return ""
+    problem = hub_ref_problem(match["repo"], match["revision"], match["sub"].strip("/") or None)
+    return f" (and not a valid Hub id: {problem})" if problem else ""
+
+
+_BAD_REVISION = re.compile(r"\.\.|//|@\{|[\x00-\x20\x7f~^:?*\[\\]|^[/.]|/\.|[/.]$|\.lock(?:/|$)")
+
+
+def hub_ref_problem(repo_id: str, revision: str | None, subpath: str | None) -> str | None:
+    """Why these parts cannot name something on the Hub (path traversal, bad names), or None.
+
+    Repository names follow the Hub's rules (no ``--`` or ``..``); a subfolder has no empty,
+    ``.`` or ``..`` parts and no backslashes; a revision follows git's ref-name rules, so none of
+    them can step outside the repository or the local cache.
+
+    Example:
+        >>> hub_ref_problem("org/name", "../../etc", None)
+        "the revision '../../etc' is not a valid branch, tag or commit name"
+        >>> hub_ref_problem("org/name", "refs/pr/3", "adapters/math") is None
+        True
+    """
+    if not re.fullmatch(rf"{_NAME}/{_NAME}", repo_id or "") or ".." in repo_id or "--" in repo_id:
+        return f"{repo_id!r} is not a repository id of the form org/name"
+    if subpath is not None:
+        parts = subpath.split("/")
+        if any(p in ("", ".", "..") for p in parts) or "\\" in subpath or any(ord(c) < 32 for c in subpath):
+            return f"the subfolder {subpath!r} may not have empty, '.' or '..' parts, backslashes or control characters"
+    if revision is not None and (not revision or len(revision) > 255 or _BAD_REVISION.search(revision)):
+        return f"the revision {revision!r} is not a valid branch, tag or commit name"
+    return None
 
 
 @dataclass(frozen=True)
