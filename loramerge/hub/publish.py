@@ -160,11 +160,11 @@ def _card_for_existing(path: Path, repo_id: str, recipe: Mapping[str, Any] | Non
     from loramerge.io.sources import load
 
     if recipe is None and path.is_dir() and (path / RECIPE_FILENAME).is_file():
-        import yaml
+        from loramerge.io.structured import read_yaml
 
         try:
-            recipe = yaml.safe_load((path / RECIPE_FILENAME).read_text(encoding="utf-8"))
-        except yaml.YAMLError:
+            recipe = read_yaml(path / RECIPE_FILENAME)
+        except LoramergeError:
             recipe = None
     try:
         adapter = load(path)
@@ -239,18 +239,18 @@ def read_record(path: str | Path) -> dict[str, Any] | None:
         >>> read_record(tempfile.mkdtemp()) is None
         True
     """
-    import json
-
     from loramerge.errors import LoramergeError
     from loramerge.io.formats.tensorfile import read_safetensors_header
+    from loramerge.io.structured import parse_json, read_json
 
     path = Path(path)
     try:
         if path.is_dir():
             file = path / RECORD_FILENAME
-            record = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else None
+            record = read_json(file) if file.is_file() else None
         elif path.suffix == ".safetensors" and path.is_file():
-            record = json.loads(read_safetensors_header(path)[1].get("loramerge", "null"))
+            raw = read_safetensors_header(path)[1].get("loramerge")
+            record = parse_json(raw, name=f"{path}: loramerge metadata") if raw else None
         else:
             record = None
     except (OSError, ValueError, LoramergeError):
@@ -291,10 +291,9 @@ def output_card(path: str | Path, repo_id: str | None, *, adapters: list[Adapter
                 record: Mapping[str, Any] | None = None) -> str | None:
     """The model card of a fold or extract output folder, built from its ``loramerge.json``; None
     for any other output. ``adapters`` (the loaded sources of a fold) add their resolved commits."""
-    import json
-
     from loramerge.errors import LoramergeError
     from loramerge.io.hub import model_origin
+    from loramerge.io.structured import read_json
 
     path = Path(path)
     record = record if record is not None else read_record(path)
@@ -310,8 +309,8 @@ def output_card(path: str | Path, repo_id: str | None, *, adapters: list[Adapter
         return extracted_adapter_card(record, adapter, repo_id=repo_id, description=description)
     folder = path if path.is_dir() else path.parent
     try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        config = read_json(folder / "config.json")
+    except LoramergeError:
         config = {}
     library = "diffusers" if path.is_file() or (folder / "model_index.json").exists() else "transformers"
     source = (record.get("base") or {}).get("source")

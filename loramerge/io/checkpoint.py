@@ -34,6 +34,7 @@ import torch
 
 from loramerge.errors import CorruptFile, PickleRefused, SourceNotFound
 from loramerge.io.formats.tensorfile import read_json_object, read_safetensors_header
+from loramerge.io.structured import NULL, OBJECT, STRING, map_of, one_of, read_json
 
 CONFIG_NAME = "config.json"
 SAFE_SINGLE = "model.safetensors"
@@ -282,13 +283,10 @@ def _read_config(folder: Path) -> dict[str, Any]:
 
 
 def _read_index(path: Path) -> tuple[list[Path], dict[str, Any], dict[str, str]]:
-    try:
-        index = json.loads(path.read_text())
-        weight_map = index["weight_map"]
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise ValueError("weight_map must map names to file names")
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise CorruptFile(f"{path}: not a valid weight index ({exc})") from None
+    index = read_json(path, schema={"weight_map": map_of(STRING), "metadata": one_of(OBJECT, NULL)})
+    if "weight_map" not in index:
+        raise CorruptFile(f"{path}: not a valid weight index (no weight_map)")
+    weight_map = index["weight_map"]
     shards: list[Path] = []
     for file_name in dict.fromkeys(weight_map.values()):
         shard = path.parent / file_name

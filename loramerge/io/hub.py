@@ -23,8 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import yaml
-
 from loramerge.errors import HubError, LoramergeError, SourceNotFound
 
 _NAME = r"[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9_])?"
@@ -306,16 +304,18 @@ def card_metadata(readme: Path) -> dict[str, Any]:
         >>> card_metadata(p)["license"]
         'mit'
     """
+    from loramerge.io.structured import parse_yaml, read_text
+
     try:
-        text = readme.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
+        text = read_text(readme)
+    except LoramergeError:
         return {}
     match = re.match(r"\A---\s*\n(.*?)\n---\s*(\n|\Z)", text, re.DOTALL)
     if not match:
         return {}
     try:
-        data = yaml.safe_load(match.group(1))
-    except yaml.YAMLError:
+        data = parse_yaml(match.group(1), name=str(readme))
+    except LoramergeError:
         return {}
     return data if isinstance(data, dict) else {}
 

@@ -55,6 +55,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from loramerge.core.adapter import Adapter
 from loramerge.errors import LoramergeError, RecipeError
 from loramerge.io.hub import HubRef, parse_hub_id
+from loramerge.io.structured import MAX_DEPTH, compose_yaml, read_text
 from loramerge.merge.methods import MergeMethod, Param, get_method
 from loramerge.merge.overrides import POLICY_KEYS
 from loramerge.recipe.schedule import Rule, Schedule
@@ -207,25 +208,13 @@ def load_recipe(path: str | Path, sets: Sequence[str] = ()) -> Recipe:
         loramerge.errors.RecipeError: ...r.yaml:2: methd: unknown key (did you mean 'method'?); valid keys: ...
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise RecipeError(f"{path}: no such recipe file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError(f"{path}: cannot read the recipe ({exc})") from None
+    text = read_text(path, error=RecipeError, missing=RecipeError, what="recipe file")
     return parse_recipe(text, name=str(path), sets=sets, base=path.resolve().parent)
 
 
 def parse_recipe(text: str, *, name: str = "<recipe>", sets: Sequence[str] = (), base: Path | None = None) -> Recipe:
     """Validate recipe ``text``; ``name`` labels error messages and ``base`` anchors relative paths."""
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise RecipeError(f"{name}{line}: invalid YAML ({exc.problem or exc.context})") from None
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{name}: invalid YAML ({exc})") from None
+    root = compose_yaml(text, name=name, error=RecipeError)
     for assignment in sets:
         root = _apply_set(root, assignment)
     reader = _Reader(name)
@@ -240,10 +229,9 @@ def _apply_set(root: Node | None, assignment: str) -> Node:
     label = f"--set {key}"
     if not sep or not key:
         raise RecipeError(f"--set {assignment}: expected key=value, e.g. --set sources.0.weight=0.7")
-    try:
-        value_node = yaml.compose(value, Loader=yaml.SafeLoader) if value.strip() else None
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{label}: the value is not valid YAML ({exc})") from None
+    if key.count(".") >= MAX_DEPTH:
+        raise RecipeError(f"{label}: the key has more than {MAX_DEPTH} parts")
+    value_node = compose_yaml(value, name=label, error=RecipeError) if value.strip() else None
     mark = Mark(label, 0, 0, 0, None, None)
     if value_node is None:
         value_node = ScalarNode("tag:yaml.org,2002:null", "", mark, mark)
