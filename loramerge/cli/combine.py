@@ -9,12 +9,14 @@ import click
 
 from loramerge.cli.options import (
     card_options,
+    check_report,
     merge_options,
     method_params_from,
     output_options,
     parse_weights,
     push_options,
     source_options,
+    write_report,
 )
 from loramerge.hub.publish import publish_merge, recipe_from_report
 from loramerge.io.hub import check_push
@@ -54,6 +56,7 @@ def combine(sources: tuple[str, ...], output: str, dtype: str | None, force: boo
       loramerge combine kohya.safetensors ./diffusers-lora -o merged --format diffusers
     """
     check_output(output, force=force)
+    check_report(report_path, force)
     if push_to_hub:
         check_push(push_to_hub)
     adapters = [load(s, format=from_format, allow_pickle=allow_pickle, base=base) for s in sources]
@@ -71,8 +74,7 @@ def combine(sources: tuple[str, ...], output: str, dtype: str | None, force: boo
                            recipe=recipe, repo_id=push_to_hub, private=private, commit_message=commit_message)
     report = merged.report
     assert report is not None
-    if report_path:
-        report.write_json(report_path)
+    write_report(report_path, report.to_dict(), force)
     click.echo(report.summary())
     click.echo(f"wrote {output} ({report.method}, {len(merged)} modules, {report.seconds:.2f}s)")
     if pushed is not None:

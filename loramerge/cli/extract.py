@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 
-from loramerge.cli.options import push_options
+from loramerge.cli.options import check_report, push_options, write_report
 from loramerge.core.devices import DTYPE_CHOICES
 from loramerge.extract import DEFAULT_RANK, EXACT_LIMIT
 from loramerge.extract import extract as run_extract
@@ -53,6 +51,7 @@ def extract(base: str, finetuned: str, output: str, rank: int | None, energy: fl
       loramerge extract org/llama org/llama-sft -o sft-lora --rank 64 --push-to-hub me/llama-sft-lora
     """
     check_output(output, force=force)
+    check_report(report_path, force)
     if push_to_hub:
         check_push(push_to_hub)
     result = run_extract(
@@ -60,9 +59,7 @@ def extract(base: str, finetuned: str, output: str, rank: int | None, energy: fl
         modules=modules, keep_full=keep_full, exact_limit=exact_limit, dtype=dtype, device=device, force=force,
         allow_pickle=allow_pickle, progress=True,
     )
-    if report_path:
-        with open(report_path, "w") as fh:
-            json.dump(result.report.to_dict(), fh, indent=2)
+    write_report(report_path, result.report.to_dict(), force)
     click.echo(result.report.summary())
     click.echo(f"wrote {result.path} ({len(result.adapter)} LoRA modules, {len(result.report.kept_full)} full tensors, "
                f"{result.report.seconds:.1f}s)")

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import click
 
-from loramerge.cli.options import merge_options, method_params_from, parse_weights, push_options
+from loramerge.cli.options import (
+    check_report,
+    merge_options,
+    method_params_from,
+    parse_weights,
+    push_options,
+    write_report,
+)
 from loramerge.fold.engine import TIED_MODES
 from loramerge.fold.engine import fold as run_fold
 from loramerge.hub.publish import push_fold
@@ -61,6 +67,7 @@ def fold(base: str, adapters: tuple[str, ...], output: str, dtype: str, shard_si
       loramerge fold ./sdxl-pipeline style.safetensors detail.safetensors -o sdxl-sd --weights 0.8,0.5
     """
     check_output(output, force=force)
+    check_report(report_path, force)
     if push_to_hub:
         check_push(push_to_hub)
     # Loaded here when pushing, so the card and recipe know the commit each Hub source resolved to.
@@ -74,11 +81,7 @@ def fold(base: str, adapters: tuple[str, ...], output: str, dtype: str, shard_si
     )
     if result.merge_report is not None:
         click.echo(result.merge_report.summary())
-        if report_path:
-            result.merge_report.write_json(report_path)
-    elif report_path:
-        with open(report_path, "w") as fh:
-            json.dump(result.recipe, fh, indent=2)
+    write_report(report_path, result.merge_report.to_dict() if result.merge_report is not None else result.recipe, force)
     for note in result.recipe.get("notes", []):
         click.echo(f"note: {note}")
     click.echo(result.summary())

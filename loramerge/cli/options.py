@@ -8,7 +8,9 @@ from typing import Any
 import click
 
 from loramerge.core.devices import DTYPE_CHOICES
+from loramerge.core.report import json_text
 from loramerge.errors import InvalidParameter
+from loramerge.io.output import check_output, write_file
 from loramerge.merge.methods import all_params
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
@@ -93,6 +95,18 @@ output_options = _apply([
     click.option("--format", "out_format", type=click.Choice(WRITE_FORMATS),
                  help="Output format [default: the first source's format]."),
 ])
+
+
+def check_report(report_path: str | None, force: bool) -> None:
+    """Refuse a ``--report`` path that exists (without ``--force``) before any work is done."""
+    if report_path:
+        check_output(report_path, force=force, directory=False)
+
+
+def write_report(report_path: str | None, data: Any, force: bool) -> None:
+    """Write ``--report`` JSON (a report's ``to_dict()`` or a plain dict) through the output layer."""
+    if report_path:
+        write_file(report_path, json_text(data), force=force)
 
 
 def method_params_from(options: dict[str, Any]) -> dict[str, Any]:

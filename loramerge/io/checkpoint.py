@@ -628,8 +628,15 @@ def safetensors_name(shard: Path) -> str:
     return stem + ".safetensors"
 
 
-def iter_plain_files(folder: Path, skip: set[str]) -> Iterator[Path]:
-    """Files of ``folder`` (recursively) that are not weights, hidden, or named in ``skip``.
+def iter_plain_files(folder: Path, skip: set[str], *, follow_symlinks: bool = False) -> Iterator[Path]:
+    """Files of ``folder`` (recursively) that are not weights, hidden, or named in ``skip``: the files a
+    fold copies beside its shards.
+
+    Only regular files are copied. A FIFO, device, socket, broken link or anything under
+    ``/proc``, ``/sys`` or ``/dev`` is refused, and so is a symbolic link that leaves the folder
+    (for a Hugging Face cache snapshot: the repository's cache folder, where its blobs live)
+    unless ``follow_symlinks``: a link such as ``tokenizer.json -> /proc/self/environ`` would
+    otherwise copy secrets into the output.
 
     Example:
         >>> import tempfile
@@ -638,11 +645,63 @@ def iter_plain_files(folder: Path, skip: set[str]) -> Iterator[Path]:
         ...     _ = (folder / name).write_text("x")
         >>> [p.name for p in iter_plain_files(folder, {"config.json"})]
         ['tokenizer.json']
+        >>> (folder / "vocab.txt").symlink_to("/proc/self/environ")
+        >>> try:
+        ...     list(iter_plain_files(folder, set()))
+        ... except CorruptFile as e:
+        ...     print(str(e).split(": ", 1)[1])
+        is a device or kernel file (it leads to /proc/...), not a regular file; a fold copies only regular files from the base folder
     """
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder)
-        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+    from loramerge.io.structured import special_file_reason
+
+    boundary = copy_boundary(folder)
+    visited: set[str] = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real_root = os.path.realpath(root)
+        if real_root in visited:  # a link back up the tree
+            dirs[:] = []
             continue
-        if rel.as_posix() in skip or path.name.endswith(WEIGHT_SUFFIXES) or path.name.endswith(".index.json"):
-            continue
-        yield path
+        visited.add(real_root)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in dirs:
+            _check_link(Path(root) / name, boundary, follow_symlinks)
+        for name in sorted(files):
+            path = Path(root) / name
+            rel = path.relative_to(folder)
+            if any(part.startswith(".") for part in rel.parts):
+                continue
+            if rel.as_posix() in skip or path.name.endswith(WEIGHT_SUFFIXES) or path.name.endswith(".index.json"):
+                continue
+            if path.is_symlink() and not path.exists():
+                raise CorruptFile(f"{path}: is a broken symbolic link (to {os.readlink(path)})")
+            reason = special_file_reason(path)
+            if reason is not None:
+                raise CorruptFile(f"{path}: {reason}; a fold copies only regular files from the base folder")
+            _check_link(path, boundary, follow_symlinks)
+            yield path
+
+
+def copy_boundary(folder: Path) -> Path:
+    """The folder that links inside ``folder`` may point into: ``folder`` itself, or for a Hugging Face
+    cache snapshot (``models--org--name/snapshots/<commit>``) the repository's cache folder.
+
+    Example:
+        >>> copy_boundary(Path("/c/hub/models--org--m/snapshots/" + "a" * 40)).name
+        'models--org--m'
+    """
+    real = Path(os.path.realpath(folder))
+    for parent in (real, *real.parents):
+        if parent.parent.name == "snapshots" and parent.parent.parent.name.startswith("models--"):
+            return parent.parent.parent
+    return real
+
+
+def _check_link(path: Path, boundary: Path, follow: bool) -> None:
+    """Refuse ``path`` when it resolves outside ``boundary`` (a symlink somewhere on its way), unless ``follow``."""
+    real = Path(os.path.realpath(path))
+    if follow or real == boundary or boundary in real.parents:
+        return
+    raise CorruptFile(
+        f"{path}: is a symbolic link to {real}, outside the base folder; a fold copies only files inside it "
+        "(pass --follow-symlinks, follow_symlinks=True, to copy what it points to)"
+    )
