@@ -8,6 +8,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# An unexpected exception in a CLI test is re-raised with its traceback, never hidden behind one line.
+os.environ.setdefault("LORAMERGE_DEBUG", "1")
 
 from tests.peft_fixtures import make_peft_adapter, tiny_gpt2, tiny_llama, toy_conv_net
 

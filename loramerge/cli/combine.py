@@ -15,6 +15,7 @@ from loramerge.cli.options import (
     output_options,
     parse_weights,
     push_options,
+    show_progress,
     source_options,
     write_report,
 )
@@ -63,7 +64,7 @@ def combine(sources: tuple[str, ...], output: str, dtype: str | None, force: boo
     merged = merge(
         adapters, method=method, weights=parse_weights(weights), rank=rank, energy=energy, max_error=max_error,
         rank_max=rank_max, seed=seed, device=device, dtype=dtype, compute_dtype=compute_dtype,
-        ignore_base_mismatch=ignore_base_mismatch, progress=True, **method_params_from(method_options),
+        ignore_base_mismatch=ignore_base_mismatch, progress=show_progress(), **method_params_from(method_options),
     )
     recipe = recipe_from_report(
         merged, Path(output), compute_dtype=compute_dtype if compute_dtype != "fp32" else None,

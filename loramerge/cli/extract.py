@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from loramerge.cli.options import check_report, push_options, write_report
+from loramerge.cli.options import check_report, push_options, show_progress, write_report
 from loramerge.core.devices import DTYPE_CHOICES
 from loramerge.extract import DEFAULT_RANK, EXACT_LIMIT
 from loramerge.extract import extract as run_extract
@@ -57,7 +57,7 @@ def extract(base: str, finetuned: str, output: str, rank: int | None, energy: fl
     result = run_extract(
         base, finetuned, output=output, rank=rank, energy=energy, max_error=max_error, rank_max=rank_max,
         modules=modules, keep_full=keep_full, exact_limit=exact_limit, dtype=dtype, device=device, force=force,
-        allow_pickle=allow_pickle, progress=True,
+        allow_pickle=allow_pickle, progress=show_progress(),
     )
     write_report(report_path, result.report.to_dict(), force)
     click.echo(result.report.summary())

@@ -12,6 +12,7 @@ from loramerge.cli.options import (
     method_params_from,
     parse_weights,
     push_options,
+    show_progress,
     write_report,
 )
 from loramerge.fold.engine import TIED_MODES
@@ -76,7 +77,7 @@ def fold(base: str, adapters: tuple[str, ...], output: str, dtype: str, shard_si
         base, sources, output=output, weights=parse_weights(weights), method=method, rank=rank,
         energy=energy, max_error=max_error, rank_max=rank_max, seed=seed, dtype=dtype, shard_size=shard_size,
         device=device, compute_dtype=compute_dtype, tied_embeddings_mode=tied_embeddings, force=force,
-        strict=strict, allow_pickle=allow_pickle, ignore_base_mismatch=ignore_base_mismatch, progress=True,
+        strict=strict, allow_pickle=allow_pickle, ignore_base_mismatch=ignore_base_mismatch, progress=show_progress(),
         **method_params_from(method_options),
     )
     if result.merge_report is not None:

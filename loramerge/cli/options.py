@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -95,6 +96,11 @@ output_options = _apply([
     click.option("--format", "out_format", type=click.Choice(WRITE_FORMATS),
                  help="Output format [default: the first source's format]."),
 ])
+
+
+def show_progress() -> bool:
+    """Progress bars only on a terminal: a log file or a pipe gets the result lines alone."""
+    return sys.stderr.isatty()
 
 
 def check_report(report_path: str | None, force: bool) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from loramerge.cli.options import check_report, push_options, write_report
+from loramerge.cli.options import check_report, push_options, show_progress, write_report
 from loramerge.core.adapter import Adapter
 from loramerge.io.hub import check_push
 from loramerge.recipe.plan import plan_recipe
@@ -49,7 +49,7 @@ def run(recipe_path: str, sets: tuple[str, ...], dry_run: bool, output: str | No
         raise click.UsageError("no output: give -o OUTPUT, set output.path in the recipe, or push with --push-to-hub")
     if repo:
         check_push(repo)
-    done = run_recipe(recipe, output=output, force=force, device=device, progress=True, push_to_hub=push_to_hub,
+    done = run_recipe(recipe, output=output, force=force, device=device, progress=show_progress(), push_to_hub=push_to_hub,
                       private=True if private else None, commit_message=commit_message)
     if not isinstance(done, Adapter):  # a fold recipe
         if done.merge_report is not None:

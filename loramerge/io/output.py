@@ -45,6 +45,7 @@ _RENAME_NOREPLACE = 1
 _AT_FDCWD = -100
 
 _committed: list[Path] = []
+_active: dict[Path, str] = {}  # temporary paths being written → the output's name as the user gave it
 _state_lock = threading.Lock()
 
 
@@ -208,8 +209,8 @@ def atomic_output(path: str | Path, *, force: bool, directory: bool = True) -> I
         >>> (target / "a.txt").read_text(), oct(target.stat().st_mode & 0o777) != "0o700"
         ('hi', True)
     """
-    shown = str(path)
     out = check_output(path, force=force, directory=directory)
+    shown = _shown(out, str(path))
     clean_leftovers(out)
     with translated_os_errors(shown):
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -217,6 +218,8 @@ def atomic_output(path: str | Path, *, force: bool, directory: bool = True) -> I
         if directory:
             tmp.mkdir()
     trash = None
+    with _state_lock:
+        _active[tmp] = shown
     try:
         with translated_os_errors(shown, inside=tmp):
             yield tmp
@@ -230,8 +233,22 @@ def atomic_output(path: str | Path, *, force: bool, directory: bool = True) -> I
         with _sigint_held():
             _remove(tmp)
         raise
+    finally:
+        with _state_lock:
+            _active.pop(tmp, None)
     if trash is not None:
         _remove(trash)  # a run killed here leaves .OUT.old-<pid>, which the next run removes
+
+
+def _shown(out: Path, spelled: str) -> str:
+    """How messages name ``out``: as the user spelled it, or, inside another output's temporary folder,
+    as that output's path (the temporary name means nothing to the user)."""
+    with _state_lock:
+        for tmp, name in _active.items():
+            if out == tmp or tmp in out.parents:
+                rest = out.relative_to(tmp).as_posix()
+                return name if rest == "." else f"{name}/{rest}"
+    return spelled
 
 
 def write_file(path: str | Path, data: bytes | str, *, force: bool) -> Path:

@@ -190,9 +190,10 @@ class Spec:
     label: str
     test: Callable[[Any], bool]
     items: Spec | None = None  # for lists and mappings: each item's spec
+    options: tuple[Spec, ...] = ()  # for one_of: the alternatives
 
     def accepts(self, value: Any) -> bool:
-        return self.test(value)
+        return _problem(self, value, "") is None
 
 
 def _is_int(v: Any) -> bool:
@@ -216,11 +217,13 @@ ANY = Spec("anything", lambda v: True)
 
 
 def one_of(*specs: Spec) -> Spec:
-    """A value that any of ``specs`` accepts (a list or mapping spec also checks its items)."""
-    def test(value: Any) -> bool:
-        return any(s.accepts(value) and _items_error(s, value) is None for s in specs)
+    """A value that any of ``specs`` accepts; a list or mapping is judged by the spec of its kind.
 
-    return Spec(" or ".join(s.label for s in specs), test)
+    Example:
+        >>> one_of(map_of(POSITIVE_INT), NULL).accepts({"q": 2.5})
+        False
+    """
+    return Spec(" or ".join(s.label for s in specs), lambda v: True, options=specs)
 
 
 def list_of(item: Spec) -> Spec:
@@ -234,17 +237,27 @@ def map_of(item: Spec) -> Spec:
 
 
 def _plural(label: str) -> str:
-    return re.sub(r"^(a|an) ", "", label).replace("true or false", "booleans") + ("s" if label.startswith(("a ", "an ")) else "")
+    bare = re.sub(r"^(a|an) ", "", label).replace("true or false", "booleans")
+    return bare + ("s" if label.startswith(("a ", "an ")) else "")
 
 
-def _items_error(spec: Spec, value: Any) -> tuple[str, Any] | None:
-    """The first (key, item) of a list/mapping that ``spec.items`` refuses."""
-    if spec.items is None:
-        return None
-    pairs = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, item in pairs:
-        if not spec.items.accepts(item) or _items_error(spec.items, item) is not None:
-            return str(key), item
+def _problem(spec: Spec, value: Any, key: str) -> tuple[str, Spec, Any] | None:
+    """``(dotted key, refusing spec, value)`` of the first part of ``value`` that ``spec`` refuses, or None."""
+    if spec.options:
+        for option in spec.options:
+            if option.test(value):
+                found = _problem(option, value, key)
+                if found is None or len(spec.options) == 1 or option.items is not None:
+                    return found
+        return key, spec, value
+    if not spec.test(value):
+        return key, spec, value
+    if spec.items is not None:
+        pairs = value.items() if isinstance(value, dict) else enumerate(value)
+        for item_key, item in pairs:
+            found = _problem(spec.items, item, f"{key}.{item_key}" if key else str(item_key))
+            if found is not None:
+                return found
     return None
 
 
@@ -264,15 +277,10 @@ def check_schema(data: Mapping[str, Any], schema: Mapping[str, Spec], *, name: s
     for key, spec in schema.items():
         if key not in data:
             continue
-        value = data[key]
-        if not spec.accepts(value):
-            raise error(f"{_where(name, text, [key])}: {key}: must be {spec.label}, got {_show(value)}")
-        bad = _items_error(spec, value)
-        if bad is not None:
-            item_key, item = bad
-            assert spec.items is not None
-            raise error(f"{_where(name, text, [key, item_key])}: {key}.{item_key}: must be {spec.items.label}, "
-                        f"got {_show(item)}")
+        found = _problem(spec, data[key], key)
+        if found is not None:
+            where, refused, value = found
+            raise error(f"{_where(name, text, where.split('.'))}: {where}: must be {refused.label}, got {_show(value)}")
 
 
 def _show(value: Any) -> str:
