@@ -147,7 +147,7 @@ def write_adapter(folder: Path, model: Path, layers: int, rank: int) -> None:
 # -------------------------------------------------------------------------------------- children
 
 
-def child(kind: str, model: str, adapter: str, out: str, rank: int) -> None:
+def child(kind: str, model: str, adapter: str, out: str, rank: int, device: str = "auto") -> None:
     """One measured run; prints its own timing (after imports) as JSON."""
     started = time.perf_counter()
     if kind == "floor":
@@ -163,7 +163,7 @@ def child(kind: str, model: str, adapter: str, out: str, rank: int) -> None:
     elif kind == "loramerge":
         import loramerge
 
-        loramerge.fold(model, adapter, output=out, device="cpu")
+        loramerge.fold(model, adapter, output=out, device=device)
     elif kind == "peft":
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
@@ -175,7 +175,7 @@ def child(kind: str, model: str, adapter: str, out: str, rank: int) -> None:
     elif kind == "extract":
         import loramerge
 
-        loramerge.extract(model, adapter, output=out, rank=rank, device="cpu")
+        loramerge.extract(model, adapter, output=out, rank=rank, device=device)
     else:
         raise SystemExit(f"unknown child {kind}")
     print(json.dumps({"seconds": time.perf_counter() - started}))
@@ -213,9 +213,9 @@ def measure(argv: list[str], env: dict[str, str] | None = None) -> dict[str, flo
     return {"wall": report["wall"], "seconds": inner, "rss_gb": report["maxrss_kb"] * 1024 / 1e9}
 
 
-def self_child(kind: str, model: Path, adapter: Path, out: Path, rank: int = 16) -> list[str]:
+def self_child(kind: str, model: Path, adapter: Path, out: Path, rank: int = 16, device: str = "auto") -> list[str]:
     return [sys.executable, __file__, "--child", kind, "--model", str(model), "--adapter", str(adapter),
-            "--out", str(out), "--rank", str(rank)]
+            "--out", str(out), "--rank", str(rank), "--device", device]
 
 
 # ------------------------------------------------------------------------------------------ parts
@@ -262,7 +262,7 @@ def fold_part(args: argparse.Namespace, root: Path) -> None:
             out = root / f"out-{kind}"
             shutil.rmtree(out, ignore_errors=True)
             os.sync()  # every contender starts with no dirty pages of ours to write back
-            results[kind].append(measure(self_child(kind, model, adapter, out, args.rank)))
+            results[kind].append(measure(self_child(kind, model, adapter, out, args.rank, args.device)))
             if kind == "floor":
                 shutil.rmtree(out, ignore_errors=True)
         if repeat == 0 and "peft" in kinds:
@@ -299,7 +299,7 @@ def extract_part(args: argparse.Namespace, root: Path) -> None:
     print(f"\nextract: {layers} layers × {len(LINEAR)} modules, float32, true update rank 64 (σᵢ ∝ 0.85ⁱ) + 1% noise;"
           f" rank {args.rank}")
     os.sync()
-    runs = {"loramerge": measure(self_child("extract", base, ft, root / "x-ours", args.rank))}
+    runs = {"loramerge": measure(self_child("extract", base, ft, root / "x-ours", args.rank, args.device))}
     tool = args.mergekit or shutil.which("mergekit-extract-lora")
     if tool and Path(tool).exists():
         argv = [tool, "--model", str(ft), "--base-model", str(base), "--out-path", str(root / "x-mergekit"),
@@ -357,9 +357,12 @@ def main() -> None:
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--adapter", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="auto",
+                        help="loramerge's compute device: auto (CUDA when available, else CPU), cpu, cuda[:N]; "
+                             "PEFT and mergekit run on the CPU")
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.model, args.adapter, args.out, args.rank)
+        child(args.child, args.model, args.adapter, args.out, args.rank, args.device)
         return
     root = Path(tempfile.mkdtemp(prefix="loramerge-fold-bench-", dir=args.workdir))
     try:

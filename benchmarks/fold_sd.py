@@ -94,7 +94,7 @@ def write_lora(path: Path, rank: int) -> int:
     return len(tensors) // 3
 
 
-def child(kind: str, checkpoint: str, lora: str, out: str) -> None:
+def child(kind: str, checkpoint: str, lora: str, out: str, device: str = "auto") -> None:
     started = time.perf_counter()
     from safetensors.torch import load_file, save_file
 
@@ -122,7 +122,7 @@ def child(kind: str, checkpoint: str, lora: str, out: str) -> None:
     elif kind == "loramerge":
         import loramerge
 
-        loramerge.fold(checkpoint, lora, output=out, device="cpu")
+        loramerge.fold(checkpoint, lora, output=out, device=device)
     else:
         raise SystemExit(f"unknown child {kind}")
     print(json.dumps({"seconds": time.perf_counter() - started}))
@@ -151,9 +151,11 @@ def main() -> None:
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     parser.add_argument("--lora", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="auto",
+                        help="loramerge's compute device: auto (CUDA when available, else CPU), cpu, cuda[:N]")
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.checkpoint, args.lora, args.out)
+        child(args.child, args.checkpoint, args.lora, args.out, args.device)
         return
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="loramerge-fold-sd-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -172,7 +174,7 @@ def main() -> None:
                 out = root / f"{kind}.safetensors"
                 out.unlink(missing_ok=True)
                 argv = [sys.executable, __file__, "--child", kind, "--checkpoint", str(checkpoint), "--lora", str(lora),
-                        "--out", str(out)]
+                        "--out", str(out), "--device", args.device]
                 results[kind].append(measure(argv))
                 print(f"  repeat {repeat + 1} {kind:10s} {results[kind][-1]['seconds']:6.1f}s "
                       f"peak RSS {results[kind][-1]['rss_gb']:.2f} GB", flush=True)

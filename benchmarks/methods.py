@@ -39,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import LLAMA_SHAPES, llama_adapter  # noqa: E402
+from common import LLAMA_SHAPES, add_device_argument, chosen_device, device_label, llama_adapter, synchronize  # noqa: E402
 
 import loramerge  # noqa: E402
 from loramerge.core.adapter import Adapter  # noqa: E402
@@ -74,21 +74,21 @@ class PeakSampler:
         self.peak = max(self.peak, rss_bytes())
 
 
-def run_one(method: str, sources: list[Adapter]) -> dict:
+def run_one(method: str, sources: list[Adapter], device: str) -> dict:
     """One merge with the method's defaults: wall time, peak RSS above the RSS just before, report figures."""
     spec = loramerge.get_method(method)
     used = sources[: spec.max_sources or SOURCES]
     baseline = rss_bytes()
     with PeakSampler() as sampler:
         start = time.perf_counter()
-        merged = loramerge.merge(used, method=method, device="cpu")
+        merged = loramerge.merge(used, method=method, device=device)
         seconds = time.perf_counter() - start
     totals = merged.report.totals()
     return {"method": method, "modules": len(merged), "seconds": seconds, "peak_mb": (sampler.peak - baseline) / 1e6,
             "mean_rank": totals["output_rank_total"] / len(merged), "mean_error": totals["mean_relative_error"]}
 
 
-def worker(methods: list[str], layers: int, repeats: int) -> None:
+def worker(methods: list[str], layers: int, repeats: int, device: str) -> None:
     """``methods`` on ``layers`` layers in this (fresh) process, interleaved ``repeats`` times; one JSON line each.
 
     Interleaving and keeping the fastest run of each method makes the ratios robust to other
@@ -99,7 +99,7 @@ def worker(methods: list[str], layers: int, repeats: int) -> None:
     best: dict[str, dict] = {}
     for _ in range(repeats):
         for method in methods:
-            row = run_one(method, sources)
+            row = run_one(method, sources, device)
             if method in best:
                 row["peak_mb"] = max(row["peak_mb"], best[method]["peak_mb"])
                 row["seconds"] = min(row["seconds"], best[method]["seconds"])
@@ -109,7 +109,7 @@ def worker(methods: list[str], layers: int, repeats: int) -> None:
 
 
 def part1(methods: list[str], layers: int, entry_layers: int, repeats: int, threads: int | None,
-          separate: bool = False) -> list[dict]:
+          separate: bool = False, device: str = "auto") -> list[dict]:
     env = dict(os.environ) | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
     factored = [m for m in methods if m not in RECIPES or m == "task_arithmetic"]
     if separate:  # one fresh process per method: its peak memory is not hidden by memory freed before
@@ -121,7 +121,8 @@ def part1(methods: list[str], layers: int, entry_layers: int, repeats: int, thre
     rows = []
     for names, run_layers, reps in jobs:
         out = subprocess.run([sys.executable, __file__, "--worker", ",".join(names), "--layers", str(run_layers),
-                              "--repeats", str(reps)], capture_output=True, text=True, check=True, env=env)
+                              "--repeats", str(reps), "--device", device], capture_output=True, text=True, check=True,
+                             env=env)
         for line in out.stdout.strip().splitlines():
             row = json.loads(line)
             row["seconds_full"] = row["seconds"] * layers / run_layers
@@ -172,21 +173,23 @@ def peft_model_for(module: str):
     return peft_model, adapters, leaf
 
 
-def part2(density: dict[str, float]) -> None:
+def part2(density: dict[str, float], device: torch.device) -> None:
     print(f"\npart 2: one module of each shape, {SOURCES} sources of rank {RANK}, weights 1, output rank {RANK}")
     from loramerge.merge.methods import ModuleInputs
 
     times: dict[str, dict[str, tuple[float, float]]] = {"ties": {}, "dare_ties": {}}
     for module in SUBSET:
         peft_model, adapters, leaf = peft_model_for(module)
+        peft_model.to(device)
         for ours, theirs in (("ties", "ties_svd"), ("dare_ties", "dare_ties_svd")):
             d = density[ours]
             start = time.perf_counter()
-            merged = loramerge.merge(adapters, method=ours, density=d, rank=RANK, device="cpu")
+            merged = loramerge.merge(adapters, method=ours, density=d, rank=RANK, device=device)
             ours_t = time.perf_counter() - start
             start = time.perf_counter()
             peft_model.add_weighted_adapter([f"s{s}" for s in range(SOURCES)], [1.0] * SOURCES, f"m_{ours}",
                                             combination_type=theirs, density=d, svd_rank=RANK)
+            synchronize()
             peft_t = time.perf_counter() - start
             times[ours][module] = (ours_t, peft_t)
             note = ""
@@ -195,7 +198,7 @@ def part2(density: dict[str, float]) -> None:
                 spec = loramerge.get_method("ties")
                 inputs = ModuleInputs(leaf, [a.layers[leaf] for a in adapters], [1.0] * SOURCES)
                 dense = spec.function(inputs, **spec.resolve({"density": d}, sources=SOURCES)).delta
-                peft_delta = peft_model.base_model.model.get_submodule(leaf).get_delta_weight(f"m_{ours}").detach()
+                peft_delta = peft_model.base_model.model.get_submodule(leaf).get_delta_weight(f"m_{ours}").detach().cpu()
                 peft_err = float((peft_delta - dense).norm() / dense.norm())
                 note = (f"   rel. error vs dense TIES: loramerge {merged.report.modules[0].relative_error:.4f}, "
                         f"PEFT {peft_err:.4f}")
@@ -223,20 +226,22 @@ def main() -> None:
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument("--skip-methods", action="store_true")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    add_device_argument(parser)
     args = parser.parse_args()
+    device = chosen_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:
-        worker(args.worker.split(","), args.layers, args.repeats)
+        worker(args.worker.split(","), args.layers, args.repeats, args.device)
         return
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
+    print(f"torch {torch.__version__}, {device_label(device)}, load average {os.getloadavg()[0]:.1f}")
     methods = args.methods.split(",") if args.methods else [m.name for m in available_methods()]
     if not args.skip_methods:
         print(f"part 1: {SOURCES} sources of rank {RANK}, Llama-2-7B shapes, default parameters and rank policy")
-        rows = part1(methods, args.layers, args.entry_layers, args.repeats, args.threads, args.separate)
+        rows = part1(methods, args.layers, args.entry_layers, args.repeats, args.threads, args.separate, args.device)
         print_part1(rows, args.layers)
     if not args.skip_peft:
-        part2({"ties": 0.2, "dare_ties": 0.5})
+        part2({"ties": 0.2, "dare_ties": 0.5}, device)
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 

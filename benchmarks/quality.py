@@ -45,6 +45,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from common import add_device_argument, chosen_device, device_label
+
 import loramerge
 from loramerge.core.adapter import Adapter, LowRank
 from loramerge.merge.methods import available_methods
@@ -171,7 +173,7 @@ def deltas_of(adapter: Adapter) -> dict[str, torch.Tensor]:
     return {name: adapter.delta(name) for name in adapter.modules}
 
 
-def run_seed(seed: int, tasks: int, pretrain_steps: int, finetune_steps: int) -> dict:
+def run_seed(seed: int, tasks: int, pretrain_steps: int, finetune_steps: int, device: str = "auto") -> dict:
     start = time.perf_counter()
     encoder = pretrain(seed, pretrain_steps)
     trained = [finetune_task(encoder, t, seed, finetune_steps) for t in range(tasks)]
@@ -196,7 +198,7 @@ def run_seed(seed: int, tasks: int, pretrain_steps: int, finetune_steps: int) ->
         for label, policy in (("full", {"rank": HIDDEN}), ("default", {})):  # rank HIDDEN never truncates
             if not method.accepts_rank and policy:
                 continue
-            merged = deltas_of(loramerge.merge(adapters, method=method.name, device="cpu", **policy))
+            merged = deltas_of(loramerge.merge(adapters, method=method.name, device=device, **policy))
             scores = {lam: {split: normalized({k: lam * v for k, v in merged.items()}, split) for split in ("val", "test")}
                       for lam in LAMBDAS}
             best = max(LAMBDAS, key=lambda lam: scores[lam]["val"])
@@ -216,11 +218,14 @@ def main() -> None:
     parser.add_argument("--finetune-steps", type=int, default=1500)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: the model is tiny, and one thread is immune to other jobs)")
+    add_device_argument(parser)
     args = parser.parse_args()
+    device = chosen_device(args.device)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
-    runs = [run_seed(seed, args.tasks, args.pretrain_steps, args.finetune_steps) for seed in range(args.seeds)]
+    print(f"torch {torch.__version__}, merges on {device_label(device)} (training on the CPU), "
+          f"load average {os.getloadavg()[0]:.1f}")
+    runs = [run_seed(seed, args.tasks, args.pretrain_steps, args.finetune_steps, args.device) for seed in range(args.seeds)]
 
     def cell(name: str, key: str) -> str:
         values = [r[name][key] for r in runs if key in r[name]]

@@ -11,6 +11,7 @@ write a result of the same size.
     python benchmarks/rerank.py                 # both parts, full size
     python benchmarks/rerank.py --size 1024     # quicker part 1
     python benchmarks/rerank.py --skip-llama
+    python benchmarks/rerank.py --device cuda     # both tools on the GPU (default: auto)
 """
 
 from __future__ import annotations
@@ -23,7 +24,15 @@ import time
 from pathlib import Path
 
 import torch
-from common import LLAMA_SHAPES, llama_adapter, timed
+from common import (
+    LLAMA_SHAPES,
+    add_device_argument,
+    chosen_device,
+    device_label,
+    llama_adapter,
+    synchronize,
+    timed,
+)
 from torch import nn
 
 import loramerge
@@ -71,10 +80,10 @@ def rel(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float((got.double() - ref).norm() / ref.norm())
 
 
-def part1(size: int, layers: int, sources: int, rank: int, repeats: int, skip_peft: bool) -> None:
+def part1(size: int, layers: int, sources: int, rank: int, repeats: int, skip_peft: bool, device: torch.device) -> None:
     weights = [0.6, 0.3, -0.2, 0.5, 0.4][:sources]
     model, adapters = peft_sources(size, layers, sources, rank)
-    ours_t, merged = timed(lambda: loramerge.merge(adapters, method="svd", weights=weights, rank=rank, device="cpu"),
+    ours_t, merged = timed(lambda: loramerge.merge(adapters, method="svd", weights=weights, rank=rank, device=device),
                            repeats)
     refs = {m: truncated_reference(adapters, weights, m, rank) for m in merged.modules}
     ours_err = max(rel(merged.delta(m), refs[m]) for m in merged.modules)
@@ -82,20 +91,21 @@ def part1(size: int, layers: int, sources: int, rank: int, repeats: int, skip_pe
     print(f"  loramerge factored SVD : {ours_t * 1000:9.1f} ms (median of {repeats})   max rel. error {ours_err:.1e}")
     if skip_peft:
         return
-    peft_model = copy.deepcopy(model)
+    peft_model = copy.deepcopy(model).to(device)
     start = time.perf_counter()
     peft_model.add_weighted_adapter([f"s{s}" for s in range(sources)], weights, "merged",
                                     combination_type="svd", svd_rank=rank)
+    synchronize()
     peft_t = time.perf_counter() - start
     peft_err = max(
-        rel(peft_model.base_model.model.get_submodule(m).get_delta_weight("merged").detach(), refs[m])
+        rel(peft_model.base_model.model.get_submodule(m).get_delta_weight("merged").detach().cpu(), refs[m])
         for m in merged.modules
     )
     print(f"  PEFT add_weighted_adapter(svd): {peft_t * 1000:9.1f} ms (1 run)   max rel. error {peft_err:.1e}")
     print(f"  speed-up: {peft_t / ours_t:.0f}×  (target ≥ 1000×, error ≤ 1e-5)")
 
 
-def part2(rank: int, sources: int, layers: int, repeats: int) -> None:
+def part2(rank: int, sources: int, layers: int, repeats: int, device: torch.device) -> None:
     with tempfile.TemporaryDirectory(prefix="rerank-bench-") as tmp:
         root = Path(tmp)
         paths = [llama_adapter(s, layers, rank=rank).save(root / f"src{s}") for s in range(sources)]
@@ -112,7 +122,7 @@ def part2(rank: int, sources: int, layers: int, repeats: int) -> None:
 
         def full_merge():
             loaded = [loramerge.load(p) for p in paths]
-            loramerge.merge(loaded, method="svd", weights=weights, rank=rank, device="cpu").save(
+            loramerge.merge(loaded, method="svd", weights=weights, rank=rank, device=device).save(
                 root / "merge-out", force=True)
 
         io_t, _ = timed(io_only, repeats)
@@ -136,13 +146,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads for both tools (default: torch's choice)")
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument("--skip-llama", action="store_true")
+    add_device_argument(parser)
     args = parser.parse_args()
+    device = chosen_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
-    part1(args.size, args.layers, args.sources, args.rank, args.repeats, args.skip_peft)
+    print(f"torch {torch.__version__}, {device_label(device)}, load average {os.getloadavg()[0]:.1f}")
+    part1(args.size, args.layers, args.sources, args.rank, args.repeats, args.skip_peft, device)
     if not args.skip_llama:
-        part2(args.rank, args.sources, args.llama_layers, max(3, args.repeats // 2))
+        part2(args.rank, args.sources, args.llama_layers, max(3, args.repeats // 2), device)
 
 
 if __name__ == "__main__":

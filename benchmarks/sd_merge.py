@@ -30,7 +30,7 @@ import resource
 from collections import Counter
 
 import torch
-from common import timed
+from common import add_device_argument, chosen_device, device_label, timed
 
 import loramerge
 from loramerge.core.adapter import Adapter, LowRank
@@ -102,11 +102,14 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="runs per timing (median); baseline: max(1, repeats-1)")
     parser.add_argument("--threads", type=int, help="torch threads for both (default: torch's choice)")
+    add_device_argument(parser)
     args = parser.parse_args()
+    device = chosen_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
+    print(f"torch {torch.__version__}, loramerge on {device_label(device)} (the kohya approach on the CPU), "
+          f"load average {os.getloadavg()[0]:.1f}")
 
     targets = sdxl_targets()
     ratios = RATIOS[:args.loras]
@@ -119,7 +122,7 @@ def main() -> None:
           f"{args.loras} LoRAs of rank {args.rank}, ratios {ratios}, alphas {ALPHAS[:args.loras]}")
 
     # Whole set, loramerge only.
-    full_t, _ = timed(lambda: loramerge.merge(loras, method="svd", weights=ratios, rank=args.rank, device="cpu"),
+    full_t, _ = timed(lambda: loramerge.merge(loras, method="svd", weights=ratios, rank=args.rank, device=device),
                       args.repeats)
     rss_ours = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"\nloramerge svd, all {len(targets)} modules: {full_t:.2f} s (median of {args.repeats}); "
@@ -130,7 +133,7 @@ def main() -> None:
     # Representative subset: one module per distinct shape, side by side.
     sub = [a.with_layers({m: a[m] for m in subset}) for a in loras]
     ours_sub_t, ours_sub = timed(
-        lambda: loramerge.merge(sub, method="svd", weights=ratios, rank=args.rank, device="cpu"), args.repeats)
+        lambda: loramerge.merge(sub, method="svd", weights=ratios, rank=args.rank, device=device), args.repeats)
     base_repeats = max(1, args.repeats - 1)
     per_shape: dict[tuple[int, int], float] = {}
     kohya_out = {}
@@ -151,7 +154,7 @@ def main() -> None:
 
     # Error against the exact sum.
     full_rank = args.rank * args.loras
-    ours_exact = loramerge.merge(sub, method="svd", weights=ratios, rank=full_rank, device="cpu")
+    ours_exact = loramerge.merge(sub, method="svd", weights=ratios, rank=full_rank, device=device)
     kohya_exact = {}
     for m in subset:
         kohya_exact.update(kohya_svd_merge(sub, ratios, [m], full_rank))

@@ -13,7 +13,7 @@ Example:
 from loramerge._version import __version__
 from loramerge.convert import convert
 from loramerge.core.adapter import Adapter, LowRank
-from loramerge.core.linalg import RankPolicy
+from loramerge.core.rank import RankPolicy
 from loramerge.core.report import MergeReport, ModuleReport
 from loramerge.errors import (
     ConfigNotFound,
@@ -22,13 +22,16 @@ from loramerge.errors import (
     IncompatibleAdapters,
     InvalidParameter,
     LoramergeError,
+    LoramergeWarning,
     NonFiniteValues,
+    OutOfMemory,
     OutputExists,
     PickleRefused,
     RecipeError,
     SourceNotFound,
     UnknownFormat,
     UnsupportedAdapter,
+    WriteFailed,
 )
 from loramerge.extract import extract
 from loramerge.fold.engine import fold
@@ -54,10 +57,12 @@ __all__ = [
     "IncompatibleAdapters",
     "InvalidParameter",
     "LoramergeError",
+    "LoramergeWarning",
     "LowRank",
     "MergeReport",
     "ModuleReport",
     "NonFiniteValues",
+    "OutOfMemory",
     "OutputExists",
     "PickleRefused",
     "RankPolicy",
@@ -65,6 +70,7 @@ __all__ = [
     "SourceNotFound",
     "UnknownFormat",
     "UnsupportedAdapter",
+    "WriteFailed",
     "__version__",
     "available_methods",
     "convert",

@@ -28,9 +28,17 @@ import torch
 from tqdm.auto import tqdm
 
 from loramerge.core.adapter import Adapter, LowRank
-from loramerge.core.devices import dtype_name, one_core_spare, parse_dtype, resolve_device
-from loramerge.core.linalg import RankPolicy, dense_svd
-from loramerge.errors import IncompatibleAdapters, InvalidParameter
+from loramerge.core.devices import (
+    HostToDevice,
+    device_errors,
+    dtype_name,
+    execution_context,
+    one_core_spare,
+    parse_dtype,
+)
+from loramerge.core.linalg import dense_svd
+from loramerge.core.rank import RankPolicy, host_spectrum
+from loramerge.errors import IncompatibleAdapters, InvalidParameter, LoramergeError
 from loramerge.io.checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from loramerge.io.formats import get_format
 from loramerge.io.names import (
@@ -254,11 +262,13 @@ def extract(
     try:
         pattern = re.compile(modules) if modules else None
     except re.error as exc:
-        raise InvalidParameter(f"--modules {modules!r} is not a valid regex ({exc})") from None
+        raise InvalidParameter(f"--modules {modules!r} is not a valid regex ({exc})", parameter="modules") from None
     out_dtype = parse_dtype(dtype) or torch.float32
-    target = resolve_device(device)
-    base_ckpt = open_checkpoint(resolve_model(base), allow_pickle=allow_pickle)
-    ft_ckpt = open_checkpoint(resolve_model(finetuned), allow_pickle=allow_pickle)
+    context = execution_context(device, torch.float32)  # validated before any checkpoint is opened
+    target = context.device
+    base_ckpt = _open(base, allow_pickle)
+    ft_ckpt = _open(finetuned, allow_pickle)
+    to_device = HostToDevice(target)
     pairs, skipped = _pair(base_ckpt, ft_ckpt)
     roles = _roles(ft_ckpt, pairs)
 
@@ -276,29 +286,26 @@ def extract(
                 else:
                     unchanged += 1
                 continue
-            base_tensor = base_ckpt.read(base_name).to(target, torch.float32)
-            delta = ft_ckpt.read(name).to(target, torch.float32) - base_tensor
-            base_norm = float(base_tensor.norm())
-            del base_tensor
-            if not bool(delta.any()):
-                unchanged += 1
-                continue
             module, role = roles[name]
-            if pattern is not None and not pattern.search(module):
-                skipped[name] = "excluded by --modules"
-                continue
-            if role in ("linear", "conv1d", "conv"):
-                lowrank, row = _decompose(module, role, delta, policy, exact_limit, base_norm)
-                layers[module] = lowrank.to(dtype=out_dtype, device="cpu")
-                reports.append(row)
-            elif role == "lora-bias":
-                skipped[name] = "bias of a module extracted as LoRA; a PEFT LoRA cannot carry it"
-            elif keep_full:
-                full_modules.add(module)
-            else:
-                skipped[name] = f"{'embedding' if role == 'embedding' else 'tensor'} changed; pass --keep-full " \
-                                "to keep it as modules_to_save"
-            del delta
+            with device_errors(target, module=module):
+                delta, base_norm = _difference(to_device, ft_ckpt.read(name), base_ckpt.read(base_name))
+                if delta is None:
+                    unchanged += 1
+                elif pattern is not None and not pattern.search(module):
+                    skipped[name] = "excluded by --modules"
+                elif role in ("linear", "conv1d", "conv"):
+                    lowrank, row = _decompose(module, role, delta, policy, exact_limit, base_norm)
+                    layers[module] = lowrank.to(dtype=out_dtype, device=context.storage)
+                    reports.append(row)
+                elif role == "lora-bias":
+                    skipped[name] = "bias of a module extracted as LoRA; a PEFT LoRA cannot carry it"
+                elif keep_full:
+                    full_modules.add(module)
+                else:
+                    skipped[name] = f"{'embedding' if role == 'embedding' else 'tensor'} changed; pass --keep-full " \
+                                    "to keep it as modules_to_save"
+                del delta
+    to_device.close()
     full_weights = {
         n: ft_ckpt.read(n).to(out_dtype) if ft_ckpt.tensors[n].is_float else ft_ckpt.read(n)
         for n in ft_ckpt.tensors if roles.get(n, ("", ""))[0] in full_modules
@@ -335,6 +342,28 @@ def extract(
         }
         (tmp / RECIPE_NAME).write_text(json.dumps(recipe, indent=2) + "\n")
     return ExtractResult(Path(output), adapter, report)
+
+
+def _open(source: str | Path, allow_pickle: bool) -> Checkpoint:
+    try:
+        return open_checkpoint(resolve_model(source), allow_pickle=allow_pickle)
+    except LoramergeError as exc:
+        exc.fill(path=str(source))
+        raise
+
+
+def _difference(to_device: HostToDevice, finetuned: torch.Tensor, base: torch.Tensor
+                ) -> tuple[torch.Tensor | None, float]:
+    """``(finetuned − base in float32 on the compute device, ‖base‖)``, or ``(None, ‖base‖)`` when they are equal.
+
+    Each tensor crosses to the device in its stored dtype and is converted there.
+    """
+    delta = to_device(finetuned, torch.float32)
+    base_tensor = to_device(base, torch.float32)
+    delta -= base_tensor
+    base_norm = float(torch.linalg.vector_norm(base_tensor))
+    del base_tensor
+    return (delta if bool(delta.any()) else None), base_norm
 
 
 def _pair(base: Checkpoint, ft: Checkpoint) -> tuple[dict[str, str], dict[str, str]]:
@@ -398,14 +427,14 @@ def _decompose(module: str, role: str, delta: torch.Tensor, policy: RankPolicy, 
     stored_shape = tuple(delta.shape)
     if role == "conv1d":
         matrix = delta.T
-        template = LowRank(torch.zeros(1, stored_shape[0]), torch.zeros(stored_shape[1], 1), fan_in_fan_out=True)
+        template = LowRank(delta.new_zeros(1, stored_shape[0]), delta.new_zeros(stored_shape[1], 1), fan_in_fan_out=True)
     elif role == "conv":
         matrix = delta.reshape(stored_shape[0], -1)
-        template = LowRank(torch.zeros(1, *stored_shape[1:]), torch.zeros(stored_shape[0], 1, *[1] * (len(stored_shape) - 2)),
-                           kind="conv")
+        template = LowRank(delta.new_zeros(1, *stored_shape[1:]),
+                           delta.new_zeros(stored_shape[0], 1, *[1] * (len(stored_shape) - 2)), kind="conv")
     else:
         matrix = delta
-        template = LowRank(torch.zeros(1, stored_shape[1]), torch.zeros(stored_shape[0], 1))
+        template = LowRank(delta.new_zeros(1, stored_shape[1]), delta.new_zeros(stored_shape[0], 1))
     total = float(torch.linalg.vector_norm(matrix)) ** 2
     full_rank = min(matrix.shape)
     S, factors, method = _svd(matrix, policy, total, exact_limit)
@@ -417,7 +446,7 @@ def _decompose(module: str, role: str, delta: torch.Tensor, policy: RankPolicy, 
         module=module, kind="conv" if role == "conv" else "linear", shape=stored_shape, rank=lowrank.rank,
         full_rank=full_rank, energy_kept=max(0.0, 1.0 - error * error), relative_error=error, svd=method,
         delta_norm=math.sqrt(total), relative_change=math.sqrt(total) / base_norm if base_norm else float("inf"),
-        total=total, spectrum=[float(s) for s in S[:_KEPT_SPECTRUM].double()],
+        total=total, spectrum=host_spectrum(S[:_KEPT_SPECTRUM]).tolist(),
     )
     return lowrank, row
 
@@ -446,18 +475,18 @@ def _svd(matrix: torch.Tensor, policy: RankPolicy, total: float, exact_limit: in
 
 def _choose(S: torch.Tensor, total: float, policy: RankPolicy, full: int) -> int | None:
     """The rank the policy asks for, from singular values measured against the true ‖ΔW‖²; None if
-    the computed values do not reach the energy or error target yet."""
+    the computed values do not reach the energy or error target yet. Decided on the host (one copy)."""
+    S = host_spectrum(S)
     if policy.rank is not None:
         k = policy.rank
     else:
-        target = policy.energy if policy.energy is not None else 1.0 - (policy.max_error or 0.0) ** 2
         if total == 0.0:
             return 1
         # A complete spectrum is measured against its own sum, so float32 rounding of the singular
         # values cannot make the last directions look like they carry nothing (or more than all).
-        s2 = S.double().square()
+        s2 = S.square()
         kept = torch.cumsum(s2, 0) / (float(s2.sum()) if len(S) >= full else total)
-        reached = torch.nonzero(kept >= target - 1e-12)
+        reached = torch.nonzero(kept >= policy.target - 1e-12)
         if reached.numel() == 0:
             return None if len(S) < full else len(S)
         k = int(reached[0]) + 1

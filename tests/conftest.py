@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -12,6 +13,26 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("LORAMERGE_DEBUG", "1")
 
 from tests.peft_fixtures import make_peft_adapter, tiny_gpt2, tiny_llama, toy_conv_net
+
+CUDA = torch.cuda.is_available()
+# Every device a device test runs on: always the CPU, and CUDA (marked ``gpu``) where there is one.
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="no CUDA device")])]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` by hand are skipped without CUDA, like the ``cuda`` cases of :func:`device`."""
+    if CUDA:
+        return
+    skip = pytest.mark.skip(reason="no CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    """Each available compute device in turn; a test compares what it computes there with the CPU's result."""
+    return torch.device(request.param)
 
 
 @pytest.fixture(scope="session")

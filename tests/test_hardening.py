@@ -24,7 +24,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import loramerge
-from loramerge.errors import CorruptFile, InvalidParameter, LoramergeError, OutputExists, RecipeError, WriteFailed
+from loramerge.errors import (
+    CorruptFile,
+    InvalidParameter,
+    LoramergeError,
+    OutputExists,
+    RecipeError,
+    WriteFailed,
+)
 from loramerge.io.output import atomic_output, check_output, write_file
 from tests.cli_helpers import assert_clean_failure, run_cli
 from tests.fold_models import make_adapter, save_base, tiny_llama
@@ -328,7 +335,7 @@ def test_fold_refuses_a_base_shard_header_safetensors_would_refuse(base, tmp_pat
 def test_config_fields_of_the_wrong_type(base, tmp_path, field, value, fragment):
     _, adapter = base
     folder = edit_config(copy_tree(adapter, tmp_path / "a"), **{field: value})
-    with pytest.raises(CorruptFile, match="adapter_config.json:"):
+    with pytest.raises(CorruptFile, match=r"adapter_config\.json:"):
         loramerge.load(folder)
     assert_clean_failure(run_cli("inspect", folder), "adapter_config.json", fragment)
 

@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loramerge.core.linalg import RankPolicy, dense_svd, factored_svd, spectrum_stats
+from loramerge.core.linalg import dense_svd, factored_svd
+from loramerge.core.rank import RankPolicy, spectrum_stats
 from loramerge.errors import InvalidParameter
 
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import loramerge
-from loramerge.core.linalg import RankPolicy, full_left_spectrum, truncate_dense
+from loramerge.core.linalg import full_left_spectrum
+from loramerge.core.rank import RankPolicy, truncate_dense
 from loramerge.merge.methods import available_methods
 from loramerge.merge.methods.sparsify import magnitude
 from tests.method_fixtures import module_inputs, random_adapter, relative_error, run_method

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from loramerge.cli.options import check_report, push_options, show_progress, write_report
+from loramerge.cli.options import check_report, device_option, push_options, show_progress, write_report
 from loramerge.core.devices import DTYPE_CHOICES
 from loramerge.extract import DEFAULT_RANK, EXACT_LIMIT
 from loramerge.extract import extract as run_extract
@@ -26,7 +26,7 @@ from loramerge.io.output import check_output
 @click.option("--exact-limit", type=int, default=EXACT_LIMIT, show_default=True,
               help="Exact SVD when the smaller side is at most this; randomized (error measured) above it.")
 @click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="fp32", show_default=True, help="Stored factor dtype.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@device_option
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Also write the full report as JSON here.")
 @click.option("--force", is_flag=True, help="Overwrite an existing, non-empty output.")
 @click.option("--allow-pickle", is_flag=True,

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from loramerge.core.devices import DTYPE_CHOICES
+from loramerge.core.devices import DTYPE_CHOICES, resolve_device
 from loramerge.core.report import json_text
 from loramerge.errors import InvalidParameter
 from loramerge.io.output import check_output, write_file
@@ -40,6 +40,15 @@ def parse_weights(text: str | None) -> list[float] | None:
     except ValueError:
         raise InvalidParameter(f"--weights must be comma-separated numbers, got {text!r}") from None
 
+
+def check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """``--device`` validated when the command line is parsed, before any source is read or downloaded."""
+    resolve_device(value)
+    return value
+
+
+device_option = click.option("--device", default="auto", show_default=True, callback=check_device,
+                             help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N.")
 
 READ_FORMATS = ("peft", "kohya", "lycoris", "diffusers")
 WRITE_FORMATS = ("peft", "kohya", "diffusers")
@@ -81,7 +90,7 @@ merge_options = _apply([
     click.option("--max-error", type=float, help="Keep the smallest rank with relative Frobenius error at most this."),
     click.option("--rank-max", type=int, help="Cap on the per-module rank under any policy."),
     click.option("--seed", type=int, default=0, show_default=True, help="Seed for random methods (per-module)."),
-    click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]."),
+    device_option,
     click.option("--compute-dtype", type=click.Choice(["fp32", "fp64"]), default="fp32", show_default=True,
                  help="Precision of the maths."),
     click.option("--ignore-base-mismatch", is_flag=True, help="Merge sources trained on different base models."),

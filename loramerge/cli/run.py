@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from loramerge.cli.options import check_report, push_options, show_progress, write_report
+from loramerge.cli.options import check_report, device_option, push_options, show_progress, write_report
 from loramerge.core.adapter import Adapter
 from loramerge.io.hub import check_push
 from loramerge.recipe.plan import plan_recipe
@@ -19,7 +19,7 @@ from loramerge.recipe.run import run_recipe
 @click.option("--dry-run", is_flag=True, help="Print the plan (sources, modules, per-module settings) and stop.")
 @click.option("--output", "-o", type=click.Path(), help="Output path [default: the recipe's output.path].")
 @click.option("--force", is_flag=True, help="Overwrite an existing, non-empty output.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@device_option
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write per-module statistics as JSON.")
 @push_options
 def run(recipe_path: str, sets: tuple[str, ...], dry_run: bool, output: str | None, force: bool, device: str,

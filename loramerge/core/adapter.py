@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from loramerge.core.devices import move
 from loramerge.errors import UnsupportedAdapter
 
 if TYPE_CHECKING:
@@ -156,8 +157,18 @@ class LowRank:
         )
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> LowRank:
-        """The same update with its factors cast and moved."""
-        return replace(self, A=self.A.to(device=device, dtype=dtype), B=self.B.to(device=device, dtype=dtype))
+        """The same update with its tensors cast and moved (the cast runs on the accelerator's side of a copy).
+
+        Example:
+            >>> lr = LowRank(torch.ones(2, 3), torch.ones(4, 2), magnitude=torch.ones(4)).to(torch.float64, "cpu")
+            >>> lr.A.dtype, lr.magnitude.dtype
+            (torch.float64, torch.float64)
+        """
+        def convert(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else move(tensor, device, dtype)
+
+        return replace(self, A=convert(self.A), B=convert(self.B), magnitude=convert(self.magnitude),
+                       bias=convert(self.bias))
 
     def baked(self) -> LowRank:
         """The same update with the scale folded into the factors (scale = 1).

@@ -1,4 +1,4 @@
-"""Linear algebra for re-ranking: the factored SVD of a sum of low-rank terms, dense SVDs, rank policies.
+"""Linear algebra for re-ranking: the factored SVD of a sum of low-rank terms, dense and randomized SVDs.
 
 The factored SVD never forms the ``m×n`` update. For ΔW = B @ A with ``B (m×R)`` and ``A (R×n)``:
 
@@ -7,17 +7,19 @@ The factored SVD never forms the ``m×n`` update. For ΔW = B @ A with ``B (m×R
 3. ``ΔW = (Q_B Ũ) Σ (Q_A Ṽ)ᵀ`` is an exact thin SVD.
 
 Cost O((m + n)·R² + R³) time and O((m + n)·R) memory, against O(m·n·min(m, n)) for a dense SVD.
+
+Half precision: LAPACK and cuSOLVER have no float16/bfloat16 decompositions, and a bf16 spectrum
+(8 mantissa bits) could not tell a direction from rounding noise, so every decomposition here
+runs in float32 at least (:func:`decomposable`); factors keep their own dtype. The rank policies
+that read these spectra live in :mod:`loramerge.core.rank`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
-
-from loramerge.errors import InvalidParameter
 
 Basis = Callable[[torch.Tensor], torch.Tensor]
 
@@ -34,6 +36,25 @@ GRAM_CONDITION_LIMIT = 1e-10
 # lifted in X's own dtype: the product's rounding then stays within a few units of X's precision,
 # and float32 factors skip a float64 copy of the tall matrix (about 15 % of a re-rank's time).
 NATIVE_LIFT_CONDITION = 1e-4
+
+
+# Decompositions run in these dtypes; half-precision input is promoted to float32.
+DECOMPOSITION_DTYPES = (torch.float32, torch.float64)
+
+
+def decomposition_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a decomposition of ``dtype`` data runs in: float32/float64 as they are, float32 otherwise.
+
+    Example:
+        >>> decomposition_dtype(torch.bfloat16), decomposition_dtype(torch.float64)
+        (torch.float32, torch.float64)
+    """
+    return dtype if dtype in DECOMPOSITION_DTYPES else torch.float32
+
+
+def decomposable(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` itself when a decomposition can run in its dtype, else a float32 copy on the same device."""
+    return tensor if tensor.dtype in DECOMPOSITION_DTYPES else tensor.to(torch.float32)
 
 
 def _identity(y: torch.Tensor) -> torch.Tensor:
@@ -144,7 +165,7 @@ def factored_svd(B: torch.Tensor, A: torch.Tensor) -> ThinSVD:
     r_b, left_basis = orthogonalize(B)
     r_a, right_basis = orthogonalize(A.T)
     u_core, s, vh_core = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
-    return ThinSVD(S=s.to(B.dtype), left=u_core, right=vh_core.T, left_basis=left_basis, right_basis=right_basis)
+    return ThinSVD(S=s.to(decomposition_dtype(B.dtype)), left=u_core, right=vh_core.T, left_basis=left_basis, right_basis=right_basis)
 
 
 def numerical_rank(singular_values: torch.Tensor, rtol: float = RANK_RTOL, scale: float | None = None) -> int:
@@ -198,6 +219,7 @@ def randomized_svd(delta: torch.Tensor, size: int, *, power_iterations: int = 2,
         >>> bool(torch.allclose(svd.S[:8], torch.linalg.svdvals(d)[:8], rtol=1e-4))
         True
     """
+    delta = decomposable(delta)
     n = delta.shape[1]
     gen = torch.Generator(device="cpu").manual_seed(seed)
     omega = torch.randn(n, size, generator=gen, dtype=delta.dtype).to(delta.device)
@@ -223,176 +245,13 @@ def dense_svd(delta: torch.Tensor, *, max_rank: int | None = None, oversample: i
         >>> bool(torch.allclose((svd.U * svd.S) @ svd.V.T, d, atol=1e-4))
         True
     """
+    delta = decomposable(delta)
     m, n = delta.shape
     full = min(m, n)
     if max_rank is None or max_rank + oversample >= full // 2:
         U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
         return ThinSVD(S=S, left=U, right=Vh.T)
     return randomized_svd(delta, max_rank + oversample, power_iterations=power_iterations, seed=generator_seed)
-
-
-@dataclass(frozen=True)
-class RankPolicy:
-    """How many singular directions a module keeps.
-
-    Exactly one of ``rank`` (a fixed rank), ``energy`` (the smallest rank keeping that fraction of
-    Σσ²) or ``max_error`` (the smallest rank whose relative Frobenius error is at most that) may be
-    set; ``rank_max`` caps whichever applies. An empty policy keeps everything (exact).
-
-    Example:
-        >>> import torch
-        >>> RankPolicy(energy=0.85).choose(torch.tensor([3.0, 1.0, 0.1]))
-        1
-        >>> RankPolicy(max_error=0.01).choose(torch.tensor([3.0, 1.0, 0.1]))
-        3
-    """
-
-    rank: int | None = None
-    energy: float | None = None
-    max_error: float | None = None
-    rank_max: int | None = None
-
-    def __post_init__(self) -> None:
-        chosen = [n for n in ("rank", "energy", "max_error") if getattr(self, n) is not None]
-        if len(chosen) > 1:
-            raise InvalidParameter(f"choose one rank policy, not {' and '.join(chosen)}")
-        if self.rank is not None and self.rank < 1:
-            raise InvalidParameter(f"rank must be at least 1, got {self.rank}")
-        if self.rank_max is not None and self.rank_max < 1:
-            raise InvalidParameter(f"rank_max must be at least 1, got {self.rank_max}")
-        if self.energy is not None and not 0.0 < self.energy <= 1.0:
-            raise InvalidParameter(f"energy must be in (0, 1], got {self.energy}")
-        if self.max_error is not None and not 0.0 <= self.max_error < 1.0:
-            raise InvalidParameter(f"max_error must be in [0, 1), got {self.max_error}")
-
-    @property
-    def is_exact(self) -> bool:
-        """True when nothing is truncated (no policy at all)."""
-        return self.rank is None and self.energy is None and self.max_error is None and self.rank_max is None
-
-    def with_default_rank(self, rank: int) -> RankPolicy:
-        """This policy, or a fixed ``rank`` when no rank, energy or error target was given."""
-        if self.rank is None and self.energy is None and self.max_error is None:
-            return RankPolicy(rank=rank, rank_max=self.rank_max)
-        return self
-
-    def choose(self, singular_values: torch.Tensor, total_energy: float | None = None) -> int:
-        """The rank to keep for a descending spectrum. Always at least 1, at most ``len(S)``.
-
-        ``total_energy`` is ‖D‖²_F when the spectrum is partial (a randomized SVD); by default
-        it is Σσ². When a partial spectrum cannot reach the target, every given direction is kept.
-        """
-        s2 = singular_values.double().square()
-        available = int(s2.numel())
-        total = float(s2.sum()) if total_energy is None else float(total_energy)
-        if available == 0:
-            return 1
-        if self.rank is not None:
-            k = self.rank
-        elif self.energy is not None or self.max_error is not None:
-            if total == 0.0:
-                k = 1
-            else:
-                kept = torch.cumsum(s2, 0) / total
-                target = self.energy if self.energy is not None else 1.0 - self.max_error**2  # type: ignore[operator]
-                # A small tolerance so an exact target (energy 1.0) is not missed by rounding.
-                k = int(torch.searchsorted(kept, torch.tensor(target - 1e-12, dtype=kept.dtype))) + 1
-        else:
-            k = available
-        if self.rank_max is not None:
-            k = min(k, self.rank_max)
-        return max(1, min(k, available))
-
-
-    def reached(self, singular_values: torch.Tensor, total_energy: float, k: int) -> bool:
-        """Whether keeping ``k`` of these directions meets the policy (its target or its cap).
-
-        Example:
-            >>> import torch
-            >>> RankPolicy(energy=0.9).reached(torch.tensor([3.0, 1.0]), 10.0, 1)
-            True
-            >>> RankPolicy(energy=0.95).reached(torch.tensor([3.0, 1.0]), 12.0, 2)
-            False
-        """
-        if self.rank is not None or (self.rank_max is not None and k >= self.rank_max):
-            return True
-        if self.energy is None and self.max_error is None:
-            return True
-        if total_energy == 0.0:
-            return True
-        kept = float(singular_values[:k].double().square().sum()) / total_energy
-        target = self.energy if self.energy is not None else 1.0 - self.max_error**2  # type: ignore[operator]
-        return kept >= target - 1e-12
-
-
-@dataclass(frozen=True)
-class Truncation:
-    """A dense update's low-rank factors, with the energy kept and the measured relative error."""
-
-    B: torch.Tensor
-    A: torch.Tensor
-    energy_kept: float
-    relative_error: float
-
-
-def truncate_dense(delta: torch.Tensor, policy: RankPolicy, *, seed: int = 0) -> Truncation:
-    """Factor a dense ``(m, n)`` update under ``policy``, measuring the error it makes.
-
-    A fixed rank k uses a randomized SVD with ``max(10, k/2)`` extra directions and 4 subspace
-    iterations (within about 0.3 % of the optimal error on sparsified LoRA sums, where the spectrum
-    decays slowly). An energy or error target grows a randomized sketch (64, 128, … directions,
-    2 iterations) until the target is met or the cap is hit; past min(m, n)/6 directions the full
-    spectrum is cheaper (:func:`full_left_spectrum`). Either way the result is the orthogonal
-    projection of ``delta`` onto the kept directions, and its relative error ‖D − BA‖_F/‖D‖_F is
-    computed from the factors, not inferred from singular values. An empty policy keeps the
-    numerical rank (relative error ≤ 1e-6).
-
-    Example:
-        >>> import torch
-        >>> g = torch.Generator().manual_seed(0)
-        >>> d = torch.randn(300, 6, generator=g) @ torch.randn(6, 400, generator=g)
-        >>> t = truncate_dense(d, RankPolicy(max_error=0.01))
-        >>> t.A.shape[0], t.relative_error < 1e-5
-        (6, True)
-    """
-    m, n = delta.shape
-    if m > n:
-        t = truncate_dense(delta.T, policy, seed=seed)
-        return Truncation(t.A.T, t.B.T, t.energy_kept, t.relative_error)
-    total = float(torch.linalg.vector_norm(delta)) ** 2
-    if total == 0.0:
-        zero_b = torch.zeros(m, 1, dtype=delta.dtype, device=delta.device)
-        return Truncation(zero_b, torch.zeros(1, n, dtype=delta.dtype, device=delta.device), 1.0, 0.0)
-    if policy.is_exact:
-        policy = RankPolicy(max_error=1e-6)
-    cap = min(policy.rank_max or m, m)
-
-    def spectrum(size: int, iterations: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        if size >= m // 6:
-            return (*full_left_spectrum(delta), True)
-        svd = randomized_svd(delta, size, power_iterations=iterations, seed=seed)
-        return svd.U, svd.S, False
-
-    if policy.rank is not None:
-        k = min(policy.rank, cap)
-        U, S, _ = spectrum(k + max(10, k // 2), 4)
-    else:
-        size = min(cap, 64)
-        while True:
-            U, S, exact = spectrum(size, 2)
-            k = min(policy.choose(S, total), cap)
-            if exact or size >= cap or policy.reached(S, total, k):
-                break
-            size = min(cap, 2 * size)
-    # Directions at rounding level carry no energy, and 1/√σ would blow up their A rows (and
-    # overflow fp16/bf16 storage): keep at most the numerical rank.
-    k = max(1, min(k, numerical_rank(S, 10 * torch.finfo(S.dtype).eps)))
-    U = U[:, :k]
-    projected = U.T @ delta
-    root = S[:k].clamp_min(torch.finfo(S.dtype).tiny).sqrt().to(delta.dtype)
-    residual = float(torch.linalg.vector_norm(delta - U @ projected)) ** 2
-    kept = float(torch.linalg.vector_norm(projected)) ** 2 / total
-    return Truncation(U * root, projected / root[:, None], min(1.0, kept), math.sqrt(min(1.0, residual / total)))
 
 
 def full_left_spectrum(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -410,6 +269,7 @@ def full_left_spectrum(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
         >>> bool(torch.allclose(S, torch.linalg.svdvals(d), atol=1e-5))
         True
     """
+    delta = decomposable(delta)
     if delta.shape[0] <= 1024:
         U, S, _ = torch.linalg.svd(delta, full_matrices=False)
         return U, S
@@ -420,19 +280,3 @@ def full_left_spectrum(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     order = torch.flip(torch.arange(eigenvalues.numel(), device=delta.device), [0])
     S = eigenvalues[order].clamp_min(0).sqrt()
     return vectors[:, order].to(delta.dtype), S.to(delta.dtype)
-
-
-def spectrum_stats(singular_values: torch.Tensor, k: int) -> tuple[float, float]:
-    """``(energy_kept, relative_error)`` of keeping the top ``k`` of an exact spectrum.
-
-    Example:
-        >>> import torch
-        >>> spectrum_stats(torch.tensor([4.0, 3.0]), 1)
-        (0.64, 0.6)
-    """
-    s2 = singular_values.double().square()
-    total = float(s2.sum())
-    if total == 0.0:
-        return 1.0, 0.0
-    kept = float(s2[:k].sum()) / total
-    return kept, math.sqrt(max(0.0, 1.0 - kept))

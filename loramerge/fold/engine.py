@@ -49,11 +49,12 @@ from tqdm.auto import tqdm
 from loramerge._version import __version__
 from loramerge.core.adapter import Adapter, LowRank
 from loramerge.core.devices import dtype_name, one_core_spare, parse_dtype, resolve_device
-from loramerge.core.linalg import RankPolicy
+from loramerge.core.rank import RankPolicy
 from loramerge.core.report import MergeReport
 from loramerge.errors import (
     IncompatibleAdapters,
     InvalidParameter,
+    LoramergeError,
     LoramergeWarning,
     NonFiniteValues,
     SourceNotFound,
@@ -272,6 +273,8 @@ def fold(
                 recipe = _recipe(job, _base_info(folder, ckpt), loaded, sorted(plan.updates), plan.notes,
                                  config_changes)
                 (tmp / RECIPE_NAME).write_text(json.dumps(recipe, indent=2) + "\n")
+    except LoramergeError:  # several are OSErrors too (WriteFailed, OutputExists, ...): already one line
+        raise
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
             raise WriteFailed(f"{output}: no space left on the device while writing the folded model; "

@@ -404,7 +404,7 @@ def _translate(exc: BaseException, ref: HubRef | str, *, pushing: bool) -> Loram
         message, kind = f"{name}: not a valid Hub repository id ({_first_line(exc)})", SourceNotFound
     else:
         message = f"{name}: {type(exc).__name__}: {_first_line(exc)}"
-    return kind(redact(message))
+    return kind(redact(message), path=name)
 
 
 def _status(exc: BaseException) -> int | None:

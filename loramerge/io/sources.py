@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from loramerge.core.adapter import Adapter
-from loramerge.errors import SourceNotFound
+from loramerge.errors import LoramergeError, SourceNotFound
 from loramerge.io.formats import read_adapter
 from loramerge.io.hub import HubRef, fetch_adapter
 
@@ -37,7 +37,7 @@ def locate_source(source: str | Path) -> tuple[Path, dict[str, Any]]:
 
     ref = parse_hub_id(str(source)) if not isinstance(source, Path) else None
     if ref is None:
-        raise SourceNotFound(f"{source}: no such file or folder{not_a_hub_id(str(source))}")
+        raise SourceNotFound(f"{source}: no such file or folder{not_a_hub_id(str(source))}", path=str(source))
     snapshot = fetch_adapter(ref)
     return snapshot.path, snapshot.origin()
 
@@ -76,8 +76,12 @@ def load(source: str | Path | Adapter | HubRef, *, format: str | None = None, al
         path, origin = snapshot.path, snapshot.origin()
     else:
         path, origin = locate_source(source)
-    adapter = read_adapter(path, format=format, allow_pickle=allow_pickle,
-                           base=resolve_source(base) if base is not None else None)
+    try:
+        adapter = read_adapter(path, format=format, allow_pickle=allow_pickle,
+                               base=resolve_source(base) if base is not None else None)
+    except LoramergeError as exc:  # the readers name the file in the message; the field gets it too
+        exc.fill(path=str(path))
+        raise
     if "repo_id" in origin:
         adapter.source = str(source)
     adapter.origin = origin
@@ -99,10 +103,11 @@ def resolve_model(source: str | Path) -> Path:
     if path.is_dir():
         return path
     if path.exists():
-        raise SourceNotFound(f"{source}: a base model must be a folder with config.json and its weights")
+        raise SourceNotFound(f"{source}: a base model must be a folder with config.json and its weights",
+                             path=str(source))
     from loramerge.io.hub import fetch_model, not_a_hub_id, parse_hub_id
 
     ref = parse_hub_id(str(source)) if not isinstance(source, Path) else None
     if ref is None:
-        raise SourceNotFound(f"{source}: no such model folder{not_a_hub_id(str(source))}")
+        raise SourceNotFound(f"{source}: no such model folder{not_a_hub_id(str(source))}", path=str(source))
     return fetch_model(ref).path

@@ -17,8 +17,9 @@ import torch
 from tqdm.auto import tqdm
 
 from loramerge.core.adapter import Adapter, LowRank
-from loramerge.core.devices import parse_dtype, resolve_device
-from loramerge.core.linalg import RankPolicy, factored_svd, spectrum_stats, truncate_dense
+from loramerge.core.devices import device_errors, execution_context, parse_dtype
+from loramerge.core.linalg import factored_svd
+from loramerge.core.rank import RankPolicy, spectrum_stats, truncate_dense
 from loramerge.core.report import MergeReport, ModuleReport
 from loramerge.errors import InvalidParameter, NonFiniteValues
 from loramerge.io.sources import load
@@ -74,45 +75,55 @@ def merge(
     """
     spec = get_method(method)
     given = spec.resolve(params)
-    sources = [load(a) for a in adapters]
-    if not sources:
-        raise InvalidParameter("no sources to merge")
-    spec.check_source_count(len(sources))
-    resolved = spec.resolve(params, sources=len(sources))
-    weight_list = _check_weights(weights, len(sources))
+    # Everything that can be checked without the sources is checked before any is loaded (or
+    # downloaded): the device, the dtypes, the weights and the rank policy.
+    context = execution_context(device, compute_dtype)
+    adapters = list(adapters)
+    requested_dtype = parse_dtype(dtype)
     policy = RankPolicy(rank=rank, energy=energy, max_error=max_error, rank_max=rank_max)
     if not spec.accepts_rank and not policy.is_exact:
-        raise InvalidParameter(f"method {spec.name!r} keeps rank Σ rᵢ and takes no rank option; use 'linear' or 'svd'")
+        raise InvalidParameter(f"method {spec.name!r} keeps rank Σ rᵢ and takes no rank option; use 'linear' or 'svd'",
+                               parameter="rank")
+    if not adapters:
+        raise InvalidParameter("no sources to merge")
+    spec.check_source_count(len(adapters))
+    weight_list = _check_weights(weights, len(adapters))
+    sources = [load(a) for a in adapters]
+    resolved = spec.resolve(params, sources=len(sources))
     plan = plan_merge(sources, ignore_base_mismatch=ignore_base_mismatch)
-    compute = parse_dtype(compute_dtype) or torch.float32
-    out_dtype = parse_dtype(dtype) or _common_dtype(sources)
-    target = resolve_device(device)
+    compute = context.compute_dtype
+    out_dtype = requested_dtype or _common_dtype(sources)
+    target = context.device_for(spec.uses_accelerator)
 
     started = time.perf_counter()
 
     def merge_module(module: str) -> tuple[LowRank, ModuleReport]:
-        row = plan.terms[module]
-        module_params, module_weights, module_policy = resolved, weight_list, policy
-        if overrides is not None:
-            s = module_settings(spec, params, weight_list, policy, overrides(module), module)
-            module_params, module_weights, module_policy = s.params, s.weights, s.policy
-        inputs = ModuleInputs(
-            module=module,
-            terms=[t.to(dtype=compute, device=target) if t is not None else None for t in row],
-            weights=module_weights,
-            seed=module_seed(seed, module),
-        )
-        lowrank, module_report = finalize(spec.function(inputs, **module_params), inputs, spec, module_policy)
-        return lowrank.to(dtype=out_dtype, device="cpu"), module_report
+        with device_errors(target, module=module):
+            row = plan.terms[module]
+            module_params, module_weights, module_policy = resolved, weight_list, policy
+            if overrides is not None:
+                s = module_settings(spec, params, weight_list, policy, overrides(module), module)
+                module_params, module_weights, module_policy = s.params, s.weights, s.policy
+            inputs = ModuleInputs(
+                module=module,
+                terms=[t.to(dtype=compute, device=target) if t is not None else None for t in row],
+                weights=module_weights,
+                seed=module_seed(seed, module),
+            )
+            lowrank, module_report = finalize(spec.function(inputs, **module_params), inputs, spec, module_policy)
+            return lowrank.to(dtype=out_dtype, device=context.storage), module_report
 
     layers: dict[str, LowRank] = {}
     reports: list[ModuleReport] = []
     results = map_modules(merge_module, plan.modules, target, parallel=not (spec.dense and _largest_dense(plan) > DENSE_PARALLEL_LIMIT))
-    for module, (lowrank, module_report) in tqdm(zip(plan.modules, results), total=len(plan.modules),
-                                                 desc=f"merge ({spec.name})", unit="module",
-                                                 disable=not progress, leave=False):
-        layers[module] = lowrank
-        reports.append(module_report)
+    # The bar is closed (and its line cleared) when a module fails, so the error is the only line
+    # left; without a terminal there is no bar.
+    with tqdm(total=len(plan.modules), desc=f"merge ({spec.name})", unit="module",
+              disable=None if progress else True, leave=False) as bar:
+        for module, (lowrank, module_report) in zip(plan.modules, results):
+            layers[module] = lowrank
+            reports.append(module_report)
+            bar.update(1)
 
     report = MergeReport(
         method=spec.name,
@@ -193,7 +204,7 @@ def rerank_dense(delta: torch.Tensor, template: LowRank, policy: RankPolicy,
                  seed: int = 0) -> tuple[LowRank, float, float]:
     """Factor a dense ``(out, in·k)`` update under ``policy``; energy and error are measured, not assumed.
 
-    See :func:`~loramerge.core.linalg.truncate_dense`: a randomized SVD (seeded by ``seed``) for ranks
+    See :func:`~loramerge.core.rank.truncate_dense`: a randomized SVD (seeded by ``seed``) for ranks
     well below min(m, n), an exact one otherwise. An empty policy keeps the numerical rank
     (error ≤ 1e-6).
     """
@@ -216,9 +227,10 @@ def _check_weights(weights: Sequence[float] | None, count: int) -> list[float]:
         return [1.0] * count
     values = [float(w) for w in weights]
     if len(values) != count:
-        raise InvalidParameter(f"got {len(values)} weight(s) for {count} source(s); give one weight per source")
+        raise InvalidParameter(f"got {len(values)} weight(s) for {count} source(s); give one weight per source",
+                               parameter="weights")
     if not all(math.isfinite(w) for w in values):
-        raise NonFiniteValues(f"weights must be finite, got {values}")
+        raise NonFiniteValues(f"weights must be finite, got {values}", parameter="weights")
     return values
 
 
@@ -240,4 +252,4 @@ def _check_finite_result(lowrank: LowRank, module: str) -> None:
     # A finite sum proves every entry finite; only an overflowing sum needs the full check.
     if all(bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all()) for t in (lowrank.A, lowrank.B)):
         return
-    raise NonFiniteValues(f"module {module}: the merge produced NaN/Inf values")
+    raise NonFiniteValues(f"module {module}: the merge produced NaN/Inf values", module=module)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from loramerge.core.linalg import RankPolicy
+from loramerge.core.rank import RankPolicy
 from loramerge.errors import InvalidParameter, LoramergeError
 from loramerge.merge.methods import MergeMethod
 
@@ -48,7 +48,8 @@ def module_settings(spec: MergeMethod, given: Mapping[str, Any], weights: Sequen
         if "weights" in override:
             new_weights = [float(w) for w in override["weights"]]
             if len(new_weights) != len(weights):
-                raise InvalidParameter(f"got {len(new_weights)} weight(s) for {len(weights)} source(s)")
+                raise InvalidParameter(f"got {len(new_weights)} weight(s) for {len(weights)} source(s)",
+                                       parameter="weights")
         new_policy = policy
         chosen = {k: override[k] for k in POLICY_KEYS if override.get(k) is not None}
         if chosen:
@@ -56,9 +57,10 @@ def module_settings(spec: MergeMethod, given: Mapping[str, Any], weights: Sequen
                 new_policy = RankPolicy(rank_max=policy.rank_max)
             new_policy = replace(new_policy, **chosen)
             if not spec.accepts_rank and not new_policy.is_exact:
-                raise InvalidParameter(f"method {spec.name!r} keeps rank Σ rᵢ and takes no rank option")
+                raise InvalidParameter(f"method {spec.name!r} keeps rank Σ rᵢ and takes no rank option",
+                                       parameter="rank")
     except LoramergeError as exc:
-        raise type(exc)(f"module {module}: {exc}") from None
+        raise exc.with_context(f"module {module}: {exc}", module=module) from None
     except (TypeError, ValueError) as exc:
-        raise InvalidParameter(f"module {module}: bad override ({exc})") from None
+        raise InvalidParameter(f"module {module}: bad override ({exc})", module=module) from None
     return ModuleSettings(resolved, new_weights, new_policy)

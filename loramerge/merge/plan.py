@@ -57,18 +57,19 @@ def _refuse_unmergeable(adapter: Adapter) -> None:
         if lr.magnitude is not None:
             raise UnsupportedAdapter(
                 f"{where}: module {name} is DoRA; its magnitude vector is not additive, so it cannot be merged "
-                "(fold it into the base model instead)"
+                "(fold it into the base model instead)", path=adapter.source, module=name,
             )
         if lr.bias is not None:
             raise UnsupportedAdapter(
-                f"{where}: module {name} has a lora_B bias (lora_bias=True), which a LoRA merge cannot carry"
+                f"{where}: module {name} has a lora_B bias (lora_bias=True), which a LoRA merge cannot carry",
+                path=adapter.source, module=name,
             )
     if adapter.full_weights:
         names = sorted(adapter.full_weights)
         shown = ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
         raise UnsupportedAdapter(
             f"{where}: holds full replacement weights ({shown}; modules_to_save or trained biases) that cannot "
-            "be weighted in a merge"
+            "be weighted in a merge", path=adapter.source,
         )
 
 
@@ -139,5 +140,5 @@ def _check_shapes(module: str, row: list[LowRank | None], adapters: Sequence[Ada
             raise IncompatibleAdapters(
                 f"module {module}: {adapters[j].source or f'source {j + 1}'} has a {ref.kind} update of shape "
                 f"{tuple(ref.base_shape)} but {adapters[i].source or f'source {i + 1}'} has a {lr.kind} update "
-                f"of shape {tuple(lr.base_shape)}"
+                f"of shape {tuple(lr.base_shape)}", path=adapters[i].source, module=module,
             )

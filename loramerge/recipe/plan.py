@@ -104,7 +104,7 @@ def plan_recipe(recipe: Recipe, adapters: Sequence[Adapter] | None = None) -> Re
     The per-module values are checked here exactly as the merge will check them, so a dry run
     fails where the real run would.
     """
-    from loramerge.core.linalg import RankPolicy
+    from loramerge.core.rank import RankPolicy
     from loramerge.merge.plan import plan_merge
 
     loaded = list(adapters) if adapters is not None else load_sources(recipe)

@@ -662,7 +662,7 @@ def _weight(value: Any) -> float:
 
 def _policy_coercer(key: str) -> Callable[[Any], Any]:
     def coerce(value: Any) -> Any:
-        from loramerge.core.linalg import RankPolicy
+        from loramerge.core.rank import RankPolicy
 
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"must be a number, got {value!r}")

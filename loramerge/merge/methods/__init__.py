@@ -52,7 +52,7 @@ def get_method(name: str) -> MergeMethod:
     """The registered method called ``name``, or :class:`InvalidParameter` listing the valid names."""
     method = REGISTRY.get(canonical_name(name))
     if method is None:
-        raise InvalidParameter(f"unknown method {name!r}; valid methods: {', '.join(REGISTRY)}")
+        raise InvalidParameter(f"unknown method {name!r}; valid methods: {', '.join(REGISTRY)}", parameter="method")
     return method
 
 

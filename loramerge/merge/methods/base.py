@@ -13,6 +13,7 @@ an ``(out, in·k)`` matrix; the merge engine applies the rank policy to either. 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -68,7 +69,8 @@ class Param:
         if self.per_source:
             parts = _split_values(value)
             if not parts:
-                raise InvalidParameter(f"method {method!r}: parameter {self.key!r} needs a value, got {value!r}")
+                raise InvalidParameter(f"method {method!r}: parameter {self.key!r} needs a value, got {value!r}",
+                                       parameter=self.key)
             converted = tuple(self._coerce_one(part, method) for part in parts)
             return converted[0] if len(converted) == 1 and not isinstance(value, (list, tuple)) else converted
         return self._coerce_one(value, method)
@@ -85,16 +87,19 @@ class Param:
                 converted = self.type(value)
         except (TypeError, ValueError):
             raise InvalidParameter(
-                f"method {method!r}: parameter {self.key!r} must be {self.type.__name__}, got {value!r}"
+                f"method {method!r}: parameter {self.key!r} must be {self.type.__name__}, got {value!r}",
+                parameter=self.key,
             ) from None
         if self.choices is not None and converted not in self.choices:
             raise InvalidParameter(
-                f"method {method!r}: parameter {self.key!r} must be one of {', '.join(self.choices)}, got {value!r}"
+                f"method {method!r}: parameter {self.key!r} must be one of {', '.join(self.choices)}, got {value!r}",
+                parameter=self.key,
             )
         if self.check is not None:
             problem = self.check(converted)
             if problem:
-                raise InvalidParameter(f"method {method!r}: parameter {self.key!r} {problem}, got {converted!r}")
+                raise InvalidParameter(f"method {method!r}: parameter {self.key!r} {problem}, got {converted!r}",
+                                       parameter=self.key)
         return converted
 
 
@@ -218,6 +223,17 @@ class MergeMethod:
     rank (as PEFT's svd does). ``accepts_rank=False`` refuses any rank option (``cat``).
     ``dense=True`` marks methods that build dense per-module updates; the engine runs their
     modules one at a time to bound memory.
+
+    ``uses_accelerator`` says whether the method's work runs on the compute device (``--device``)
+    or stays on the CPU. Methods that build dense ``m×n`` updates set it: their element-wise work
+    and the dense SVD after it are what an accelerator is for. The factor-space methods leave it
+    off: their work is Gram matrices of ``(m + n)×R`` factors and decompositions of ``R×R`` cores,
+    a few milliseconds per Llama-7B module on one CPU core (``benchmarks/device.py`` measures it),
+    where each small decomposition on a GPU costs a kernel launch and a synchronisation, and the
+    CPU runs several modules at once (mergekit's ``uses_accelerator`` draws the same line).
+
+    The function's keyword arguments must be exactly the parameters' names; a mismatch is a
+    ``TypeError`` when the method is defined, not a surprise in the middle of a merge.
     """
 
     name: str
@@ -232,6 +248,10 @@ class MergeMethod:
     max_sources: int | None = None
     check: Callable[[Mapping[str, Any]], str | None] | None = None
     dense: bool = False
+    uses_accelerator: bool = False
+
+    def __post_init__(self) -> None:
+        check_signature(self.name, self.function, self.params)
 
     def resolve(self, given: Mapping[str, Any], sources: int | None = None) -> dict[str, Any]:
         """The full parameter set: ``given`` checked and converted, defaults filled in.
@@ -251,7 +271,8 @@ class MergeMethod:
         if unknown:
             valid = ", ".join(p.key for p in self.params) or "none"
             raise InvalidParameter(
-                f"method {self.name!r} has no parameter {', '.join(map(repr, unknown))} (its parameters: {valid})"
+                f"method {self.name!r} has no parameter {', '.join(map(repr, unknown))} (its parameters: {valid})",
+                parameter=str(unknown[0]),
             )
         values = {p.name: p.default for p in self.params}
         for key, value in given.items():
@@ -265,7 +286,7 @@ class MergeMethod:
                 if isinstance(value, tuple) and len(value) != sources:
                     raise InvalidParameter(
                         f"method {self.name!r}: parameter {p.key!r} has {len(value)} values for {sources} "
-                        "source(s); give one value, or one per source"
+                        "source(s); give one value, or one per source", parameter=p.key,
                     )
                 values[p.name] = per_source(value, sources)
         if self.check is not None:
@@ -283,6 +304,38 @@ class MergeMethod:
             else:
                 need = f"between {self.min_sources} and {self.max_sources}"
             raise InvalidParameter(f"method {self.name!r} needs {need} sources, got {count}")
+
+
+def check_signature(name: str, function: Callable[..., Any], params: Sequence[Param]) -> None:
+    """Refuse a method whose function's keyword arguments differ from its parameters' names.
+
+    The function takes the module's inputs first (positionally), then every parameter by name,
+    with nothing else: an extra, missing or misspelt name would otherwise fail (or be silently
+    ignored) only when a merge reaches the first module.
+
+    Example:
+        >>> def scaled(inputs, *, lambda_): ...
+        >>> check_signature("scaled", scaled, [Param("lambda_", 1.0, float, "scale")])
+        >>> check_signature("scaled", scaled, [Param("lamda", 1.0, float, "scale")])
+        Traceback (most recent call last):
+        ...
+        TypeError: method 'scaled': scaled() takes keyword argument(s) lambda_ but its parameters are lamda; ...
+    """
+    signature = inspect.signature(function)
+    positional = [p for p in signature.parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    keywords = [p.name for p in signature.parameters.values() if p.kind is p.KEYWORD_ONLY]
+    keywords += [p.name for p in positional[1:]]
+    variadic = any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in signature.parameters.values())
+    declared = [p.name for p in params]
+    if len(positional) < 1 or variadic or sorted(keywords) != sorted(declared) or len(set(declared)) != len(declared):
+        takes = ", ".join(keywords) or "none"
+        names = ", ".join(declared) or "none"
+        raise TypeError(
+            f"method {name!r}: {getattr(function, '__name__', 'its function')}() takes keyword argument(s) {takes} "
+            f"but its parameters are {names}; the function must take the module inputs, then exactly one keyword "
+            "argument per Param"
+        )
 
 
 def unit_interval(low_open: bool = True) -> Callable[[float], str | None]:

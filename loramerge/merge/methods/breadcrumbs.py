@@ -40,6 +40,7 @@ BREADCRUMBS = MergeMethod(
     params=(density_param(0.15), gamma_param(0.006), LAMBDA),
     default_rank="max_source_rank",
     dense=True,
+    uses_accelerator=True,
     check=check_entry_params,
 )
 

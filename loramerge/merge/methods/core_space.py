@@ -40,7 +40,7 @@ from loramerge.merge.methods.gta import (
     merge_entries,
 )
 from loramerge.merge.methods.iso import COMMON_FRACTION, iso_c_pairs, iso_cts_pairs
-from loramerge.merge.methods.subspace import scaled_factors, shared_cores, to_lowrank
+from loramerge.merge.methods.subspace import scaled_factors, shared_cores, to_lowrank, zero_update
 from loramerge.merge.methods.tsv import tsv_pairs
 
 SPECTRAL_INNERS = ("tsv", "iso_c", "iso_cts")
@@ -67,7 +67,7 @@ def core_space(inputs: ModuleInputs, *, inner: str, density: tuple[float, ...], 
     """Core Space merge with the ``inner`` method on the core matrices (exact, rank ≤ Σ rᵢ)."""
     factors = scaled_factors(inputs)
     if not factors:
-        return to_lowrank(inputs, torch.zeros(1, 0), torch.zeros(0, 1))
+        return zero_update(inputs)
     # The bases come from the factors as stored (unscaled), as in the reference code. With
     # [B₁ … B_T] = Q_B R_B and U_B = Q_B P_B (likewise V_A = Q_A P_A), U_Bᵀ Bₜ = P_Bᵀ R_B[:, t] and
     # Aₜ V_A = R_A[:, t]ᵀ P_A: the cores never need the m- or n-sized bases, only the output does.

@@ -45,6 +45,7 @@ DARE_LINEAR = MergeMethod(
     params=(density_param(0.5), LAMBDA),
     default_rank="max_source_rank",
     dense=True,
+    uses_accelerator=True,
 )
 
 DARE_TIES = MergeMethod(
@@ -56,6 +57,7 @@ DARE_TIES = MergeMethod(
     params=(density_param(0.5), MAJORITY_SIGN, LAMBDA),
     default_rank="max_source_rank",
     dense=True,
+    uses_accelerator=True,
 )
 
 METHODS = (DARE_LINEAR, DARE_TIES)

@@ -44,6 +44,7 @@ DELLA = MergeMethod(
     params=(density_param(0.5), epsilon_param(0.1), MAJORITY_SIGN, LAMBDA),
     default_rank="max_source_rank",
     dense=True,
+    uses_accelerator=True,
     check=check_entry_params,
 )
 

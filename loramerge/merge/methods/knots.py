@@ -38,7 +38,7 @@ from loramerge.merge.methods.gta import (
     gamma_param,
     merge_entries,
 )
-from loramerge.merge.methods.subspace import scaled_factors, to_lowrank
+from loramerge.merge.methods.subspace import scaled_factors, to_lowrank, zero_update
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ def knots(inputs: ModuleInputs, *, inner: str, density: tuple[float, ...], gamma
     # weights go into the core, and the entry-wise merge of the coefficients does not need float64.
     indexed = scaled_factors(inputs)
     if not indexed:
-        return to_lowrank(inputs, torch.zeros(1, 0), torch.zeros(0, 1))
+        return zero_update(inputs)
     aligned = aligned_coefficients([(B, A) for _, _, B, A in indexed], [c for _, c, _, _ in indexed])
     merged, stats = merge_entries(
         ((index, z) for (index, _, _, _), z in zip(indexed, aligned.coefficients)), RECIPES[inner],

@@ -22,7 +22,7 @@ import torch
 
 from loramerge.core.adapter import LowRank
 from loramerge.merge.methods.base import MergeMethod, ModuleInputs, Param
-from loramerge.merge.methods.subspace import to_lowrank
+from loramerge.merge.methods.subspace import to_lowrank, zero_update
 
 
 def slerp_coefficients(inner: float, norm0: float, norm1: float, t: float) -> tuple[float, float]:
@@ -45,7 +45,7 @@ def slerp(inputs: ModuleInputs, *, t: float) -> LowRank:
     """SLERP of the two sources' weighted updates on one module (exact, rank r₀ + r₁)."""
     pairs = {index: (B, A) for index, B, A in inputs.weighted_factors(torch.float64)}
     if not pairs:
-        return to_lowrank(inputs, torch.zeros(1, 0), torch.zeros(0, 1))
+        return zero_update(inputs)
 
     def dot(i: int, j: int) -> float:
         (Bi, Ai), (Bj, Aj) = pairs[i], pairs[j]
@@ -63,7 +63,7 @@ def slerp(inputs: ModuleInputs, *, t: float) -> LowRank:
             Bs.append(B * math.copysign(root, coefficient))
             As.append(A * root)
     if not Bs:
-        return to_lowrank(inputs, torch.zeros(1, 0), torch.zeros(0, 1))
+        return zero_update(inputs)
     return to_lowrank(inputs, torch.cat(Bs, dim=1), torch.cat(As, dim=0))
 
 

@@ -192,7 +192,8 @@ def magprune(delta: torch.Tensor, density: float, epsilon: float, generator: tor
     steps = torch.arange(n, dtype=delta.dtype, device=delta.device) / max(1, n - 1)
     for rows in row_blocks(delta):
         block = delta[rows]
-        order = torch.argsort(block.abs(), dim=1)
+        # Stable, so tied magnitudes get the same ranks (hence keep probabilities) on every device.
+        order = torch.argsort(block.abs(), dim=1, stable=True)
         rank = torch.empty_like(block).scatter_(1, order, steps.expand_as(block))
         if n == 1:
             rank.fill_(0.5)

@@ -40,9 +40,20 @@ def scaled_pairs(inputs: ModuleInputs) -> tuple[list[Pair], list[float]]:
 
 
 def empty_pair(pairs: Sequence[Pair]) -> Pair:
-    """Factors of rank 0 with the shapes of ``pairs`` (a merge that produced nothing)."""
-    m, n = (pairs[0][0].shape[0], pairs[0][1].shape[1]) if pairs else (1, 1)
-    return torch.zeros(m, 0, dtype=torch.float64), torch.zeros(0, n, dtype=torch.float64)
+    """Factors of rank 0 with the shapes, dtype and device of ``pairs`` (a merge that produced nothing).
+
+    They go on where the pairs are: a caller multiplies them with its own bases (Core Space lifts
+    its inner merge's output), so CPU zeros would meet device tensors.
+
+    Example:
+        >>> B, A = empty_pair([(torch.ones(5, 2, device="meta"), torch.ones(2, 3, device="meta"))])
+        >>> B.shape, A.shape, B.device.type
+        (torch.Size([5, 0]), torch.Size([0, 3]), 'meta')
+    """
+    if not pairs:
+        return torch.zeros(1, 0, dtype=torch.float64, device="cpu"), torch.zeros(0, 1, dtype=torch.float64, device="cpu")
+    B, A = pairs[0]
+    return B.new_zeros((B.shape[0], 0)), A.new_zeros((0, A.shape[1]))
 
 
 def balanced(B: torch.Tensor, A: torch.Tensor) -> Pair:
@@ -110,13 +121,26 @@ def shared_cores(pairs: Sequence[Pair], scales: Sequence[float] | None = None) -
 
 
 def to_lowrank(inputs: ModuleInputs, B: torch.Tensor, A: torch.Tensor, scale: float = 1.0) -> LowRank:
-    """A LoRA of the module's kind and layout from float64 matrix factors, in the compute dtype.
+    """A LoRA of the module's kind and layout from matrix factors, in the compute dtype on the compute device.
 
-    An empty product (every source had weight 0) becomes a rank-1 zero update.
+    An empty product (every source had weight 0) becomes a rank-1 zero update (:func:`zero_update`).
     """
+    if B.shape[1] == 0:
+        return zero_update(inputs)
     template = inputs.template
     dtype, device = template.dtype, template.A.device
-    if B.shape[1] == 0:
-        m, n = template.matrix_shape
-        B, A = torch.zeros(m, 1, dtype=torch.float64), torch.zeros(1, n, dtype=torch.float64)
     return template.from_matrices(B.to(device=device, dtype=dtype), A.to(device=device, dtype=dtype), scale=scale)
+
+
+def zero_update(inputs: ModuleInputs) -> LowRank:
+    """A rank-1 zero update of the module's kind and layout, made where the module's factors are.
+
+    Example:
+        >>> term = LowRank(torch.ones(2, 3, device="meta"), torch.ones(4, 2, device="meta"))
+        >>> out = zero_update(ModuleInputs("m", [term], [0.0]))
+        >>> out.rank, out.A.device.type
+        (1, 'meta')
+    """
+    template = inputs.template
+    m, n = template.matrix_shape
+    return template.from_matrices(template.A.new_zeros((m, 1)), template.A.new_zeros((1, n)))

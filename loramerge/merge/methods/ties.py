@@ -46,6 +46,7 @@ TIES = MergeMethod(
     params=(density_param(0.2), MAJORITY_SIGN, LAMBDA),
     default_rank="max_source_rank",
     dense=True,
+    uses_accelerator=True,
 )
 
 MAGNITUDE_PRUNE = MergeMethod(
@@ -57,6 +58,7 @@ MAGNITUDE_PRUNE = MergeMethod(
     params=(density_param(0.2), LAMBDA),
     default_rank="max_source_rank",
     dense=True,
+    uses_accelerator=True,
 )
 
 METHODS = (TIES, MAGNITUDE_PRUNE)
