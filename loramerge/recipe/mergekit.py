@@ -255,7 +255,7 @@ def _recipe(reader: _Reader, method: str, base: str, sources: list[tuple[str, di
 
 
 def _refuse_non_lora(reader: _Reader, top: dict[str, tuple[Node, Node]]) -> None:
-    for key, (knode, vnode) in top.items():
+    for key, (knode, _) in top.items():
         if key not in _KNOWN:
             raise reader.fail(knode, key, "unknown key in a mergekit config (loramerge reads models, merge_method, "
                                           "base_model, parameters, dtype, out_dtype)")
