@@ -67,3 +67,13 @@ def llama_adapters(llama, tmp_path_factory):
     return {
         name: make_peft_adapter(llama, root / name, seed=i + 1, **kwargs) for i, (name, kwargs) in enumerate(specs.items())
     }
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fuzz", action="store_true", default=False,
+                     help="Run the property tests (tests/test_fuzz.py) with many more examples than CI does.")
+
+
+def pytest_configure(config):
+    if config.getoption("--fuzz", default=False):
+        os.environ["LORAMERGE_FUZZ"] = "1"
