@@ -64,7 +64,7 @@ def checkpoint_tensors() -> list[tuple[str, tuple[int, ...]]]:
 
 
 def write_checkpoint(path: Path) -> None:
-    from loramerge.io.checkpoint import OutEntry, ShardWriter
+    from loramerge.io.shards import OutEntry, ShardWriter
 
     tensors = checkpoint_tensors()
     g = torch.Generator().manual_seed(0)

@@ -25,8 +25,9 @@ from loramerge.errors import (
     UnsupportedAdapter,
     WriteFailed,
 )
-from loramerge.fold.engine import file_sha256
-from loramerge.io.checkpoint import ShardWriter, open_checkpoint
+from loramerge.fold.record import file_sha256
+from loramerge.io.checkpoint import open_checkpoint
+from loramerge.io.shards import ShardWriter
 from tests.fold_models import (
     load_toy,
     make_adapter,

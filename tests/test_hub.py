@@ -19,7 +19,7 @@ from loramerge.cli import main
 from loramerge.errors import HubError, SourceNotFound
 from loramerge.hub.publish import publish_output
 from loramerge.io.hub import HubRef, fetch_model, parse_hub_id
-from loramerge.recipe.reader import RECIPE_FILENAME as RECIPE
+from loramerge.recipe.model import RECIPE_FILENAME as RECIPE
 from tests.hubserver import FakeHub, client_env, configure_client, reset_client
 
 ROOT = Path(__file__).resolve().parent.parent

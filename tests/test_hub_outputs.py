@@ -19,7 +19,7 @@ from loramerge.cli import main
 from loramerge.demo import build_demo_files
 from loramerge.errors import HubError
 from loramerge.io.checkpoint import open_checkpoint
-from loramerge.recipe.reader import RECIPE_FILENAME as RECIPE
+from loramerge.recipe.model import RECIPE_FILENAME as RECIPE
 from tests.hubserver import FakeHub, configure_client, reset_client
 from tests.test_formats_cli import kohya_file
 

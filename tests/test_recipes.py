@@ -18,8 +18,9 @@ from loramerge.demo import DEMO_ADAPTERS, build_demo_files
 from loramerge.errors import RecipeError
 from loramerge.merge.methods import REGISTRY, MergeMethod, Param
 from loramerge.merge.methods.linear import concatenate
+from loramerge.recipe.model import RECIPE_FILENAME
 from loramerge.recipe.plan import plan_recipe
-from loramerge.recipe.reader import RECIPE_FILENAME, load_recipe, parse_recipe
+from loramerge.recipe.reader import load_recipe, parse_recipe
 from loramerge.recipe.run import run_recipe
 
 ROOT = Path(__file__).resolve().parent.parent

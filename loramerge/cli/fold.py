@@ -15,8 +15,8 @@ from loramerge.cli.options import (
     show_progress,
     write_report,
 )
-from loramerge.fold.engine import TIED_MODES
 from loramerge.fold.engine import fold as run_fold
+from loramerge.fold.plan import TIED_MODES
 from loramerge.hub.publish import push_fold
 from loramerge.io.hub import check_push
 from loramerge.io.output import check_output

@@ -127,7 +127,7 @@ def model_card(adapter: Adapter, *, repo_id: str | None = None, recipe: Mapping[
 
 
 def _reproduce_section(recipe: Mapping[str, Any], output: str) -> list[str]:
-    from loramerge.recipe.reader import RECIPE_FILENAME, dump_recipe
+    from loramerge.recipe.model import RECIPE_FILENAME, dump_recipe
 
     return ["## Reproduce", "",
             f"`{RECIPE_FILENAME}` holds the exact recipe, with Hub sources pinned to their commits:", "",

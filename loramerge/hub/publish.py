@@ -35,7 +35,7 @@ from loramerge.hub.cards import (
 )
 from loramerge.io.hub import PushResult, push_to_hub
 from loramerge.merge.overrides import POLICY_KEYS
-from loramerge.recipe.reader import RECIPE_FILENAME, dump_recipe, source_location
+from loramerge.recipe.model import RECIPE_FILENAME, dump_recipe, source_location
 
 RECIPE_HEADER = ("The recipe this output was made with (written by loramerge).\n"
                  f"Reproduce it with: loramerge run {RECIPE_FILENAME} -o OUTPUT")

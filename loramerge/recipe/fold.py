@@ -25,11 +25,11 @@ import torch
 
 from loramerge.core.adapter import Adapter
 from loramerge.errors import RecipeError
+from loramerge.recipe.model import RECIPE_FILENAME, Recipe, dump_recipe, saved_recipe
 from loramerge.recipe.plan import constant_settings, load_sources, plan_recipe, varies_by_module
-from loramerge.recipe.reader import RECIPE_FILENAME, Recipe, dump_recipe, saved_recipe
 
 if TYPE_CHECKING:
-    from loramerge.fold.engine import FoldResult
+    from loramerge.fold.job import FoldResult
 
 
 def run_fold_recipe(recipe: Recipe, target: Path | None, *, force: bool = False, device: str = "auto",

@@ -16,7 +16,7 @@ from typing import Any
 from loramerge.core.adapter import Adapter
 from loramerge.errors import LoramergeError, UnsupportedAdapter
 from loramerge.merge.overrides import module_settings
-from loramerge.recipe.reader import Recipe
+from loramerge.recipe.model import Recipe
 from loramerge.recipe.schedule import NO_VALUE, depths
 
 
@@ -200,7 +200,7 @@ def fold_description(recipe: Recipe, adapters: Sequence[Adapter]) -> list[str]:
     else:
         lines.append(f"fold: merge with {recipe.method}, then fold the merge")
     if local and (Path(base) / "config.json").is_file() and not (Path(base) / "model_index.json").exists():
-        from loramerge.fold.engine import plan_fold
+        from loramerge.fold.plan import plan_fold
         from loramerge.io.checkpoint import open_checkpoint
 
         weights = [float(s.weight.spec) if s.weight is not None and s.weight.is_constant else 1.0

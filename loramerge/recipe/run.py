@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING
 from loramerge.core.adapter import Adapter
 from loramerge.errors import RecipeError
 from loramerge.recipe.fold import run_fold_recipe
+from loramerge.recipe.model import Recipe, saved_recipe
 from loramerge.recipe.plan import constant_settings, plan_recipe
-from loramerge.recipe.reader import Recipe, load_recipe, saved_recipe
+from loramerge.recipe.reader import load_recipe
 
 if TYPE_CHECKING:
-    from loramerge.fold.engine import FoldResult
+    from loramerge.fold.job import FoldResult
 
 
 def run_recipe(recipe: Recipe | str | Path, *, sets: Sequence[str] = (), output: str | Path | None = None,
@@ -33,7 +34,7 @@ def run_recipe(recipe: Recipe | str | Path, *, sets: Sequence[str] = (), output:
     an output path nor a push, nothing is written and the adapter is only returned.
 
     A fold recipe (one with ``base_model``) writes the base model with the sources folded in and
-    returns the :class:`~loramerge.fold.engine.FoldResult`; it needs an output path or a push.
+    returns the :class:`~loramerge.fold.job.FoldResult`; it needs an output path or a push.
     """
     from loramerge.io.output import check_output
     from loramerge.merge.engine import merge
