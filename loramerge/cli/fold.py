@@ -34,6 +34,8 @@ from loramerge.io.sources import load
 @click.option("--tied-embeddings", type=click.Choice(TIED_MODES), default="refuse", show_default=True,
               help="When an adapter changes one of two tied embeddings: refuse, untie (write both, "
                    "tie_word_embeddings false) or shared (fold into the shared matrix, as PEFT does).")
+@click.option("--follow-symlinks", is_flag=True,
+              help="Copy what symbolic links in the base folder point to even outside it (never /proc, FIFOs, devices).")
 @click.option("--strict", is_flag=True, help="Refuse adapters trained on a different base model (default: warn).")
 @click.option("--force", is_flag=True, help="Overwrite an existing, non-empty output.")
 @merge_options
@@ -41,7 +43,7 @@ from loramerge.io.sources import load
               help="Allow pickle .bin weights (read with torch.load(weights_only=True)).")
 @push_options
 def fold(base: str, adapters: tuple[str, ...], output: str, dtype: str, shard_size: str | None, tied_embeddings: str,
-         strict: bool, force: bool, method: str, weights: str | None, rank: int | None, energy: float | None,
+         follow_symlinks: bool, strict: bool, force: bool, method: str, weights: str | None, rank: int | None, energy: float | None,
          max_error: float | None, rank_max: int | None, seed: int, device: str, compute_dtype: str,
          ignore_base_mismatch: bool, report_path: str | None, allow_pickle: bool, push_to_hub: str | None,
          private: bool, commit_message: str | None, **method_options: Any) -> None:
@@ -78,6 +80,7 @@ def fold(base: str, adapters: tuple[str, ...], output: str, dtype: str, shard_si
         energy=energy, max_error=max_error, rank_max=rank_max, seed=seed, dtype=dtype, shard_size=shard_size,
         device=device, compute_dtype=compute_dtype, tied_embeddings_mode=tied_embeddings, force=force,
         strict=strict, allow_pickle=allow_pickle, ignore_base_mismatch=ignore_base_mismatch, progress=show_progress(),
+        follow_symlinks=follow_symlinks,
         **method_params_from(method_options),
     )
     if result.merge_report is not None:

@@ -58,7 +58,7 @@ from loramerge.fold.plan import FoldPlan, plan_fold
 from loramerge.fold.record import RECIPE_NAME, base_info, fold_record, single_file_metadata, write_record
 from loramerge.fold.resolvers import default_resolver
 from loramerge.fold.writer import copy_plain_files, write_config, write_model
-from loramerge.io.checkpoint import Checkpoint, open_checkpoint
+from loramerge.io.checkpoint import Checkpoint, iter_plain_files, open_checkpoint
 from loramerge.io.formats.tensorfile import read_json_object
 from loramerge.io.names import Resolver
 from loramerge.io.output import atomic_output, check_output
@@ -92,6 +92,7 @@ def fold(
     ignore_base_mismatch: bool = False,
     resolver: Resolver | None = None,
     progress: bool = False,
+    follow_symlinks: bool = False,
     **params: Any,
 ) -> FoldResult:
     """Fold one or more adapters into the base model at ``base`` and write the model to ``output``.
@@ -109,7 +110,9 @@ def fold(
     re-shards. ``tied_embeddings_mode`` says what to do when an adapter changes one of two tied
     embeddings: ``refuse`` (default), ``untie`` (write both, set ``tie_word_embeddings: false``:
     the adapted model exactly) or ``shared`` (fold into the shared matrix, as PEFT does).
-    ``strict`` refuses an adapter trained on another base model instead of warning.
+    ``strict`` refuses an adapter trained on another base model instead of warning. The base
+    folder's other files are copied only when they are regular files inside it; a symbolic link
+    that leaves it is refused unless ``follow_symlinks`` (never one to ``/proc``, a FIFO or a device).
 
     Example:
         >>> import tempfile, torch
@@ -132,7 +135,7 @@ def fold(
         compute=parse_dtype(compute_dtype) or torch.float32, shard_limit=parse_size(shard_size),
         device=resolve_device(device), policy=RankPolicy(rank=rank, energy=energy, max_error=max_error,
                                                           rank_max=rank_max),
-        seed=seed, params=params, progress=progress,
+        seed=seed, params=params, progress=progress, follow_symlinks=follow_symlinks,
     )
     target = _open_base(base, job, resolver, allow_pickle)
     loaded = [load(s, allow_pickle=allow_pickle) for s in sources]
@@ -241,10 +244,13 @@ def _fold_folder(target: _Target, units: Units, loaded: Sequence[Adapter], job: 
     plan, layout = _plan(target, units, job)
     ckpt = target.ckpt
     assert ckpt is not None
+    # Listed (and every link checked) before any shard is written: a refusal costs nothing.
+    extras = list(iter_plain_files(target.path, ckpt.weight_files | {"config.json", RECIPE_NAME},
+                                   follow_symlinks=job.follow_symlinks))
     with atomic_output(job.output, force=job.force) as tmp:
         written = write_model(ckpt, plan, layout, tmp, job.compute, job.device, job.progress, job.shard_limit is None)
         config_changes = write_config(ckpt, tmp, job.out_dtype, plan.untie)
-        copy_plain_files(target.path, tmp, ckpt.weight_files | {"config.json", RECIPE_NAME})
+        copy_plain_files(target.path, tmp, extras)
         record = fold_record(job, base_info(target.path, ckpt), loaded, sorted(plan.updates), plan.notes,
                              config_changes)
         write_record(tmp, record)

@@ -18,8 +18,10 @@ from typing import Any
 from loramerge._version import __version__
 from loramerge.core.adapter import Adapter
 from loramerge.core.devices import dtype_name
+from loramerge.errors import LoramergeError
 from loramerge.fold.job import FoldJob
 from loramerge.io.checkpoint import Checkpoint
+from loramerge.io.structured import parse_json, read_json
 
 RECIPE_NAME = "loramerge.json"
 RECIPE_KEY = "loramerge"  # metadata key of the recipe in a folded single file
@@ -70,11 +72,11 @@ def base_info(folder: Path, ckpt: Checkpoint) -> dict[str, Any]:
     }
     previous = folder / RECIPE_NAME
     if previous.is_file():
-        with contextlib.suppress(ValueError, UnicodeDecodeError):
-            info["recipe"] = json.loads(previous.read_text())
+        with contextlib.suppress(LoramergeError):
+            info["recipe"] = read_json(previous)
     elif ckpt.file is not None and RECIPE_KEY in ckpt.shard_metadata.get(ckpt.file, {}):
-        with contextlib.suppress(ValueError):
-            info["recipe"] = json.loads(ckpt.shard_metadata[ckpt.file][RECIPE_KEY])
+        with contextlib.suppress(LoramergeError):
+            info["recipe"] = parse_json(ckpt.shard_metadata[ckpt.file][RECIPE_KEY], name=f"{ckpt.file}: {RECIPE_KEY}")
     return info
 
 

@@ -16,7 +16,7 @@ import mmap
 import os
 import struct
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,13 +209,14 @@ class Checkpoint:
         begin = info.start - info.start % mmap.ALLOCATIONGRANULARITY
         with open(info.shard, "rb") as fh:
             view = mmap.mmap(fh.fileno(), info.end - begin, access=mmap.ACCESS_READ, offset=begin)
+        flat: torch.Tensor | None = None  # set before the try: Ctrl-C may land before the assignment
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable": we only read it
                 flat = torch.frombuffer(view, dtype=dtype, count=math.prod(info.shape), offset=info.start - begin)
             yield flat.view(info.shape)
         finally:
-            del flat
+            flat = None
             with contextlib.suppress(BufferError):  # a caller still holding a view keeps the map alive
                 view.close()
 
@@ -385,13 +386,7 @@ def _load_pickle(shard: Path) -> dict[str, torch.Tensor]:
 
 def iter_plain_files(folder: Path, skip: set[str], *, follow_symlinks: bool = False) -> Iterator[Path]:
     """Files of ``folder`` (recursively) that are not weights, hidden, or named in ``skip``: the files a
-    fold copies beside its shards.
-
-    Only regular files are copied. A FIFO, device, socket, broken link or anything under
-    ``/proc``, ``/sys`` or ``/dev`` is refused, and so is a symbolic link that leaves the folder
-    (for a Hugging Face cache snapshot: the repository's cache folder, where its blobs live)
-    unless ``follow_symlinks``: a link such as ``tokenizer.json -> /proc/self/environ`` would
-    otherwise copy secrets into the output.
+    fold copies beside its shards, checked by :func:`iter_folder_files`.
 
     Example:
         >>> import tempfile
@@ -400,12 +395,34 @@ def iter_plain_files(folder: Path, skip: set[str], *, follow_symlinks: bool = Fa
         ...     _ = (folder / name).write_text("x")
         >>> [p.name for p in iter_plain_files(folder, {"config.json"})]
         ['tokenizer.json']
+    """
+    def wanted(rel: Path) -> bool:
+        name = rel.name
+        return not (rel.as_posix() in skip or name.endswith(WEIGHT_SUFFIXES) or name.endswith(".index.json"))
+
+    return iter_folder_files(folder, wanted, follow_symlinks=follow_symlinks)
+
+
+def iter_folder_files(folder: Path, wanted: Callable[[Path], bool] = lambda rel: True, *,
+                      follow_symlinks: bool = False) -> Iterator[Path]:
+    """The non-hidden files of ``folder`` (recursively, sorted) whose relative path ``wanted`` accepts,
+    each checked as a file that may be copied into an output.
+
+    Only regular files are accepted. A FIFO, device, socket, broken link or anything under
+    ``/proc``, ``/sys`` or ``/dev`` is refused, and so is a symbolic link that leaves the folder
+    (for a Hugging Face cache snapshot: the repository's cache folder, where its blobs live)
+    unless ``follow_symlinks``: a link such as ``tokenizer.json -> /proc/self/environ`` would
+    otherwise copy secrets into the output.
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
         >>> (folder / "vocab.txt").symlink_to("/proc/self/environ")
         >>> try:
-        ...     list(iter_plain_files(folder, set()))
+        ...     list(iter_folder_files(folder))
         ... except CorruptFile as e:
         ...     print(str(e).split(": ", 1)[1])
-        is a device or kernel file (it leads to /proc/...), not a regular file; a fold copies only regular files from the base folder
+        is a device or kernel file (it leads to /proc/...), not a regular file; only regular files are copied from the base folder
     """
     boundary = copy_boundary(folder)
     visited: set[str] = set()
@@ -421,15 +438,13 @@ def iter_plain_files(folder: Path, skip: set[str], *, follow_symlinks: bool = Fa
         for name in sorted(files):
             path = Path(root) / name
             rel = path.relative_to(folder)
-            if any(part.startswith(".") for part in rel.parts):
-                continue
-            if rel.as_posix() in skip or path.name.endswith(WEIGHT_SUFFIXES) or path.name.endswith(".index.json"):
+            if any(part.startswith(".") for part in rel.parts) or not wanted(rel):
                 continue
             if path.is_symlink() and not path.exists():
                 raise CorruptFile(f"{path}: is a broken symbolic link (to {os.readlink(path)})")
             reason = special_file_reason(path)
             if reason is not None:
-                raise CorruptFile(f"{path}: {reason}; a fold copies only regular files from the base folder")
+                raise CorruptFile(f"{path}: {reason}; only regular files are copied from the base folder")
             _check_link(path, boundary, follow_symlinks)
             yield path
 
