@@ -45,6 +45,7 @@ import torch
 from loramerge._version import __version__
 from loramerge.core.adapter import Adapter, LowRank
 from loramerge.errors import CorruptFile, IncompatibleAdapters, UnknownFormat, UnsupportedAdapter
+from loramerge.io.factors import check_parts, checked_tensors, low_rank
 from loramerge.io.formats import lycoris
 from loramerge.io.formats.base_names import BaseNames
 from loramerge.io.formats.sd_names import (
@@ -59,7 +60,6 @@ from loramerge.io.formats.sd_names import (
     identify,
 )
 from loramerge.io.formats.tensorfile import (
-    check_finite,
     read_safetensors_header,
     read_tensor_file,
     write_safetensors,
@@ -149,6 +149,7 @@ def read(path: Path, *, allow_pickle: bool = False, base: str | Path | None = No
             raise UnknownFormat(f"{path}: a kohya LoRA is one .safetensors file; this folder holds {len(files)}")
         path = files[0]
     tensors, metadata = read_tensor_file(path, allow_pickle=allow_pickle)
+    tensors = checked_tensors(tensors, path)
     groups = group_keys(tensors, origin=path)
     flat = {name: _flat_shape(name, parts, path) for name, parts in groups.items()}
     base_names = BaseNames.from_path(base) if base is not None else None
@@ -242,20 +243,7 @@ _REQUIRED = {
 
 
 def _check_parts(name: str, parts: Mapping[str, torch.Tensor], origin: Path | str) -> str:
-    algorithm = algorithm_of(parts)
-    if not algorithm:
-        raise CorruptFile(f"{origin}: module {name} has {', '.join(sorted(parts))} but no LoRA factors")
-    missing = [k for k in _REQUIRED.get(algorithm, ()) if k not in parts]
-    if algorithm == "lokr":
-        if "lokr_w1" not in parts and not {"lokr_w1_a", "lokr_w1_b"} <= set(parts):
-            missing.append("lokr_w1")
-        if "lokr_w2" not in parts and not {"lokr_w2_a", "lokr_w2_b"} <= set(parts):
-            missing.append("lokr_w2")
-    if missing:
-        raise CorruptFile(f"{origin}: module {name} ({algorithm}) has no {', '.join(missing)} tensor")
-    for key, tensor in parts.items():
-        check_finite(tensor, path=origin, what=f"module {name} {key}")
-    return algorithm
+    return check_parts(name, parts, origin)  # every factor present, of fitting shape, finite (io/factors)
 
 
 def _flat_shape(name: str, parts: Mapping[str, torch.Tensor], origin: Path | str) -> Shape:
@@ -431,11 +419,8 @@ def module_update(name: str, parts: Mapping[str, torch.Tensor], *, origin: Path 
     if algorithm in ("full",):
         alpha = None
     magnitude = _magnitude(parts.get("dora_scale"), int(shape[0]), name, origin)
-    try:
-        update = LowRank(A=A, B=B, scale=scale, kind="conv" if A.ndim > 2 else "linear", alpha=alpha,
-                         magnitude=magnitude, bias=parts.get("diff_b"))
-    except (ValueError, UnsupportedAdapter) as exc:
-        raise CorruptFile(f"{origin}: module {name}: {exc}") from None
+    update = low_rank(origin, name, A=A, B=B, scale=scale, names=("lora_down", "lora_up"), alpha=alpha,
+                      magnitude=magnitude, bias=parts.get("diff_b"))
     if tuple(update.delta_shape) != tuple(shape):
         raise CorruptFile(f"{origin}: module {name}: factors give shape {tuple(update.delta_shape)}, expected {tuple(shape)}")
     return update, algorithm if "lora_mid.weight" not in parts else "lora-tucker"
