@@ -471,6 +471,8 @@ def test_run_refuses_device_files_fifos_and_binaries(tmp_path):
     ("sources: [a]\nseed: " + "9" * 5000, "4,300"),
     ("sources: [a\nmethod: svd\n", "invalid YAML"),
     ("a: &a [*a, *a]\nsources: [x]", "refers to the value that holds it"),
+    ("sources: [a]\nseed: \x99\n", "unacceptable character"),
+    ('sources: ["\\U99999999"]', "invalid YAML"),
 ])
 def test_hostile_yaml_recipes(tmp_path, text, fragment):
     path = tmp_path / "recipe.yaml"

@@ -408,8 +408,9 @@ def compose_yaml(text: str, *, name: str, error: ErrorType = CorruptFile) -> Nod
         ...     print(e)
         r.yaml:1: the YAML tag !!python/name:os.system is not allowed; loramerge reads plain YAML only
     """
-    loader = _BoundedLoader(text, name, error)
+    loader = None
     try:
+        loader = _BoundedLoader(text, name, error)  # its reader already refuses unprintable characters
         root = loader.get_single_node()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -418,9 +419,14 @@ def compose_yaml(text: str, *, name: str, error: ErrorType = CorruptFile) -> Nod
         reason = " ".join("; ".join(parts).split())
         raise error(f"{name}{line}: invalid YAML ({reason})") from None
     except yaml.YAMLError as exc:
+        raise error(f"{name}: invalid YAML ({' '.join(str(exc).split())})") from None
+    except LoramergeError:
+        raise
+    except (ValueError, OverflowError, RecursionError) as exc:  # e.g. an escape beyond Unicode, "\\U99999999"
         raise error(f"{name}: invalid YAML ({_first_line(exc)})") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if root is not None:
         _check_nodes(root, name, error)
         _rename_marks(root, name)
