@@ -40,6 +40,9 @@ def run(recipe_path: str, sets: tuple[str, ...], dry_run: bool, output: str | No
     """
     check_report(report_path, force)
     recipe = load_recipe(recipe_path, sets)
+    if recipe.translated_from == "mergekit":
+        click.echo(f"note: {recipe_path} is a mergekit config; running it as a LoRA merge with mergekit's semantics "
+                   f"({len(recipe.sources)} LoRA(s) folded into {recipe.base_model})")
     if dry_run:
         click.echo(plan_recipe(recipe).describe())
         return

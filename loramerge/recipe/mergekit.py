@@ -241,8 +241,6 @@ def _recipe(reader: _Reader, method: str, base: str, sources: list[tuple[str, di
         "sources": out_sources,
         "method": method,
     }
-    if method in _SPARSIFIED:
-        recipe["max_error"] = 1e-6  # keep the dense result whole (its numerical rank), as mergekit does
     if parameters:
         recipe["parameters"] = parameters
     dtype = top.get("out_dtype") or top.get("dtype")

@@ -85,6 +85,8 @@ class Recipe:
     file: Path | None = None
     base_dir: Path = field(default_factory=Path.cwd)
     locations: dict[str, str] = field(default_factory=dict)
+    semantics: str = "loramerge"
+    translated_from: str | None = None  # "mergekit" when the file was a mergekit config
 
     @property
     def spec(self) -> MergeMethod:
@@ -97,6 +99,8 @@ class Recipe:
             doc["description"] = self.description
         if self.base_model:
             doc["base_model"] = self.base_model
+        if self.semantics != "loramerge":
+            doc["semantics"] = self.semantics
         doc["sources"] = list(sources) if sources is not None else [source_dict(s) for s in self.sources]
         doc["method"] = self.method
         if self.parameters:

@@ -52,12 +52,15 @@ from loramerge.io.structured import compose_yaml, read_text
 from loramerge.merge.methods import MergeMethod, Param, get_method
 from loramerge.merge.overrides import POLICY_KEYS
 from loramerge.recipe.edits import apply_set
-from loramerge.recipe.model import OutputSpec, PushSpec, Recipe, SourceSpec
+from loramerge.recipe.mergekit import is_mergekit_config, semantics_defaults, translate
+from loramerge.recipe.model import OutputSpec, PushSpec, Recipe, SourceSpec, dump_recipe
 from loramerge.recipe.nodes import Entry, NodeReader, kind_of
 from loramerge.recipe.schedule import Schedule
 
 _TOP_KEYS = ("base_dir", "description", "sources", "method", "parameters", *POLICY_KEYS, "seed",
-             "compute_dtype", "ignore_base_mismatch", "allow_pickle", "output", "base_model", "tied_embeddings")
+             "compute_dtype", "ignore_base_mismatch", "allow_pickle", "output", "base_model", "tied_embeddings",
+             "semantics")
+SEMANTICS = ("loramerge", "mergekit")
 _SOURCE_KEYS = ("path", "repo", "revision", "subfolder", "format", "weight", "parameters")
 _OUTPUT_KEYS = ("path", "format", "dtype", "push", "card", "shard_size")
 # Keys that only mean something when the recipe folds into a base model.
@@ -98,7 +101,15 @@ def parse_recipe(text: str, *, name: str = "<recipe>", sets: Sequence[str] = (),
         root = apply_set(root, assignment)
     if root is None:
         raise RecipeError(f"{name}:1: the recipe is empty; it needs at least `sources`")
-    return _read_recipe(NodeReader(name), root, base if base is not None else Path.cwd())
+    anchor = base if base is not None else Path.cwd()
+    if is_mergekit_config(root):
+        # Read as the loramerge recipe it stands for; messages about it name the original file.
+        translated = compose_yaml(dump_recipe(translate(root, name, base_dir=anchor)), name=name, error=RecipeError)
+        assert translated is not None
+        recipe = _read_recipe(NodeReader(name), translated, anchor)
+        recipe.translated_from = "mergekit"
+        return recipe
+    return _read_recipe(NodeReader(name), root, anchor)
 
 
 def _read_recipe(reader: NodeReader, root: Node, base: Path) -> Recipe:
@@ -107,9 +118,10 @@ def _read_recipe(reader: NodeReader, root: Node, base: Path) -> Recipe:
     if "sources" not in top:
         raise RecipeError(f"{reader.where(root)}: sources: missing; a recipe needs a list of sources")
     base_dir = _base_dir(reader, top, base)
-    spec = _method(reader, top)
-    params = _method_parameters(reader, top, spec)
-    policy = _rank_policy(reader, top, spec)
+    semantics = reader.choice(top, "semantics", SEMANTICS, "loramerge")
+    spec, defaults = _method(reader, top, semantics)
+    params = _method_parameters(reader, top, spec, defaults)
+    policy = _rank_policy(reader, top, spec, semantics)
     sources = _sources(reader, top["sources"][1], spec, base_dir)
     seed = reader.optional(top, "seed", "integer")
     recipe = Recipe(
@@ -121,6 +133,7 @@ def _read_recipe(reader: NodeReader, root: Node, base: Path) -> Recipe:
         base_model=_base_model(reader, top["base_model"][1], base_dir) if "base_model" in top else None,
         tied_embeddings=reader.choice(top, "tied_embeddings", _tied_modes(), "refuse"),
         description=reader.optional(top, "description", "string"),
+        semantics=semantics,
         file=Path(reader.name) if not reader.name.startswith("<") else None,
         base_dir=base_dir,
         locations=reader.locations,
@@ -149,20 +162,21 @@ def _base_model(reader: NodeReader, node: Node, base_dir: Path) -> str:
 # ------------------------------------------------------------------ method, parameters, rank policy
 
 
-def _method(reader: NodeReader, top: Entry) -> MergeMethod:
-    if "method" not in top:
-        return get_method("linear")
-    mnode = top["method"][1]
-    name = reader.scalar(mnode, "method", "string")
+def _method(reader: NodeReader, top: Entry, semantics: str = "loramerge") -> tuple[MergeMethod, dict[str, Any]]:
+    """The method, and the parameter defaults ``semantics: mergekit`` gives it (mergekit's own)."""
+    name = reader.scalar(top["method"][1], "method", "string") if "method" in top else "linear"
+    name, defaults = semantics_defaults(semantics, name)
     try:
-        return get_method(name)
+        return get_method(name), defaults
     except LoramergeError as exc:
-        raise reader.fail(mnode, "method", str(exc)) from None
+        raise reader.fail(top["method"][1], "method", str(exc)) from None
 
 
-def _method_parameters(reader: NodeReader, top: Entry, spec: MergeMethod) -> dict[str, Schedule]:
+def _method_parameters(reader: NodeReader, top: Entry, spec: MergeMethod,
+                       defaults: dict[str, Any] | None = None) -> dict[str, Schedule]:
     """The top-level ``parameters``, checked together by the method where they are the same everywhere."""
     params = _parameters(reader, top["parameters"][1], "parameters", spec) if "parameters" in top else {}
+    params = {k: Schedule(v) for k, v in (defaults or {}).items() if k not in params} | params
     try:
         spec.resolve({k: v.spec for k, v in params.items() if v.is_constant})
     except LoramergeError as exc:
@@ -195,10 +209,16 @@ def _parameters(reader: NodeReader, node: Node, key: str, spec: MergeMethod, *,
     return out
 
 
-def _rank_policy(reader: NodeReader, top: Entry, spec: MergeMethod) -> dict[str, Schedule]:
-    """``rank``, ``energy``, ``max_error`` and ``rank_max``: one policy, for a method that takes one."""
+def _rank_policy(reader: NodeReader, top: Entry, spec: MergeMethod, semantics: str = "loramerge") -> dict[str, Schedule]:
+    """``rank``, ``energy``, ``max_error`` and ``rank_max``: one policy, for a method that takes one.
+
+    Under ``semantics: mergekit`` a dense method keeps its whole result by default (its numerical
+    rank), as mergekit keeps the whole tensor.
+    """
     policy = {k: reader.schedule(top[k][1], k, _POLICY_COERCE[k], numeric=True, integer=k in ("rank", "rank_max"))
               for k in POLICY_KEYS if k in top}
+    if semantics == "mergekit" and spec.dense and not policy:
+        policy = {"max_error": Schedule(1e-6)}
     if not spec.accepts_rank and policy:
         key = next(iter(policy))
         raise reader.fail(top[key][0], key, f"method {spec.name!r} keeps rank Σ rᵢ and takes no rank option")
