@@ -26,16 +26,39 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from loramerge.core.adapter import LowRank
-from loramerge.errors import CorruptFile, UnsupportedAdapter
+from loramerge.errors import CorruptFile, LoramergeError, UnsupportedAdapter
 from loramerge.io.formats.tensorfile import check_finite
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+def _with_fields(path_arg: str, module_arg: str | None = None) -> Callable[[F], F]:
+    """Fill the ``path`` (and ``module``) fields of the errors a checker raises from its arguments."""
+    def decorate(function: F) -> F:
+        names = list(inspect.signature(function).parameters)
+
+        @functools.wraps(function)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return function(*args, **kwargs)
+            except LoramergeError as exc:
+                bound = dict(zip(names, args)) | kwargs
+                module = bound.get(module_arg) if module_arg else None
+                raise exc.fill(path=str(bound.get(path_arg)), module=module) from None
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
 
 FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FLOAT8 = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
@@ -52,6 +75,7 @@ def widen(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(torch.bfloat16) if tensor.dtype in _FLOAT8 else tensor
 
 
+@_with_fields("origin")
 def checked_tensors(tensors: Mapping[str, torch.Tensor], origin: Path | str) -> dict[str, torch.Tensor]:
     """The tensors of an adapter file, float8 widened, after refusing empty and non-numeric ones.
 
@@ -73,6 +97,7 @@ def checked_tensors(tensors: Mapping[str, torch.Tensor], origin: Path | str) -> 
     return out
 
 
+@_with_fields("origin", "module")
 def factor(tensor: torch.Tensor, origin: Path | str, module: str, what: str, *, ndims: tuple[int, ...] = (2, 3, 4, 5),
            finite: bool = True) -> torch.Tensor:
     """``tensor`` checked as one factor: floating, of one of ``ndims`` dimensions, non-empty, finite.
@@ -100,6 +125,7 @@ def factor(tensor: torch.Tensor, origin: Path | str, module: str, what: str, *, 
     return tensor
 
 
+@_with_fields("origin", "module")
 def scalar(tensor: torch.Tensor, origin: Path | str, module: str, what: str) -> float:
     """The one finite number a tensor such as kohya's ``alpha`` or ``scale`` holds.
 
@@ -120,6 +146,7 @@ def scalar(tensor: torch.Tensor, origin: Path | str, module: str, what: str) -> 
     return value
 
 
+@_with_fields("origin", "module")
 def low_rank(origin: Path | str, module: str, *, A: torch.Tensor, B: torch.Tensor, scale: float,
              kind: str | None = None, names: tuple[str, str] = ("lora_A", "lora_B"), checked: bool = False,
              **extra: Any) -> LowRank:
@@ -202,6 +229,7 @@ def algorithm_of(name: str, parts: Mapping[str, torch.Tensor], origin: Path | st
     return present[0]
 
 
+@_with_fields("origin", "name")
 def check_parts(name: str, parts: Mapping[str, torch.Tensor], origin: Path | str) -> str:
     """Check a kohya/LyCORIS module's tensors before any algebra; returns its algorithm.
 

@@ -80,8 +80,13 @@ def check_output(path: str | Path, *, force: bool, directory: bool | None = None
         ...     print(str(e).split(": ", 1)[1])
         the output would replace the current folder (or a folder that holds it); give a new path
     """
-    out = output_path(path)
-    shown = str(path)
+    try:
+        return _checked_output(output_path(path), str(path), force=force, directory=directory)
+    except LoramergeError as exc:
+        raise exc.fill(path=str(path)) from None
+
+
+def _checked_output(out: Path, shown: str, *, force: bool, directory: bool | None) -> Path:
     real = os.path.realpath(out)
     for root in _SPECIAL_ROOTS:
         if real == root or real.startswith(root + "/"):
@@ -462,7 +467,7 @@ def describe_os_error(exc: OSError) -> str:
 def write_error(shown: str, exc: BaseException) -> WriteFailed:
     """The one-line :class:`~loramerge.errors.WriteFailed` for an error raised while writing ``shown``."""
     reason = describe_os_error(exc) if isinstance(exc, OSError) else _first_line(exc)
-    return WriteFailed(f"{shown}: cannot write the output ({reason}); nothing was left behind")
+    return WriteFailed(f"{shown}: cannot write the output ({reason}); nothing was left behind", path=shown)
 
 
 @contextmanager

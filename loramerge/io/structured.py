@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -36,7 +37,7 @@ import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
@@ -57,6 +58,19 @@ _PLAIN_TAGS = frozenset(f"tag:yaml.org,2002:{t}" for t in
                         ("str", "int", "float", "bool", "null", "map", "seq", "timestamp", "merge", "value"))
 
 ErrorType = type[LoramergeError]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _names_path(function: F) -> F:
+    """Fill the ``path`` field of the errors a reader raises with the file it was given."""
+    @functools.wraps(function)
+    def wrapper(path: str | Path, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(path, *args, **kwargs)
+        except LoramergeError as exc:
+            raise exc.fill(path=str(path)) from None
+
+    return wrapper  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------------------- files
@@ -96,6 +110,7 @@ def _kind(mode: int) -> str:
     return "a special file"
 
 
+@_names_path
 def read_bytes(path: str | Path, *, max_bytes: int = MAX_BYTES, error: ErrorType = CorruptFile,
                missing: ErrorType = SourceNotFound, what: str = "file") -> bytes:
     """The bytes of the regular file ``path``, at most ``max_bytes`` of them.
@@ -160,6 +175,7 @@ def decode_text(data: bytes, name: str, *, error: ErrorType = CorruptFile) -> st
     return text.removeprefix("\ufeff")
 
 
+@_names_path
 def read_text(path: str | Path, *, max_bytes: int = MAX_BYTES, error: ErrorType = CorruptFile,
               missing: ErrorType = SourceNotFound, what: str = "file") -> str:
     """The UTF-8 text of the regular file ``path`` (see :func:`read_bytes` and :func:`decode_text`).
@@ -354,6 +370,7 @@ def parse_json(text: str, *, name: str, schema: Mapping[str, Spec] | None = None
     return value
 
 
+@_names_path
 def read_json(path: str | Path, *, schema: Mapping[str, Spec] | None = None, error: ErrorType = CorruptFile,
               missing: ErrorType = SourceNotFound, max_bytes: int = MAX_BYTES, want_object: bool = True) -> Any:
     """The JSON value stored in the regular file ``path``, checked against ``schema`` when one is given.
@@ -527,6 +544,7 @@ def _yaml_key_line(node: Node | None, key: str) -> int | None:
     return None
 
 
+@_names_path
 def read_yaml(path: str | Path, *, schema: Mapping[str, Spec] | None = None, error: ErrorType = CorruptFile,
               missing: ErrorType = SourceNotFound, max_bytes: int = MAX_BYTES) -> Any:
     """The YAML value stored in the regular file ``path`` (see :func:`parse_yaml`).
