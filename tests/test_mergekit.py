@@ -120,6 +120,7 @@ def test_semantics_key_selects_mergekit_defaults(parts, tmp_path):
     ({"merge_method": "passthrough"}, "passthrough copies or stacks whole layers"),
     ({"merge_method": "slerp", "parameters": {"t": 0.5}}, "slerp interpolates whole weights"),
     ({"merge_method": "karcher"}, "'karcher' has no LoRA-update equivalent"),
+    ({"merge_method": "della"}, "rescales the kept entries to the update's L1 norm"),
     ({"tokenizer_source": "union"}, "tokenizer surgery"),
     ({"tokenizer": {"source": "union"}}, "tokenizer surgery"),
     ({"chat_template": "chatml"}, "chat template"),

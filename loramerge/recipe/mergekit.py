@@ -76,6 +76,15 @@ _NOT_LORA = {
     "nearswap": "nearswap compares whole weights with the base entry by entry, not LoRA updates",
     "arcee_fusion": "arcee_fusion scores whole-weight rows, not LoRA updates",
 }
+# Methods loramerge has under the same name but computes differently from mergekit.
+_DIFFERENT = {
+    "breadcrumbs": "mergekit's breadcrumbs ranks magnitudes over the whole tensor (and drops everything when "
+                   "gamma·n < 1); loramerge's ranks per row, so the same file would not give the same model",
+    "breadcrumbs_ties": "mergekit's breadcrumbs ranks magnitudes over the whole tensor; loramerge's ranks per row",
+    "della": "mergekit's DELLA rescales the kept entries to the update's L1 norm, loramerge's by 1/p entry by entry, "
+             "so the same file would not give the same model",
+    "della_linear": "mergekit's DELLA rescales the kept entries to the update's L1 norm, loramerge's by 1/p",
+}
 _DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 _DROPPED = ("int8_mask",)  # a memory saving only: the result is the same
 
@@ -144,6 +153,10 @@ def translate(root: Node, name: str, *, base_dir: Path) -> dict[str, Any]:
     method = reader.text(method_node[1], "merge_method")
     if method in _NOT_LORA:
         raise reader.fail(method_node[1], "merge_method", f"{_NOT_LORA[method]}; use mergekit itself for it")
+    if method in _DIFFERENT:
+        raise reader.fail(method_node[1], "merge_method", f"{_DIFFERENT[method]}; write a loramerge recipe with "
+                                                          f"method {method.removesuffix('_ties').removesuffix('_linear')} "
+                                                          "to use loramerge's")
     if method not in METHODS:
         supported = ", ".join(METHODS)
         raise reader.fail(method_node[1], "merge_method", f"{method!r} has no LoRA-update equivalent in loramerge "
