@@ -546,3 +546,129 @@ def _snapshot(root: Path) -> dict[str, str]:
 def scratch() -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="loramerge-fuzz-") as name:
         yield Path(name)
+
+
+# ------------------------------------------------------------------------------- the targets
+# Each takes what its strategy draws and returns the outcome; the property tests assert it is kept,
+# the campaign counts it.
+
+PEFT_KEYS = ["r", "lora_alpha", "rank_pattern", "alpha_pattern", "target_modules", "use_rslora", "use_dora",
+             "peft_type", "fan_in_fan_out", "init_lora_weights", "modules_to_save", "base_model_name_or_path",
+             "task_type"]
+SET_KEYS = ["seed", "sources.0.weight", "output.path", "method", "a.b.c"]
+
+peft_inputs = st.tuples(st.lists(st.tuples(st.sampled_from(PEFT_KEYS), json_values), max_size=3), tensor_mutations,
+                        st.lists(raw_mutation, max_size=1), st.booleans())
+kohya_inputs = st.tuples(tensor_mutations, st.lists(raw_mutation, max_size=1))
+diffusers_inputs = st.tuples(tensor_mutations, st.one_of(st.none(), json_values))
+recipe_inputs = st.tuples(yaml_trees, st.lists(text_edit, max_size=3), st.booleans(),
+                          st.lists(st.tuples(st.sampled_from(SET_KEYS), yaml_scalars), max_size=2))
+checkpoint_inputs = st.tuples(header_mutations, st.lists(raw_mutation, max_size=1))
+fold_inputs = st.tuples(st.one_of(st.just([]), header_mutations), fold_weights,
+                        st.one_of(st.just([]), tensor_mutations))
+
+
+def peft_target(drawn: tuple) -> Outcome:
+    import loramerge
+
+    config_ops, tensor_ops, raw, raw_target = drawn
+    with scratch() as root:
+        folder = root / "adapter"
+        config, tensors = peft_folder(folder)
+        for key, value in config_ops:
+            config[key] = value
+        write_peft(folder, dumps(config), mutate_tensors(tensors, tensor_ops))
+        if raw:
+            mutate_bytes(folder / ("adapter_config.json" if raw_target else "adapter_model.safetensors"), raw)
+        return run_case(lambda: loramerge.load(folder), check_adapter)
+
+
+def kohya_check(parts: dict[str, list[str]]) -> Callable[[Any], str | None]:
+    """:func:`check_adapter`, and no module with LyCORIS tensors read as a plain LoRA."""
+    def check(adapter: Any) -> str | None:
+        problem = check_adapter(adapter)
+        if problem:
+            return problem
+        keys = adapter.config.get("keys") or {}
+        algorithms = adapter.config.get("algorithms") or {}
+        for name, suffixes in parts.items():
+            target = keys.get(name)
+            modules = target if isinstance(target, list) else [target]
+            lycoris = any(s.startswith(("hada_", "lokr_")) for s in suffixes)
+            if lycoris and any(algorithms.get(m) in ("lora", "lora-tucker") for m in modules):
+                return f"{name}: LyCORIS tensors read as a LoRA"
+        return None
+
+    return check
+
+
+def kohya_target(drawn: tuple) -> Outcome:
+    import loramerge
+
+    tensor_ops, raw = drawn
+    with scratch() as root:
+        path = root / "lora.safetensors"
+        tensors = mutate_tensors(kohya_tensors(), tensor_ops)
+        save_tensors(path, tensors)
+        if raw:
+            mutate_bytes(path, raw)
+        return run_case(lambda: loramerge.load(path), kohya_check(kohya_parts(tensors)))
+
+
+def diffusers_target(drawn: tuple) -> Outcome:
+    import loramerge
+
+    tensor_ops, metadata = drawn
+    with scratch() as root:
+        path = root / "pytorch_lora_weights.safetensors"
+        tensors, meta = diffusers_tensors()
+        if metadata is not None:
+            meta = {"lora_adapter_metadata": dumps(metadata)}
+        save_tensors(path, mutate_tensors(tensors, tensor_ops), meta)
+        return run_case(lambda: loramerge.load(path), check_adapter)
+
+
+def recipe_target(drawn: tuple) -> Outcome:
+    from loramerge.recipe.reader import load_recipe
+
+    tree, edits, mutate_valid, sets = drawn
+    with scratch() as root:
+        path = root / "recipe.yaml"
+        text = edit_text(VALID_RECIPE if mutate_valid else yaml_text(tree), edits)
+        path.write_bytes(text.encode("utf-8", errors="surrogatepass"))
+        return run_case(lambda: load_recipe(path, [f"{k}={v}" for k, v in sets]))
+
+
+def checkpoint_target(drawn: tuple) -> Outcome:
+    from loramerge.io.checkpoint import open_checkpoint
+
+    ops, raw = drawn
+    with scratch() as root:
+        folder = root / "model"
+        checkpoint_folder(folder)
+        mutate_header(folder / "model.safetensors", ops)
+        if raw:
+            mutate_bytes(folder / "model.safetensors", raw)
+        return run_case(lambda: open_checkpoint(folder), check_checkpoint)
+
+
+def fold_target(drawn: tuple) -> Outcome:
+    header_ops, weight, adapter_ops = drawn
+    with scratch() as root:
+        return fold_case(root, header_ops, weight, adapter_ops)
+
+
+def output_target(case: dict[str, Any]) -> Outcome:
+    with scratch() as root:
+        return output_case(root, case)
+
+
+TARGETS: dict[str, tuple[st.SearchStrategy, Callable[[Any], Outcome]]] = {
+    "peft": (peft_inputs, peft_target),
+    "kohya/lycoris": (kohya_inputs, kohya_target),
+    "diffusers": (diffusers_inputs, diffusers_target),
+    "recipes": (recipe_inputs, recipe_target),
+    "checkpoints": (checkpoint_inputs, checkpoint_target),
+    "fold": (fold_inputs, fold_target),
+    "output": (output_ops, output_target),
+}

@@ -35,6 +35,7 @@ from loramerge.errors import (
 from loramerge.io.output import atomic_output, check_output, write_file
 from tests.cli_helpers import assert_clean_failure, run_cli
 from tests.fold_models import make_adapter, save_base, tiny_llama
+from tests.test_errors import edit_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,14 +51,6 @@ def base(tmp_path_factory):
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst, symlinks=True)
     return dst
-
-
-def edit_config(folder: Path, **changes) -> Path:
-    path = folder / "adapter_config.json"
-    config = json.loads(path.read_text())
-    config.update(changes)
-    path.write_text(json.dumps(config))
-    return folder
 
 
 def edit_tensors(folder: Path, edit) -> Path:

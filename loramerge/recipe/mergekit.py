@@ -85,6 +85,15 @@ _DIFFERENT = {
              "so the same file would not give the same model",
     "della_linear": "mergekit's DELLA rescales the kept entries to the update's L1 norm, loramerge's by 1/p",
 }
+# Top-level keys that ask for something other than a LoRA merge.
+_NOT_LORA_KEYS = {
+    "slices": "layer slices stack or cut whole layers (a frankenmerge), which is not a LoRA merge; use mergekit "
+              "itself for it",
+    "modules": "per-module merges of multimodal models are not a LoRA merge; use mergekit itself for them",
+    "tokenizer": "building a new tokenizer (tokenizer surgery) is not a LoRA merge; the fold keeps the base model's "
+                 "tokenizer",
+    "chat_template": "changing the chat template is not a LoRA merge; the fold keeps the base model's tokenizer files",
+}
 _DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 _DROPPED = ("int8_mask",)  # a memory saving only: the result is the same
 
@@ -270,18 +279,9 @@ def _refuse_non_lora(reader: _Reader, top: dict[str, tuple[Node, Node]]) -> None
         if key not in _KNOWN:
             raise reader.fail(knode, key, "unknown key in a mergekit config (loramerge reads models, merge_method, "
                                           "base_model, parameters, dtype, out_dtype)")
-    if "slices" in top:
-        raise reader.fail(top["slices"][0], "slices", "layer slices stack or cut whole layers (a frankenmerge), "
-                                                      "which is not a LoRA merge; use mergekit itself for it")
-    if "modules" in top:
-        raise reader.fail(top["modules"][0], "modules", "per-module merges of multimodal models are not a LoRA "
-                                                        "merge; use mergekit itself for them")
-    if "tokenizer" in top:
-        raise reader.fail(top["tokenizer"][0], "tokenizer", "building a new tokenizer (tokenizer surgery) is not a "
-                                                            "LoRA merge; the fold keeps the base model's tokenizer")
-    if "chat_template" in top:
-        raise reader.fail(top["chat_template"][0], "chat_template", "changing the chat template is not a LoRA merge; "
-                                                                    "the fold keeps the base model's tokenizer files")
+    for key, message in _NOT_LORA_KEYS.items():
+        if key in top:
+            raise reader.fail(top[key][0], key, message)
     if "tokenizer_source" in top:
         value = construct_yaml(top["tokenizer_source"][1])
         if value not in (None, "base"):
