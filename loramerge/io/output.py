@@ -2,7 +2,7 @@
 
 What it promises, for adapters, folded models, reports and every side file alike:
 
-* **Atomic.** Everything is written into a hidden temporary sibling (``.OUT.tmp-<pid>-<random>``),
+* **Atomic.** Everything is written into a hidden temporary sibling (``.OUT.tmp-<pid>-<random>@<host>``),
   then renamed into place in one step. A failed or interrupted write leaves nothing behind.
 * **No replace without force.** An existing, non-empty output is replaced only with ``force``;
   the final rename never replaces anything without it (``renameat2(RENAME_NOREPLACE)``, else a
@@ -14,8 +14,8 @@ What it promises, for adapters, folded models, reports and every side file alike
   line naming the output; nothing is left behind.
 * **Signal-safe.** The rename and its record happen with SIGINT held back, so after Ctrl-C
   :func:`committed_outputs` says truly which outputs are in place.
-* **Tidy.** Temporary siblings that a killed run left (its process is gone) are removed by the
-  next run that writes there, with a warning. Outputs get the permissions the umask gives, not
+* **Tidy.** Temporary siblings that a killed run on this host left (its process is gone) are
+  removed by the next run that writes there, with a warning; another host's are left alone. Outputs get the permissions the umask gives, not
   the 0700/0600 of a temporary folder or file.
 """
 
@@ -30,6 +30,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import threading
 import time
 import warnings
@@ -40,7 +41,9 @@ from pathlib import Path
 from loramerge.errors import CorruptFile, LoramergeError, LoramergeWarning, OutputExists, WriteFailed
 
 _SPECIAL_ROOTS = ("/proc", "/sys", "/dev")
-_TEMP = re.compile(r"\.(?P<name>.+)\.(?:tmp|old|lock)-(?P<pid>\d+)(?:-[0-9a-f]+)?")
+_TEMP = re.compile(r"\.(?P<name>.+)\.(?:tmp|old|lock)-(?P<pid>\d+)(?:-[0-9a-f]+)?(?:@(?P<host>[\w.-]+))?")
+# A temporary name says which host wrote it: on a shared file system, a process id means nothing elsewhere.
+_HOST = re.sub(r"[^\w.-]", "_", socket.gethostname())[:64] or "host"
 _RENAME_NOREPLACE = 1
 _AT_FDCWD = -100
 
@@ -141,7 +144,7 @@ def _siblings(out: Path) -> Iterator[tuple[Path, int]]:
         return
     for entry in entries:
         match = _TEMP.fullmatch(entry.name)
-        if match and match["name"] == out.name:
+        if match and match["name"] == out.name and match["host"] in (None, _HOST):
             yield Path(entry.path), int(match["pid"])
 
 
@@ -219,7 +222,7 @@ def atomic_output(path: str | Path, *, force: bool, directory: bool = True) -> I
     clean_leftovers(out)
     with translated_os_errors(shown):
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}@{_HOST}")
         if directory:
             tmp.mkdir()
     trash = None
@@ -308,7 +311,7 @@ def _commit(tmp: Path, out: Path, *, force: bool, shown: str) -> Path | None:
             os.replace(tmp, out)
         return None
     # Move the old output aside first so the swap is a pair of renames; it is deleted afterwards.
-    trash = out.with_name(f".{out.name}.old-{os.getpid()}")
+    trash = out.with_name(f".{out.name}.old-{os.getpid()}@{_HOST}")
     _remove(trash)
     os.replace(out, trash)
     try:
@@ -374,7 +377,7 @@ def _renameat2(src: Path, dst: Path) -> bool | None:
 @contextmanager
 def _lock_file(dst: Path) -> Iterator[None]:
     """An exclusive ``.DST.lock-<pid>`` file beside ``dst`` for the fallback check-and-rename."""
-    lock = dst.with_name(f".{dst.name}.lock-{os.getpid()}")
+    lock = dst.with_name(f".{dst.name}.lock-{os.getpid()}@{_HOST}")
     deadline = time.monotonic() + 10
     while True:
         others = [p for p, pid in _siblings(dst) if ".lock-" in p.name and p != lock and _alive(pid)]
