@@ -79,9 +79,9 @@ CONFIG_SCHEMA = {
     "alpha_pattern": one_of(map_of(NUMBER), NULL),
     "target_modules": one_of(STRING, list_of(STRING), NULL),
     "modules_to_save": one_of(list_of(STRING), NULL),
-    "use_rslora": BOOL,
-    "use_dora": BOOL,
-    "fan_in_fan_out": BOOL,
+    "use_rslora": one_of(BOOL, NULL),  # null, as PEFT reads it: false
+    "use_dora": one_of(BOOL, NULL),
+    "fan_in_fan_out": one_of(BOOL, NULL),
     "init_lora_weights": one_of(BOOL, STRING),
 }
 
