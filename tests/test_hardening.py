@@ -595,3 +595,13 @@ def test_device_names_torch_does_not_know(base, tmp_path):
 
 def test_write_failed_and_output_exists_are_loramerge_errors():
     assert issubclass(WriteFailed, LoramergeError) and issubclass(OutputExists, LoramergeError)
+
+
+def test_push_refuses_a_folder_that_would_publish_a_secret(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "README.md").write_text("hi")
+    (folder / "tokenizer.json").symlink_to("/proc/self/environ")
+    with pytest.raises(CorruptFile, match="tokenizer.json"):
+        loramerge.io.hub.push_to_hub(folder, "me/model", token="hf_" + "x" * 30)
+    assert_clean_failure(run_cli("push", folder, "me/model"), "tokenizer.json", "not a regular file")

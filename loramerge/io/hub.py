@@ -495,6 +495,12 @@ def push_to_hub(folder_or_file: str | Path, repo_id: str, *, private: bool = Fal
     path = Path(folder_or_file)
     if not path.exists():
         raise SourceNotFound(f"{path}: no such file or folder to push")
+    if path.is_dir():
+        from loramerge.io.checkpoint import iter_folder_files
+
+        # Only regular files inside the folder are published: never /proc, a device, or a link out of it.
+        for _ in iter_folder_files(path):
+            pass
     token = check_push(repo_id, token=token)
     message = commit_message or f"Upload {path.name} with loramerge"
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
