@@ -605,3 +605,16 @@ def test_push_refuses_a_folder_that_would_publish_a_secret(tmp_path):
     with pytest.raises(CorruptFile, match="tokenizer.json"):
         loramerge.io.hub.push_to_hub(folder, "me/model", token="hf_" + "x" * 30)
     assert_clean_failure(run_cli("push", folder, "me/model"), "tokenizer.json", "not a regular file")
+
+
+def test_diffusers_zero_dimensional_factor_and_overflowing_updates(tmp_path):
+    from tests import fuzz_cases as fc
+
+    tensors, meta = fc.diffusers_tensors()
+    key = next(k for k in tensors if k.endswith("to_q.lora_A.weight"))
+    flat = tmp_path / "flat.safetensors"
+    fc.save_tensors(flat, {**tensors, key: torch.tensor(3.0)})  # no metadata: ranks come from the tensors
+    assert_clean_failure(run_cli("inspect", flat), "flat.safetensors", "to_q", "2 to 5 dimensions")
+    huge = tmp_path / "huge.safetensors"
+    fc.save_tensors(huge, {k: v * 1e20 for k, v in tensors.items()}, meta)
+    assert_clean_failure(run_cli("inspect", huge), "huge.safetensors", "beyond the float32 range")

@@ -179,6 +179,7 @@ def low_rank(origin: Path | str, module: str, *, A: torch.Tensor, B: torch.Tenso
         raise CorruptFile(f"{origin}: module {module}: {b_name} of shape {tuple(B.shape)} must have a 1×1 kernel")
     if not math.isfinite(scale):
         raise CorruptFile(f"{origin}: module {module}: the scale (alpha/r) is {scale}, not a finite number")
+    _check_product(origin, module, A, B, scale)
     for name in ("magnitude", "bias"):
         if extra.get(name) is not None:
             extra[name] = factor(extra[name], origin, module, name, ndims=(1, 2, 3, 4, 5))
@@ -192,6 +193,22 @@ def low_rank(origin: Path | str, module: str, *, A: torch.Tensor, B: torch.Tenso
         raise UnsupportedAdapter(f"{origin}: module {module}: {exc}") from None
     except ValueError as exc:
         raise CorruptFile(f"{origin}: module {module}: {exc}") from None
+
+
+def _check_product(origin: Path | str, module: str, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
+    """Refuse an update whose entries overflow float32 although its factors do not.
+
+    The bound ``|scale|·max_i Σ_k |B_ik|·max |A|`` costs one pass over the factors; only when it
+    exceeds the float32 range is the product itself formed (in float64) to decide.
+    """
+    limit = torch.finfo(torch.float32).max
+    Bm, Am = B.reshape(B.shape[0], B.shape[1]).double(), A.reshape(A.shape[0], -1).double()
+    if abs(scale) * float(Bm.abs().sum(dim=1).max()) * float(Am.abs().max()) <= limit:
+        return
+    largest = abs(scale) * float((Bm @ Am).abs().max())
+    if not largest <= limit:
+        raise CorruptFile(f"{origin}: module {module}: its update scale·B@A reaches {largest:.3g}, beyond the float32 "
+                          "range")
 
 
 # ------------------------------------------------------------------------------- kohya / LyCORIS

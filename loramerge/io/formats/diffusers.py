@@ -42,7 +42,7 @@ import torch
 
 from loramerge.core.adapter import Adapter, LowRank
 from loramerge.errors import CorruptFile, UnknownFormat, UnsupportedAdapter
-from loramerge.io.factors import checked_tensors, scalar
+from loramerge.io.factors import checked_tensors, factor, scalar
 from loramerge.io.formats import peft
 from loramerge.io.formats.sd_names import COMPONENTS, identify
 from loramerge.io.formats.tensorfile import read_safetensors_header, read_tensor_file, write_safetensors
@@ -199,7 +199,7 @@ def _component_config(component: str, parts: dict[str, torch.Tensor], adapter_me
     for key, tensor in parts.items():
         parsed = peft.split_key(key, key_prefix="")
         if parsed is not None and parsed[1] in ("lora_A", "lora_embedding_A"):
-            ranks[parsed[0]] = int(tensor.shape[0])
+            ranks[parsed[0]] = int(factor(tensor, origin, f"{component}.{parsed[0]}", parsed[1]).shape[0])
     if not ranks:
         return {"peft_type": "LORA"}
     values = {m: alphas.get(m, float(r)) for m, r in ranks.items()}
