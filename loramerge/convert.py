@@ -13,12 +13,15 @@ from loramerge.io.sources import load
 
 def convert(source: str | Path | Adapter, output: str | Path, to: str | None = None, *,
             dtype: torch.dtype | str | None = None, force: bool = False, from_format: str | None = None,
-            base: str | Path | None = None, allow_pickle: bool = False) -> Path:
+            base: str | Path | None = None, allow_pickle: bool = False, skip_unknown: bool = False) -> Path:
     """Read ``source`` and write the same updates to ``output`` in format ``to`` (default: the source's own).
 
-    Every module's ΔW is preserved exactly (up to the output ``dtype``): LyCORIS modules are written
-    as their exact B@A expansion, Flux's split q/k/v are re-fused for kohya and split for
-    diffusers. ``from_format`` overrides detection; ``base`` resolves kohya names from a checkpoint.
+    Every module's ΔW is preserved exactly (up to the output ``dtype``): LyCORIS LoHa/LoKr modules
+    stay factored when written as LyCORIS (the default for a LyCORIS source) and become their exact
+    B@A expansion in other formats; Flux's split q/k/v are re-fused for kohya and split for
+    diffusers. ``from_format`` overrides detection; ``base`` resolves kohya names from a checkpoint;
+    ``skip_unknown`` leaves out modules whose names resolve to nothing (listed in the adapter's
+    ``config["skipped"]``) instead of refusing the file.
 
     Example:
         >>> import tempfile, torch
@@ -32,5 +35,5 @@ def convert(source: str | Path | Adapter, output: str | Path, to: str | None = N
         ('kohya', ['text_encoder.text_model.encoder.layers.0.self_attn.q_proj'])
     """
     check_output(output, force=force)
-    adapter = load(source, format=from_format, allow_pickle=allow_pickle, base=base)
+    adapter = load(source, format=from_format, allow_pickle=allow_pickle, base=base, skip_unknown=skip_unknown)
     return adapter.save(output, format=to, dtype=dtype, force=force)

@@ -69,6 +69,14 @@ def llama_adapters(llama, tmp_path_factory):
     }
 
 
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """A saved tiny Llama with a tokenizer, PEFT adapters and evaluation data (tests/runtime_fixtures.py)."""
+    from tests.runtime_fixtures import runtime_world
+
+    return runtime_world(tmp_path_factory.mktemp("runtime_world"))
+
+
 def pytest_addoption(parser):
     parser.addoption("--fuzz", action="store_true", default=False,
                      help="Run the property tests (tests/test_fuzz.py) with many more examples than CI does.")

@@ -602,7 +602,7 @@ def test_push_refuses_a_folder_that_would_publish_a_secret(tmp_path):
     folder.mkdir()
     (folder / "README.md").write_text("hi")
     (folder / "tokenizer.json").symlink_to("/proc/self/environ")
-    with pytest.raises(CorruptFile, match="tokenizer.json"):
+    with pytest.raises(CorruptFile, match=r"tokenizer\.json"):
         loramerge.io.hub.push_to_hub(folder, "me/model", token="hf_" + "x" * 30)
     assert_clean_failure(run_cli("push", folder, "me/model"), "tokenizer.json", "not a regular file")
 

@@ -10,6 +10,7 @@ import click
 from loramerge.cli.options import (
     card_options,
     check_report,
+    data_options,
     merge_options,
     method_params_from,
     output_options,
@@ -19,11 +20,11 @@ from loramerge.cli.options import (
     source_options,
     write_report,
 )
-from loramerge.hub.publish import publish_merge, recipe_from_report
+from loramerge.hub.publish import add_data_to_recipe, publish_merge, recipe_from_report
 from loramerge.io.hub import check_push
 from loramerge.io.output import check_output
 from loramerge.io.sources import load
-from loramerge.merge.engine import merge
+from loramerge.runtime.merging import merge
 
 
 @click.command()
@@ -31,6 +32,7 @@ from loramerge.merge.engine import merge
 @output_options
 @merge_options
 @source_options
+@data_options
 @push_options
 @card_options
 def combine(sources: tuple[str, ...], output: str, dtype: str | None, force: bool, out_format: str | None,
@@ -38,6 +40,7 @@ def combine(sources: tuple[str, ...], output: str, dtype: str | None, force: boo
             rank_max: int | None, seed: int, device: str, compute_dtype: str, ignore_base_mismatch: bool,
             report_path: str | None, allow_pickle: bool, from_format: str | None, base: str | None,
             push_to_hub: str | None, private: bool, commit_message: str | None, no_card: bool,
+            model: str | None, data: tuple[str, ...], stats: str | None, limit: int | None,
             **method_options: Any) -> None:
     """Merge SOURCE adapters into one adapter written to -o OUTPUT.
 
@@ -55,6 +58,7 @@ def combine(sources: tuple[str, ...], output: str, dtype: str | None, force: boo
       loramerge combine org/math-lora@v2 ./code -o merged --push-to-hub me/math-code --private
       loramerge combine style.safetensors detail.safetensors -o merged.safetensors --method svd --rank 32
       loramerge combine kohya.safetensors ./diffusers-lora -o merged --format diffusers
+      loramerge combine ./math ./code -m regmean --model ./llama --data math.jsonl --data code.jsonl -o merged
     """
     check_output(output, force=force)
     check_report(report_path, force)
@@ -64,13 +68,16 @@ def combine(sources: tuple[str, ...], output: str, dtype: str | None, force: boo
     merged = merge(
         adapters, method=method, weights=parse_weights(weights), rank=rank, energy=energy, max_error=max_error,
         rank_max=rank_max, seed=seed, device=device, dtype=dtype, compute_dtype=compute_dtype,
-        ignore_base_mismatch=ignore_base_mismatch, progress=show_progress(), **method_params_from(method_options),
+        ignore_base_mismatch=ignore_base_mismatch, progress=show_progress(), model=model, data=list(data), stats=stats,
+        limit=limit, allow_pickle=allow_pickle, **method_params_from(method_options),
     )
     recipe = recipe_from_report(
         merged, Path(output), compute_dtype=compute_dtype if compute_dtype != "fp32" else None,
         ignore_base_mismatch=ignore_base_mismatch, allow_pickle=allow_pickle,
         output={k: v for k, v in (("dtype", dtype), ("format", out_format)) if v} or None,
     )
+    if recipe is not None and model is not None and data:
+        add_data_to_recipe(recipe, model, data, Path(output))
     pushed = publish_merge(merged, output, format=out_format, dtype=dtype, force=force, card=not no_card,
                            recipe=recipe, repo_id=push_to_hub, private=private, commit_message=commit_message)
     report = merged.report

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from loramerge.cli.options import WRITE_FORMATS, push_options, source_options
+from loramerge.cli.options import WRITE_FORMATS, push_options, skip_unknown_option, source_options
 from loramerge.convert import convert as run
 from loramerge.core.devices import DTYPE_CHOICES
 from loramerge.hub.cards import converted_card
@@ -16,14 +16,16 @@ from loramerge.io.sources import load
 
 @click.command()
 @click.argument("source")
-@click.option("--output", "-o", required=True, type=click.Path(), help="Output file (kohya) or folder (peft, diffusers).")
+@click.option("--output", "-o", required=True, type=click.Path(),
+              help="Output file (kohya, lycoris, comfyui) or folder (peft, diffusers).")
 @click.option("--to", "to", type=click.Choice(WRITE_FORMATS), help="Output format [default: the source's format].")
 @click.option("--dtype", type=click.Choice(DTYPE_CHOICES), help="Stored dtype [default: the source's dtype].")
 @click.option("--force", is_flag=True, help="Overwrite an existing, non-empty output.")
 @source_options
+@skip_unknown_option
 @push_options
 def convert(source: str, output: str, to: str | None, dtype: str | None, force: bool, allow_pickle: bool,
-            from_format: str | None, base: str | None, push_to_hub: str | None, private: bool,
+            from_format: str | None, base: str | None, skip_unknown: bool, push_to_hub: str | None, private: bool,
             commit_message: str | None) -> None:
     """Rewrite the SOURCE adapter in another format; every module's update stays the same.
 
@@ -32,13 +34,19 @@ def convert(source: str, output: str, to: str | None, dtype: str | None, force: 
       loramerge convert lora.safetensors -o lora-diffusers --to diffusers
       loramerge convert ./diffusers-lora -o lora.safetensors --to kohya
       loramerge convert loha.safetensors -o locon.safetensors --to kohya     # exact B@A expansion
+      loramerge convert loha.safetensors -o same.safetensors                 # stays a LoHa (LyCORIS)
+      loramerge convert wan_comfy.safetensors -o wan-diffusers --to diffusers
+      loramerge convert qwen_lora -o qwen.safetensors --to comfyui           # diffusion_model.<original>
       loramerge convert lora.safetensors -o peft-dir --to peft --dtype bf16
       loramerge convert org/sd-loras/pixel.safetensors -o pixel --to diffusers --push-to-hub me/pixel
     """
     check_output(output, force=force)
     if push_to_hub:
         check_push(push_to_hub)
-    adapter = load(source, format=from_format, allow_pickle=allow_pickle, base=base)
+    adapter = load(source, format=from_format, allow_pickle=allow_pickle, base=base, skip_unknown=skip_unknown)
+    skipped = adapter.config.get("skipped") or []
+    if skipped:
+        click.echo(f"skipped {len(skipped)} unknown module(s): {', '.join(skipped)}", err=True)
     path = run(adapter, output, to=to, dtype=dtype, force=force)
     click.echo(f"wrote {path}")
     if push_to_hub:

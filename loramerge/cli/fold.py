@@ -13,6 +13,7 @@ from loramerge.cli.options import (
     parse_weights,
     push_options,
     show_progress,
+    skip_unknown_option,
     write_report,
 )
 from loramerge.fold.engine import fold as run_fold
@@ -41,11 +42,13 @@ from loramerge.io.sources import load
 @merge_options
 @click.option("--allow-pickle", is_flag=True,
               help="Allow pickle .bin weights (read with torch.load(weights_only=True)).")
+@skip_unknown_option
 @push_options
 def fold(base: str, adapters: tuple[str, ...], output: str, dtype: str, shard_size: str | None, tied_embeddings: str,
          follow_symlinks: bool, strict: bool, force: bool, method: str, weights: str | None, rank: int | None, energy: float | None,
          max_error: float | None, rank_max: int | None, seed: int, device: str, compute_dtype: str,
-         ignore_base_mismatch: bool, report_path: str | None, allow_pickle: bool, push_to_hub: str | None,
+         ignore_base_mismatch: bool, report_path: str | None, allow_pickle: bool, skip_unknown: bool,
+         push_to_hub: str | None,
          private: bool, commit_message: str | None, **method_options: Any) -> None:
     """Fold ADAPTERS into the model at BASE and write the full model to -o OUTPUT.
 
@@ -74,7 +77,14 @@ def fold(base: str, adapters: tuple[str, ...], output: str, dtype: str, shard_si
     if push_to_hub:
         check_push(push_to_hub)
     # Loaded here when pushing, so the card and recipe know the commit each Hub source resolved to.
-    sources = [load(a, allow_pickle=allow_pickle) for a in adapters] if push_to_hub else list(adapters)
+    # With --skip-unknown, loaded here so that what was left out is listed.
+    loaded = push_to_hub or skip_unknown
+    sources = [load(a, allow_pickle=allow_pickle, skip_unknown=skip_unknown) for a in adapters] if loaded \
+        else list(adapters)
+    for adapter in sources if loaded else ():
+        skipped = adapter.config.get("skipped") or []
+        if skipped:
+            click.echo(f"skipped {len(skipped)} unknown module(s) of {adapter.source}: {', '.join(skipped)}", err=True)
     result = run_fold(
         base, sources, output=output, weights=parse_weights(weights), method=method, rank=rank,
         energy=energy, max_error=max_error, rank_max=rank_max, seed=seed, dtype=dtype, shard_size=shard_size,

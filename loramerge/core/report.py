@@ -125,14 +125,15 @@ def json_text(data: Any) -> str:
         >>> json_text({"error": float("nan"), "rank": [4]})
         '{\\n  "error": null,\\n  "rank": [\\n    4\\n  ]\\n}\\n'
     """
-    return json.dumps(_finite(data), indent=2) + "\n"
+    return json.dumps(json_safe(data), indent=2) + "\n"
 
 
-def _finite(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN and infinities turned into None, for JSON."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
+        return [json_safe(v) for v in value]
     return value

@@ -186,8 +186,10 @@ def _check_adapters(loaded: Sequence[Adapter], target: _Target, strict: bool, ig
     else:
         assert target.ckpt is not None
         notes = check_bases(loaded, target.path, target.ckpt.config, strict)
+        config = target.ckpt.config
         family = getattr(target.resolver, "family", None)
-        families, described = ([family] if family else None), getattr(target.resolver, "describe", lambda: "")()
+        families = [family] if family else pipeline_family(config)  # a denoiser folder names its class
+        described = getattr(target.resolver, "describe", lambda: f"a {config.get('_class_name', 'model')} folder")()
     if not ignore_base_mismatch:
         check_family(loaded, families, f"{target.path} is {described}")
     return notes

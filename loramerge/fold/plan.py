@@ -9,6 +9,7 @@ here, before any output exists.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -256,6 +257,8 @@ def _orientation(tensor: str, shape: tuple[int, ...], lr: LowRank, config: dict[
             return flipped
     elif tuple(shape) == tuple(lr.base_shape):
         return lr.transposed_in_base
+    elif _flattened_conv(shape, lr.delta_shape):
+        return False
     raise IncompatibleAdapters(
         f"{label}: module {module} has a {lr.kind} update of shape {tuple(lr.base_shape)} but base tensor "
         f"{tensor} has shape {tuple(shape)}"
@@ -269,32 +272,34 @@ def _same_trailing(base: tuple[int, ...], update: tuple[int, ...]) -> bool:
             dims = dims[:-1]
         return dims
 
-    return base == update or core(base) == core(update)
+    return base == update or core(base) == core(update) or _flattened_conv((1, *base), (1, *update))
+
+
+def _flattened_conv(base: tuple[int, ...], update: tuple[int, ...]) -> bool:
+    """A conv update stored as a matrix ``(out, in·kh·kw)`` (LyCORIS LoHa/LoKr) for a conv weight of that size.
+
+    The base weight gives the kernel, so the update folds exactly (ComfyUI reshapes the same way).
+    """
+    return len(update) == 2 and len(base) > 2 and base[0] == update[0] and math.prod(base[1:]) == update[1]
 
 
 def dora_axis(lr: LowRank) -> Literal["out", "in"] | None:
-    """Which axis a DoRA magnitude normalises: ``out`` (PEFT: ``(out,)``, or ``(1, out, 1, 1)`` for a conv),
-    ``in`` (old LyCORIS: ``(1, in[, 1, 1])``), or None when its size fits neither.
-
-    A conv magnitude ``(1, c, 1, 1)`` with ``c`` equal to both channel counts is read as PEFT's.
+    """Which axis a DoRA magnitude normalises, as the adapter declares it (:attr:`LowRank.magnitude_axis`):
+    ``out`` (PEFT: ``(out,)``, or ``(1, out, 1, 1)`` for a conv) or ``in`` (LyCORIS ``wd_on_output=False``:
+    ``(1, in[, 1, 1])``); None when the magnitude's size does not fit that axis.
 
     Example:
-        >>> lr = LowRank(torch.ones(1, 3), torch.ones(4, 1), magnitude=torch.ones(1, 3))
+        >>> lr = LowRank(torch.ones(1, 3), torch.ones(4, 1), magnitude=torch.ones(1, 3), magnitude_axis="in")
         >>> dora_axis(lr), dora_axis(LowRank(torch.ones(1, 3), torch.ones(4, 1), magnitude=torch.ones(4)))
         ('in', 'out')
     """
     magnitude = lr.magnitude
     if magnitude is None:
         return None
-    out = lr.delta_shape[0]
-    inputs = lr.delta_shape[1] if len(lr.delta_shape) > 1 else 0
-    if magnitude.ndim == 1:
-        return "out" if magnitude.numel() == out else None
-    if magnitude.ndim == 2 and lr.kind == "linear":  # PEFT's linear magnitude is 1-D
-        return "in" if magnitude.shape[0] == 1 and magnitude.numel() == inputs else None
-    if magnitude.numel() == out:
-        return "out"
-    return "in" if magnitude.shape[0] == 1 and magnitude.numel() == inputs else None
+    if lr.magnitude_axis == "in":
+        inputs = lr.delta_shape[1] if len(lr.delta_shape) > 1 else 0
+        return "in" if magnitude.numel() == inputs else None
+    return "out" if magnitude.numel() == lr.delta_shape[0] else None
 
 
 def _check_magnitude(lr: LowRank, transposed: bool, tensor: str, label: str, module: str) -> None:

@@ -26,6 +26,7 @@ from loramerge.io.sources import load
 from loramerge.merge.methods import MergeMethod, MethodOutput, ModuleInputs, get_method, module_seed
 from loramerge.merge.overrides import Overrides, module_settings
 from loramerge.merge.plan import MergePlan, plan_merge
+from loramerge.merge.statistics import InputStatistics
 
 DEFAULT_SEED = 0
 # Dense methods hold every source's full update of a module at once; above this many bytes per
@@ -50,6 +51,7 @@ def merge(
     ignore_base_mismatch: bool = False,
     progress: bool = False,
     overrides: Overrides | None = None,
+    statistics: InputStatistics | None = None,
     **params: Any,
 ) -> Adapter:
     """Merge LoRA adapters into one adapter.
@@ -60,6 +62,8 @@ def merge(
     or ``max_error`` with an optional ``rank_max`` cap. The result carries a per-module
     :class:`~loramerge.core.report.MergeReport` in ``.report``. ``overrides(module)`` may return
     per-module parameters, ``weights`` and rank-policy keys (see :mod:`loramerge.merge.overrides`).
+    A data-aware method (``regmean``) needs ``statistics``, the sources' input Grams; the
+    facade :func:`loramerge.merge` collects them from a model and data.
 
     Example:
         >>> import torch
@@ -87,6 +91,13 @@ def merge(
     if not adapters:
         raise InvalidParameter("no sources to merge")
     spec.check_source_count(len(adapters))
+    if spec.needs_statistics:
+        if statistics is None:
+            raise InvalidParameter(
+                f"method {spec.name!r} needs data: give the base model and one data file per source "
+                "(--model BASE --data a.jsonl --data b.jsonl; in Python, model= and data=)", parameter="statistics"
+            )
+        statistics.check_sources(len(adapters), spec.name)
     weight_list = _check_weights(weights, len(adapters))
     sources = [load(a) for a in adapters]
     resolved = spec.resolve(params, sources=len(sources))
@@ -109,6 +120,8 @@ def merge(
                 terms=[t.to(dtype=compute, device=target) if t is not None else None for t in row],
                 weights=module_weights,
                 seed=module_seed(seed, module),
+                statistics=None if statistics is None or not spec.needs_statistics else [
+                    g.to(device=target) if g is not None else None for g in statistics.for_module(module)],
             )
             lowrank, module_report = finalize(spec.function(inputs, **module_params), inputs, spec, module_policy)
             return lowrank.to(dtype=out_dtype, device=context.storage), module_report

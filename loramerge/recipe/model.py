@@ -41,6 +41,7 @@ class SourceSpec:
     parameters: dict[str, Schedule] = field(default_factory=dict)
     format: str | None = None
     where: str = ""
+    data: Path | None = None
 
 
 @dataclass
@@ -85,6 +86,8 @@ class Recipe:
     file: Path | None = None
     base_dir: Path = field(default_factory=Path.cwd)
     locations: dict[str, str] = field(default_factory=dict)
+    model: str | None = None
+    stats: Path | None = None
     semantics: str = "loramerge"
     translated_from: str | None = None  # "mergekit" when the file was a mergekit config
 
@@ -99,6 +102,10 @@ class Recipe:
             doc["description"] = self.description
         if self.base_model:
             doc["base_model"] = self.base_model
+        if self.model:
+            doc["model"] = self.model
+        if self.stats:
+            doc["stats"] = str(self.stats)
         if self.semantics != "loramerge":
             doc["semantics"] = self.semantics
         doc["sources"] = list(sources) if sources is not None else [source_dict(s) for s in self.sources]
@@ -148,6 +155,8 @@ def source_dict(s: SourceSpec) -> dict[str, Any]:
         entry["weight"] = s.weight.to_plain()
     if s.parameters:
         entry["parameters"] = {k: v.to_plain() for k, v in s.parameters.items()}
+    if s.data is not None:
+        entry["data"] = str(s.data)
     return entry
 
 
@@ -162,8 +171,14 @@ def saved_recipe(recipe: Recipe, adapters: Sequence[Adapter], out_dir: Path | No
         entry = source_dict(spec)
         entry.pop("path", None), entry.pop("repo", None), entry.pop("revision", None), entry.pop("subfolder", None)
         entry = {**source_location(adapter.origin, adapter.source, out_dir), **entry}
+        if spec.data is not None:
+            entry["data"] = source_location({"path": str(spec.data)}, None, out_dir)["path"]
         entries.append(entry)
     doc = recipe.to_dict(sources=entries)
+    if recipe.model is not None and Path(recipe.model).exists():
+        doc["model"] = source_location({"path": str(Path(recipe.model).resolve())}, None, out_dir)["path"]
+    if recipe.stats is not None:
+        doc["stats"] = source_location({"path": str(recipe.stats)}, None, out_dir)["path"]
     if base_model is not None:
         doc["base_model"] = base_model
     return doc

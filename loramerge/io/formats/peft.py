@@ -257,18 +257,25 @@ def split_key(key: str, key_prefix: str = KEY_PREFIX) -> tuple[str, str, str] | 
 
 
 def write(adapter: Adapter, folder: Path, *, dtype: torch.dtype) -> None:
-    """Write ``adapter`` as a PEFT folder: scale baked in, per-module ranks as full-path patterns."""
-    _refuse_unwritable(adapter)
+    """Write ``adapter`` as a PEFT folder: scale baked in, per-module ranks as full-path patterns.
+
+    DoRA magnitudes go in ``lora_magnitude_vector`` (``use_dora``), bias updates in ``lora_B.bias``
+    (``lora_bias``; modules without one keep PEFT's zero bias).
+    """
+    uses_dora(adapter)  # refuses what PEFT cannot hold
     layers = {name: lr.baked() for name, lr in adapter.layers.items()}
     tensors: dict[str, torch.Tensor] = {}
     for name, lr in layers.items():
         a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if lr.kind == "embedding" else ("lora_A.weight", "lora_B.weight")
         tensors[f"{KEY_PREFIX}{name}.{a_key}"] = lr.A.to(dtype)
         tensors[f"{KEY_PREFIX}{name}.{b_key}"] = lr.B.to(dtype)
+        if lr.magnitude is not None:
+            tensors[f"{KEY_PREFIX}{name}.lora_magnitude_vector"] = peft_magnitude(lr).to(dtype)
     for name, tensor in adapter.full_weights.items():
         tensors[f"{KEY_PREFIX}{name}"] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     ranks = {name: lr.rank for name, lr in layers.items()}
     config = build_config(adapter, ranks)
+    config["use_dora"] = uses_dora(adapter)
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     write_safetensors(tensors, folder / WEIGHTS_NAME)
 
@@ -342,11 +349,32 @@ def _weights_file(path: Path, folder: Path) -> Path:
     raise CorruptFile(f"{folder}: has {CONFIG_NAME} but no {WEIGHTS_NAME}")
 
 
-def _refuse_unwritable(adapter: Adapter) -> None:
-    for name, lr in adapter.layers.items():
-        if lr.magnitude is not None:
+def uses_dora(adapter: Adapter) -> bool:
+    """True when every module is DoRA (PEFT's ``use_dora`` is one flag for all), False when none is.
+
+    A mix, or a magnitude along the input axis (old LyCORIS), has no PEFT form: UnsupportedAdapter.
+    """
+    dora = [name for name, lr in adapter.layers.items() if lr.magnitude is not None]
+    if not dora:
+        return False
+    plain = [name for name, lr in adapter.layers.items() if lr.magnitude is None]
+    if plain:
+        raise UnsupportedAdapter(
+            f"module {dora[0]} is DoRA but {plain[0]} is not; PEFT's use_dora holds for every module, "
+            "so this mix can only be folded or written as kohya/LyCORIS"
+        )
+    for name in dora:
+        if adapter.layers[name].magnitude_axis != "out":
             raise UnsupportedAdapter(
-                f"module {name}: a DoRA magnitude cannot be written as a plain LoRA; fold the adapter instead"
+                f"module {name}: a DoRA magnitude along the input axis (LyCORIS wd_on_output=False) has no "
+                "PEFT form; fold it or write it as kohya/LyCORIS"
             )
-        if lr.bias is not None:
-            raise UnsupportedAdapter(f"module {name}: lora_B bias (lora_bias) cannot be written as a plain LoRA")
+    return True
+
+
+def peft_magnitude(lr: LowRank) -> torch.Tensor:
+    """``lr``'s per-output DoRA magnitude as PEFT stores ``lora_magnitude_vector``: ``(out,)``, conv ``(1, out, 1, 1)``."""
+    assert lr.magnitude is not None
+    if lr.kind == "conv":
+        return lr.magnitude.reshape(1, -1, *([1] * (lr.A.ndim - 2)))
+    return lr.magnitude.reshape(-1)
