@@ -618,3 +618,17 @@ def test_diffusers_zero_dimensional_factor_and_overflowing_updates(tmp_path):
     huge = tmp_path / "huge.safetensors"
     fc.save_tensors(huge, {k: v * 1e20 for k, v in tensors.items()}, meta)
     assert_clean_failure(run_cli("inspect", huge), "huge.safetensors", "beyond the float32 range")
+
+
+def test_evaluation_data_rows_are_read_through_the_bounded_parser(tmp_path):
+    from loramerge.errors import DataError
+    from loramerge.runtime.data import read_rows
+
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n' + "[" * 5000 + "\n")
+    with pytest.raises(DataError, match=r"row 2.*nested more than 64 levels"):
+        read_rows(path)
+    fifo = tmp_path / "fifo.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(DataError, match="FIFO"):
+        read_rows(fifo)
