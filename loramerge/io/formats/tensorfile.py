@@ -174,7 +174,7 @@ def read_json_object(path: Path, schema: Mapping[str, Spec] | None = None) -> di
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Write contiguous, unaliased CPU copies of ``tensors`` with ``{"format": "pt"}`` plus ``metadata``."""
-    prepared = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    prepared = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     # Serialised in memory and written by Python, so a full disk is an OSError the output layer translates.
     data = save(prepared, metadata={"format": "pt", **(metadata or {})})
     with open(path, "wb") as fh:
