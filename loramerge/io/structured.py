@@ -339,8 +339,8 @@ def _json_depth(text: str) -> tuple[int, int]:
 
 
 def parse_json(text: str, *, name: str, schema: Mapping[str, Spec] | None = None, error: ErrorType = CorruptFile,
-               want_object: bool = True) -> Any:
-    """The JSON value of ``text``; ``name`` labels the errors (one line each).
+               want_object: bool = True, lines: bool = True) -> Any:
+    """The JSON value of ``text``; ``name`` labels the errors (one line each, with the line unless ``lines`` is false).
 
     Example:
         >>> parse_json('{"a": [1, 2]}', name="x.json")
@@ -353,12 +353,12 @@ def parse_json(text: str, *, name: str, schema: Mapping[str, Spec] | None = None
     """
     deepest, where = _json_depth(text)
     if deepest > MAX_DEPTH:
-        line = text.count("\n", 0, where) + 1
-        raise error(f"{name}:{line}: invalid JSON (nested more than {MAX_DEPTH} levels deep)")
+        line = f":{text.count(chr(10), 0, where) + 1}" if lines else ""
+        raise error(f"{name}{line}: invalid JSON (nested more than {MAX_DEPTH} levels deep)")
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise error(f"{name}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+        raise error(f"{name}{f':{exc.lineno}' if lines else ''}: invalid JSON ({exc.msg})") from None
     except (ValueError, RecursionError) as exc:
         reason = (f"an integer of more than {MAX_INT_DIGITS:,} digits" if "digits" in str(exc)
                   else _first_line(exc))

@@ -143,7 +143,7 @@ def read_rows(path: str | Path, *, limit: int | None = None, validate: bool = Tr
             if not raw.strip():
                 continue
             # One bounded parse per row (nesting, integer size): a hostile row is one error line.
-            obj = parse_json(raw, name=f"{path}: row {number}", error=DataError, want_object=False)
+            obj = parse_json(raw, name=f"{path}: row {number}", error=DataError, want_object=False, lines=False)
             if validate:
                 rows.append(parse_row(obj, str(path), number))
             elif not isinstance(obj, dict):
