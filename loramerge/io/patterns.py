@@ -197,6 +197,10 @@ class _Parser:
         parts: list[_Fragment] = []
         while self.peek() not in (None, "|", ")"):
             parts.append(self.quantified())
+        return self.chain(parts)
+
+    def chain(self, parts: list[_Fragment]) -> _Fragment:
+        """``parts`` one after another (the empty fragment when there are none)."""
         if not parts:
             return self.empty()
         result = parts[0]
@@ -244,14 +248,7 @@ class _Parser:
                     tail = _Fragment(split, [(split, 2), *tail.outs])
                 else:
                     tail = _Fragment(split, [(split, 2), *optional.outs])
-        pieces = [*copies[:low], *([tail] if tail is not None else [])]
-        if not pieces:
-            return self.empty()
-        result = pieces[0]
-        for piece in pieces[1:]:
-            self.machine.patch(result.outs, piece.start)
-            result = _Fragment(result.start, piece.outs)
-        return result
+        return self.chain([*copies[:low], *([tail] if tail is not None else [])])
 
     def quantifier(self) -> tuple[int, int | None] | None:
         ch = self.peek()

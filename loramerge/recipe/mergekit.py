@@ -51,6 +51,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from loramerge.errors import RecipeError
 from loramerge.io.hub import parse_hub_id
 from loramerge.io.structured import construct_yaml
+from loramerge.recipe.model import SourceSpec, source_dict
 
 # Top-level keys that only mergekit configs have.
 MERGEKIT_KEYS = ("models", "merge_method", "slices", "modules", "tokenizer_source", "tokenizer", "chat_template",
@@ -386,9 +387,4 @@ def _source_place(spelling: str, base_dir: Path) -> dict[str, Any]:
     ref = parse_hub_id(spelling)
     if ref is None or (base_dir / Path(spelling).expanduser()).exists():
         return {"path": spelling}
-    place: dict[str, Any] = {"repo": ref.repo_id}
-    if ref.revision:
-        place["revision"] = ref.revision
-    if ref.subpath:
-        place["subfolder"] = ref.subpath
-    return place
+    return source_dict(SourceSpec(spelling, hub=ref))
