@@ -40,6 +40,7 @@ from loramerge.errors import (
 from loramerge.extract import extract
 from loramerge.fold.engine import fold
 from loramerge.hub.publish import push_output as push_to_hub
+from loramerge.io.quant.view import BaseQuant
 from loramerge.io.sources import load
 from loramerge.merge.methods import available_methods, get_method
 from loramerge.merge.statistics import InputStatistics
@@ -60,6 +61,7 @@ def save(adapter: Adapter, path: str, **kwargs) -> object:
 
 __all__ = [
     "Adapter",
+    "BaseQuant",
     "ConfigNotFound",
     "CorruptFile",
     "DataError",

@@ -632,3 +632,12 @@ def test_evaluation_data_rows_are_read_through_the_bounded_parser(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(DataError, match="FIFO"):
         read_rows(fifo)
+
+
+def test_quant_state_fields_of_the_wrong_type_are_corrupt_not_type_errors():
+    from loramerge.io.quant import bnb4
+
+    state = json.dumps({"quant_type": "nf4", "blocksize": [64], "dtype": "float16", "shape": [4, 4]}).encode()
+    tensors = {"w.quant_state.bitsandbytes__nf4": torch.tensor(list(state), dtype=torch.uint8)}
+    with pytest.raises(CorruptFile, match=r"blocksize: must be a positive integer, got \[64\]"):
+        bnb4.state_from_tensors(tensors, "w")

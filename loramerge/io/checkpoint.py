@@ -161,6 +161,10 @@ class Checkpoint:
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
+    def copyable(self, name: str) -> bool:
+        """True when tensor ``name``'s stored bytes are its value, so a writer may copy them as they are."""
+        return not self.pickled
+
     def read(self, name: str) -> torch.Tensor:
         """The tensor ``name`` as a fresh CPU tensor (no memory map stays behind)."""
         info = self.tensors[name]
