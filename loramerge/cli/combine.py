@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from loramerge.cli.options import (
+    block_weights_option,
     card_options,
     merge_options,
     method_params_from,
@@ -27,14 +28,16 @@ from loramerge.merge.engine import merge
 @click.argument("sources", nargs=-1, required=True)
 @output_options
 @merge_options
+@block_weights_option
 @source_options
 @push_options
 @card_options
 def combine(sources: tuple[str, ...], output: str, dtype: str | None, force: bool, out_format: str | None,
             method: str, weights: str | None, rank: int | None, energy: float | None, max_error: float | None,
+            sv_ratio: float | None, sv_cumulative: float | None, sv_fro: float | None,
             rank_max: int | None, seed: int, device: str, compute_dtype: str, ignore_base_mismatch: bool,
-            report_path: str | None, allow_pickle: bool, from_format: str | None, base: str | None,
-            push_to_hub: str | None, private: bool, commit_message: str | None, no_card: bool,
+            report_path: str | None, block_weights: tuple[str, ...], allow_pickle: bool, from_format: str | None,
+            base: str | None, push_to_hub: str | None, private: bool, commit_message: str | None, no_card: bool,
             **method_options: Any) -> None:
     """Merge SOURCE adapters into one adapter written to -o OUTPUT.
 
@@ -52,6 +55,8 @@ def combine(sources: tuple[str, ...], output: str, dtype: str | None, force: boo
       loramerge combine org/math-lora@v2 ./code -o merged --push-to-hub me/math-code --private
       loramerge combine style.safetensors detail.safetensors -o merged.safetensors --method svd --rank 32
       loramerge combine kohya.safetensors ./diffusers-lora -o merged --format diffusers
+      loramerge combine a.safetensors b.safetensors -o m.safetensors --block-weights OUTALL --block-weights 2:INS
+      loramerge combine a.safetensors b.safetensors -o m.safetensors --method svd --sv-ratio 8 --rank-max 64
     """
     check_output(output, force=force)
     if push_to_hub:
@@ -59,8 +64,9 @@ def combine(sources: tuple[str, ...], output: str, dtype: str | None, force: boo
     adapters = [load(s, format=from_format, allow_pickle=allow_pickle, base=base) for s in sources]
     merged = merge(
         adapters, method=method, weights=parse_weights(weights), rank=rank, energy=energy, max_error=max_error,
-        rank_max=rank_max, seed=seed, device=device, dtype=dtype, compute_dtype=compute_dtype,
-        ignore_base_mismatch=ignore_base_mismatch, progress=True, **method_params_from(method_options),
+        sv_ratio=sv_ratio, sv_cumulative=sv_cumulative, sv_fro=sv_fro, rank_max=rank_max, seed=seed, device=device,
+        dtype=dtype, compute_dtype=compute_dtype, ignore_base_mismatch=ignore_base_mismatch, progress=True,
+        block_weights=block_weights, **method_params_from(method_options),
     )
     recipe = recipe_from_report(
         merged, Path(output), compute_dtype=compute_dtype if compute_dtype != "fp32" else None,

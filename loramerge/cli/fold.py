@@ -7,7 +7,13 @@ from typing import Any
 
 import click
 
-from loramerge.cli.options import merge_options, method_params_from, parse_weights, push_options
+from loramerge.cli.options import (
+    block_weights_option,
+    merge_options,
+    method_params_from,
+    parse_weights,
+    push_options,
+)
 from loramerge.fold.engine import fold as run_fold
 from loramerge.fold.plan import TIED_MODES
 from loramerge.hub.publish import push_fold
@@ -30,13 +36,15 @@ from loramerge.io.sources import load
 @click.option("--strict", is_flag=True, help="Refuse adapters trained on a different base model (default: warn).")
 @click.option("--force", is_flag=True, help="Overwrite an existing, non-empty output.")
 @merge_options
+@block_weights_option
 @click.option("--allow-pickle", is_flag=True,
               help="Allow pickle .bin weights (read with torch.load(weights_only=True)).")
 @push_options
 def fold(base: str, adapters: tuple[str, ...], output: str, dtype: str, shard_size: str | None, tied_embeddings: str,
          strict: bool, force: bool, method: str, weights: str | None, rank: int | None, energy: float | None,
-         max_error: float | None, rank_max: int | None, seed: int, device: str, compute_dtype: str,
-         ignore_base_mismatch: bool, report_path: str | None, allow_pickle: bool, push_to_hub: str | None,
+         max_error: float | None, sv_ratio: float | None, sv_cumulative: float | None, sv_fro: float | None,
+         rank_max: int | None, seed: int, device: str, compute_dtype: str, ignore_base_mismatch: bool,
+         report_path: str | None, block_weights: tuple[str, ...], allow_pickle: bool, push_to_hub: str | None,
          private: bool, commit_message: str | None, **method_options: Any) -> None:
     """Fold ADAPTERS into the model at BASE and write the full model to -o OUTPUT.
 
@@ -59,6 +67,8 @@ def fold(base: str, adapters: tuple[str, ...], output: str, dtype: str, shard_si
       loramerge fold org/llama org/math-lora -o llama-math --push-to-hub me/llama-math
       loramerge fold sdxl.safetensors style.safetensors -o sdxl-style.safetensors
       loramerge fold ./sdxl-pipeline style.safetensors detail.safetensors -o sdxl-sd --weights 0.8,0.5
+      loramerge fold sdxl.safetensors style.safetensors -o out.safetensors --block-weights OUTALL
+      loramerge fold flux1-dev.safetensors lora.safetensors -o out.safetensors --block-weights 'single_blocks.20-37=0'
     """
     check_output(output, force=force)
     if push_to_hub:
@@ -67,7 +77,8 @@ def fold(base: str, adapters: tuple[str, ...], output: str, dtype: str, shard_si
     sources = [load(a, allow_pickle=allow_pickle) for a in adapters] if push_to_hub else list(adapters)
     result = run_fold(
         base, sources, output=output, weights=parse_weights(weights), method=method, rank=rank,
-        energy=energy, max_error=max_error, rank_max=rank_max, seed=seed, dtype=dtype, shard_size=shard_size,
+        energy=energy, max_error=max_error, sv_ratio=sv_ratio, sv_cumulative=sv_cumulative, sv_fro=sv_fro,
+        rank_max=rank_max, seed=seed, dtype=dtype, shard_size=shard_size, block_weights=block_weights,
         device=device, compute_dtype=compute_dtype, tied_embeddings_mode=tied_embeddings, force=force,
         strict=strict, allow_pickle=allow_pickle, ignore_base_mismatch=ignore_base_mismatch, progress=True,
         **method_params_from(method_options),

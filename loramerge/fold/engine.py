@@ -64,6 +64,7 @@ from loramerge.io.names import Resolver
 from loramerge.io.output import atomic_output, check_output
 from loramerge.io.shards import parse_size
 from loramerge.io.sources import load, resolve_model
+from loramerge.merge.blocks import BlockWeighting, weigh_blocks
 from loramerge.merge.engine import merge
 
 Units = list[tuple[Adapter, float]]
@@ -80,6 +81,9 @@ def fold(
     energy: float | None = None,
     max_error: float | None = None,
     rank_max: int | None = None,
+    sv_ratio: float | None = None,
+    sv_cumulative: float | None = None,
+    sv_fro: float | None = None,
     seed: int = 0,
     dtype: str | torch.dtype | None = "keep",
     shard_size: str | int | None = None,
@@ -92,6 +96,7 @@ def fold(
     ignore_base_mismatch: bool = False,
     resolver: Resolver | None = None,
     progress: bool = False,
+    block_weights: BlockWeighting | str | Sequence[str] | None = None,
     **params: Any,
 ) -> FoldResult:
     """Fold one or more adapters into the base model at ``base`` and write the model to ``output``.
@@ -110,6 +115,7 @@ def fold(
     embeddings: ``refuse`` (default), ``untie`` (write both, set ``tie_word_embeddings: false``:
     the adapted model exactly) or ``shared`` (fold into the shared matrix, as PEFT does).
     ``strict`` refuses an adapter trained on another base model instead of warning.
+    ``block_weights`` scales each adapter's modules by block first (see :mod:`loramerge.merge.blocks`).
 
     Example:
         >>> import tempfile, torch
@@ -126,16 +132,18 @@ def fold(
     """
     check_output(output, force=force)
     sources = _as_list(adapters)
+    weighting = BlockWeighting.parse(block_weights, sources=len(sources))
     job = FoldJob(
         output=Path(output), force=force, weights=fold_weights(weights, len(sources)), method=method,
         tied_mode=tied_mode(tied_embeddings_mode), out_dtype=fold_dtype(dtype),
         compute=parse_dtype(compute_dtype) or torch.float32, shard_limit=parse_size(shard_size),
-        device=resolve_device(device), policy=RankPolicy(rank=rank, energy=energy, max_error=max_error,
-                                                          rank_max=rank_max),
+        device=resolve_device(device),
+        policy=RankPolicy.from_options(rank=rank, energy=energy, max_error=max_error, sv_ratio=sv_ratio,
+                                       sv_cumulative=sv_cumulative, sv_fro=sv_fro, rank_max=rank_max),
         seed=seed, params=params, progress=progress,
     )
     target = _open_base(base, job, resolver, allow_pickle)
-    loaded = [load(s, allow_pickle=allow_pickle) for s in sources]
+    loaded = weigh_blocks([load(s, allow_pickle=allow_pickle) for s in sources], weighting)
     notes = _check_adapters(loaded, target, strict, ignore_base_mismatch)
     units = _units(loaded, job, ignore_base_mismatch)
     try:
@@ -194,12 +202,10 @@ def _units(loaded: Sequence[Adapter], job: FoldJob, ignore_base_mismatch: bool) 
     """What is folded: each adapter with its weight in turn, or their merge with weight 1."""
     if _sequential(job.method, job.policy, job.params):
         return list(zip(loaded, job.weights))
-    policy = job.policy
     try:
-        merged = merge(loaded, method=job.method, weights=job.weights, rank=policy.rank, energy=policy.energy,
-                       max_error=policy.max_error, rank_max=policy.rank_max, seed=job.seed, device=job.device,
-                       dtype=torch.float32, compute_dtype=job.compute, ignore_base_mismatch=ignore_base_mismatch,
-                       progress=job.progress, **job.params)
+        merged = merge(loaded, method=job.method, weights=job.weights, **job.policy.as_dict(), seed=job.seed,
+                       device=job.device, dtype=torch.float32, compute_dtype=job.compute,
+                       ignore_base_mismatch=ignore_base_mismatch, progress=job.progress, **job.params)
     except UnsupportedAdapter as exc:
         raise UnsupportedAdapter(f"{exc}; fold such adapters with --method linear and no rank option, "
                                  "which applies them one after another") from None
