@@ -39,6 +39,7 @@ from loramerge.hub.publish import push_output as push_to_hub
 from loramerge.io.sources import load
 from loramerge.merge.engine import merge
 from loramerge.merge.methods import available_methods, get_method
+from loramerge.merge.resize import resize
 from loramerge.recipe.plan import plan_recipe
 from loramerge.recipe.reader import load_recipe
 from loramerge.recipe.run import run_recipe
@@ -82,6 +83,7 @@ __all__ = [
     "merge",
     "plan_recipe",
     "push_to_hub",
+    "resize",
     "run_recipe",
     "save",
 ]

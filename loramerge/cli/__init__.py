@@ -9,9 +9,10 @@ from loramerge.cli.fold import fold
 from loramerge.cli.inspect_adapter import inspect
 from loramerge.cli.methods import methods
 from loramerge.cli.push import push
+from loramerge.cli.resize import resize
 from loramerge.cli.run import run
 
-for command in (combine, convert, demo, extract, fold, inspect, methods, push, run):
+for command in (combine, convert, demo, extract, fold, inspect, methods, push, resize, run):
     main.add_command(command)
 
 __all__ = ["main"]

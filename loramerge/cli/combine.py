@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import click
@@ -17,7 +16,7 @@ from loramerge.cli.options import (
     push_options,
     source_options,
 )
-from loramerge.hub.publish import publish_merge, recipe_from_report
+from loramerge.cli.output import publish_merged
 from loramerge.io.hub import check_push
 from loramerge.io.output import check_output
 from loramerge.io.sources import load
@@ -68,18 +67,6 @@ def combine(sources: tuple[str, ...], output: str, dtype: str | None, force: boo
         dtype=dtype, compute_dtype=compute_dtype, ignore_base_mismatch=ignore_base_mismatch, progress=True,
         block_weights=block_weights, **method_params_from(method_options),
     )
-    recipe = recipe_from_report(
-        merged, Path(output), compute_dtype=compute_dtype if compute_dtype != "fp32" else None,
-        ignore_base_mismatch=ignore_base_mismatch, allow_pickle=allow_pickle,
-        output={k: v for k, v in (("dtype", dtype), ("format", out_format)) if v} or None,
-    )
-    pushed = publish_merge(merged, output, format=out_format, dtype=dtype, force=force, card=not no_card,
-                           recipe=recipe, repo_id=push_to_hub, private=private, commit_message=commit_message)
-    report = merged.report
-    assert report is not None
-    if report_path:
-        report.write_json(report_path)
-    click.echo(report.summary())
-    click.echo(f"wrote {output} ({report.method}, {len(merged)} modules, {report.seconds:.2f}s)")
-    if pushed is not None:
-        click.echo(f"pushed to {pushed.repo_id} (commit {pushed.commit}): {pushed.url}")
+    publish_merged(merged, output, out_format=out_format, dtype=dtype, force=force, card=not no_card,
+                   compute_dtype=compute_dtype, report_path=report_path, push_to_hub=push_to_hub, private=private,
+                   commit_message=commit_message, ignore_base_mismatch=ignore_base_mismatch, allow_pickle=allow_pickle)

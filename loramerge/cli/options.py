@@ -61,6 +61,11 @@ block_weights_option = click.option(
 device_option = click.option("--device", default="auto", show_default=True, callback=check_device,
                              help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N.")
 
+compute_dtype_option = click.option("--compute-dtype", type=click.Choice(["fp32", "fp64"]), default="fp32",
+                                    show_default=True, help="Precision of the maths.")
+report_option = click.option("--report", "report_path", type=click.Path(dir_okay=False),
+                             help="Write per-module statistics as JSON.")
+
 READ_FORMATS = ("peft", "kohya", "lycoris", "diffusers")
 WRITE_FORMATS = ("peft", "kohya", "diffusers")
 
@@ -118,10 +123,9 @@ merge_options = _apply([
     *_rank_options("Output rank per module (re-ranks with a factored SVD)."),
     click.option("--seed", type=int, default=0, show_default=True, help="Seed for random methods (per-module)."),
     device_option,
-    click.option("--compute-dtype", type=click.Choice(["fp32", "fp64"]), default="fp32", show_default=True,
-                 help="Precision of the maths."),
+    compute_dtype_option,
     click.option("--ignore-base-mismatch", is_flag=True, help="Merge sources trained on different base models."),
-    click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write per-module statistics as JSON."),
+    report_option,
     *_method_param_options(),
 ])
 
