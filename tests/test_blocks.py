@@ -465,6 +465,8 @@ output:
     (["--block-weights", "double_blocks.0-9=0.5"], ["block rule double_blocks.0-9=0.5 matches no module"]),
     (["--block-weights", "3:ALL"], ["names source 3, but there are 2 sources"]),
     (["--block-weights", "x=y"], ["'y' is not a number"]),
+    (["--block-weights", "0.5"], ["one number is a source weight"]),
+    (["--block-weights", "1:double_blocks.0-9=0.5"], ["matches no module of source 1"]),
     (["--rank", "4", "--sv-ratio", "2"], ["choose one rank policy, not rank and sv_ratio"]),
     (["--energy", "0.9", "--sv-fro", "0.9"], ["choose one rank policy, not energy and sv_fro"]),
 ])

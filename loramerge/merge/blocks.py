@@ -294,6 +294,9 @@ class BlockWeights:
                 preset = text.upper()
             elif re.fullmatch(r"[-+0-9.eE,\s]+", text) and "," in text:
                 vector = tuple(_number(v, text) for v in text.split(","))
+            elif re.fullmatch(r"[-+0-9.eE]+", text):
+                raise InvalidParameter(f"--block-weights {text}: one number is a source weight (--weights); block "
+                                       "weights are a preset, a vector or rules", parameter="block_weights")
             else:
                 preset = text  # refused with the list of presets
         return cls(preset, vector, tuple(rules), tuple(filters))
@@ -389,6 +392,7 @@ def weigh_blocks(adapters: Sequence[Adapter], weighting: BlockWeighting | str | 
         return list(adapters)
     out = []
     shared_hits: set[int] = set()
+    shared_used = False
     for i, adapter in enumerate(adapters):
         spec = weighting.for_source(i)
         if spec is None or spec.is_empty:
@@ -398,12 +402,13 @@ def weigh_blocks(adapters: Sequence[Adapter], weighting: BlockWeighting | str | 
         weights, hits = module_block_weights(adapter, spec, where)
         if spec is weighting.shared:
             shared_hits |= hits
+            shared_used = True
         else:
             _check_rules_matched(spec, hits, f"source {i + 1} ({where})")
         layers = {m: replace(lr, scale=lr.scale * weights[m]) if weights[m] != 1.0 else lr
                   for m, lr in adapter.layers.items()}
         out.append(adapter.with_layers(layers, config={**adapter.config, "block_weights": spec.to_plain()}))
-    if weighting.shared is not None:
+    if weighting.shared is not None and shared_used:
         _check_rules_matched(weighting.shared, shared_hits, "any source")
     return out
 
