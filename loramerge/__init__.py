@@ -18,11 +18,13 @@ from loramerge.core.report import MergeReport, ModuleReport
 from loramerge.errors import (
     ConfigNotFound,
     CorruptFile,
+    DataError,
     HubError,
     IncompatibleAdapters,
     InvalidParameter,
     LoramergeError,
     LoramergeWarning,
+    MissingDependency,
     NonFiniteValues,
     OutOfMemory,
     OutputExists,
@@ -31,18 +33,26 @@ from loramerge.errors import (
     SourceNotFound,
     UnknownFormat,
     UnsupportedAdapter,
+    UnsupportedModel,
+    VerificationFailed,
     WriteFailed,
 )
 from loramerge.extract import extract
 from loramerge.fold.engine import fold
 from loramerge.hub.publish import push_output as push_to_hub
+from loramerge.io.quant.view import BaseQuant
 from loramerge.io.sources import load
-from loramerge.merge.engine import merge
 from loramerge.merge.methods import available_methods, get_method
 from loramerge.merge.resize import resize
+from loramerge.merge.statistics import InputStatistics
 from loramerge.recipe.plan import plan_recipe
 from loramerge.recipe.reader import load_recipe
 from loramerge.recipe.run import run_recipe
+from loramerge.runtime.data import load_tasks
+from loramerge.runtime.evaluate import Evaluation, evaluate
+from loramerge.runtime.merging import merge
+from loramerge.runtime.resident import Runtime
+from loramerge.runtime.verify import Verification, verify
 
 
 def save(adapter: Adapter, path: str, **kwargs) -> object:
@@ -52,15 +62,20 @@ def save(adapter: Adapter, path: str, **kwargs) -> object:
 
 __all__ = [
     "Adapter",
+    "BaseQuant",
     "ConfigNotFound",
     "CorruptFile",
+    "DataError",
+    "Evaluation",
     "HubError",
     "IncompatibleAdapters",
+    "InputStatistics",
     "InvalidParameter",
     "LoramergeError",
     "LoramergeWarning",
     "LowRank",
     "MergeReport",
+    "MissingDependency",
     "ModuleReport",
     "NonFiniteValues",
     "OutOfMemory",
@@ -68,22 +83,29 @@ __all__ = [
     "PickleRefused",
     "RankPolicy",
     "RecipeError",
+    "Runtime",
     "SourceNotFound",
     "UnknownFormat",
     "UnsupportedAdapter",
+    "UnsupportedModel",
+    "Verification",
+    "VerificationFailed",
     "WriteFailed",
     "__version__",
     "available_methods",
     "convert",
+    "evaluate",
     "extract",
     "fold",
     "get_method",
     "load",
     "load_recipe",
+    "load_tasks",
     "merge",
     "plan_recipe",
     "push_to_hub",
     "resize",
     "run_recipe",
     "save",
+    "verify",
 ]

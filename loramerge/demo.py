@@ -144,7 +144,8 @@ def run_demo(root: Path, methods: list[MergeMethod] | None = None) -> list[DemoR
     _, paths = build_demo_files(root)
     sources = [load(p) for p in paths]
     rows = []
-    for method in methods or available_methods():
+    # Data-aware methods (regmean) need a model and data, which the demo's adapters do not come with.
+    for method in methods or [m for m in available_methods() if not m.needs_statistics]:
         count = min(len(sources), method.max_sources or len(sources))
         used, weights = sources[:count], list(DEMO_WEIGHTS[:count])
         started = time.perf_counter()

@@ -23,6 +23,10 @@ FileNotFoundError`` or ``except ValueError`` in their code sees it too:
 | `RecipeError` | `ValueError` | a recipe that does not validate |
 | `NonFiniteValues` | `ValueError` and `ArithmeticError` | NaN/Inf read from a file (a bad value) or produced by a merge that overflowed (an arithmetic failure) |
 | `OutOfMemory` | `MemoryError` | the compute device ran out of memory on a module |
+| `MissingDependency` | `ImportError` | an optional extra the work needs is not installed (the message says how to install it: `loramerge[eval]`, `loramerge[diffusion]`, …) |
+| `DataError` | `ValueError` | evaluation data that cannot be used (names the file and row) |
+| `UnsupportedModel` | `ValueError` | a base model the runtime cannot load or run |
+| `VerificationFailed` | `AssertionError` | `verify` found that a merge or fold does not do what the unmerged adapters do: a failed check, not bad input |
 
 Every error carries optional structured fields, ``None`` when unknown: ``path`` (the file,
 folder or Hub id), ``module`` (the module path being processed) and ``parameter`` (the option at
@@ -166,6 +170,10 @@ class WriteFailed(LoramergeError, OSError):
     """The output could not be written (no space left, permissions); nothing was left behind."""
 
 
+class MissingDependency(LoramergeError, ImportError):
+    """An optional extra that the work needs is not installed; the message says how to install it."""
+
+
 class OutOfMemory(LoramergeError, MemoryError):
     """The compute device ran out of memory while processing a module; the message says what to do."""
 
@@ -173,3 +181,16 @@ class OutOfMemory(LoramergeError, MemoryError):
 class LoramergeWarning(UserWarning):
     """Something suspicious that does not stop the work (the CLI prints it as ``warning: ...``)."""
 
+
+
+class DataError(LoramergeError, ValueError):
+    """Evaluation data that cannot be used: a row of no known type, an empty task, a row longer than
+    the model's context; the message names the file and the row."""
+
+
+class UnsupportedModel(LoramergeError, ValueError):
+    """A base model the runtime cannot load or run (an unknown model type, no tokenizer where one is needed)."""
+
+
+class VerificationFailed(LoramergeError, AssertionError):
+    """``verify`` found a merge or fold that does not do what the unmerged adapters do."""

@@ -65,3 +65,11 @@ def llama_adapters(llama, tmp_path_factory):
     return {
         name: make_peft_adapter(llama, root / name, seed=i + 1, **kwargs) for i, (name, kwargs) in enumerate(specs.items())
     }
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """A saved tiny Llama with a tokenizer, PEFT adapters and evaluation data (tests/runtime_fixtures.py)."""
+    from tests.runtime_fixtures import runtime_world
+
+    return runtime_world(tmp_path_factory.mktemp("runtime_world"))

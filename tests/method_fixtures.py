@@ -12,6 +12,7 @@ import torch
 
 from loramerge import Adapter, LowRank
 from loramerge.merge.methods import ModuleInputs, get_method
+from loramerge.merge.statistics import InputStatistics
 
 SHAPES = {"layer.q": (24, 40), "layer.up": (56, 24), "layer.down": (24, 56)}
 
@@ -27,12 +28,27 @@ def random_adapter(seed: int, rank: int = 4, scale: float = 0.5, shapes: dict[st
     return Adapter(layers)
 
 
+def random_statistics(adapters: list[Adapter], seed: int = 0) -> InputStatistics:
+    """Random positive definite input Grams for every Linear module of every adapter (for data-aware methods)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {m: lr.matrix_shape[1] for a in adapters for m, lr in a.layers.items() if lr.kind == "linear"}
+    grams = []
+    for _ in adapters:
+        per_module = {}
+        for module, n in shapes.items():
+            X = torch.randn(2 * n, n, generator=g)
+            per_module[module] = X.T @ X / (2 * n)
+        grams.append(per_module)
+    return InputStatistics(grams)
+
+
 def module_inputs(adapters: list[Adapter], module: str, weights: list[float], seed: int = 0,
-                  dtype: torch.dtype = torch.float64) -> ModuleInputs:
+                  dtype: torch.dtype = torch.float64, statistics: InputStatistics | None = None) -> ModuleInputs:
     from loramerge.merge.methods import module_seed
 
     terms = [a.layers[module].to(dtype=dtype) if module in a.layers else None for a in adapters]
-    return ModuleInputs(module=module, terms=terms, weights=weights, seed=module_seed(seed, module))
+    grams = statistics.for_module(module) if statistics is not None else None
+    return ModuleInputs(module=module, terms=terms, weights=weights, seed=module_seed(seed, module), statistics=grams)
 
 
 def run_method(name: str, inputs: ModuleInputs, **params) -> torch.Tensor:

@@ -40,7 +40,8 @@ from loramerge.merge.blocks import (
 )
 from loramerge.merge.methods import available_methods
 from tests.cli_helpers import assert_clean_failure, run_cli
-from tests.sd_fixtures import gen, kohya_module, lora_factors, ref_lora
+from tests.method_fixtures import random_statistics
+from tests.sd_fixtures import gen, kohya_module, lora_factors, randn, ref_loha, ref_lokr, ref_lora
 
 # ------------------------------------------------------------------ the extension, as it documents itself
 
@@ -230,8 +231,9 @@ def test_block_weights_compose_exactly_with_every_method(method):
             w = BLOCK_TABLES["sd"].preset("OUTALL")
         by_hand.append(source.with_layers({m: LowRank(lr.A, lr.B, scale=lr.scale * w[a1111_block(m)])
                                            for m, lr in source.layers.items()}))
-    ours = loramerge.merge(sources, method=method, block_weights=weighting, seed=3)
-    reference = loramerge.merge(by_hand, method=method, seed=3)
+    data = {"statistics": random_statistics(sources)} if spec.needs_statistics else {}  # regmean's input Grams
+    ours = loramerge.merge(sources, method=method, block_weights=weighting, seed=3, **data)
+    reference = loramerge.merge(by_hand, method=method, seed=3, **data)
     for module in SD_MODULES:
         torch.testing.assert_close(ours.delta(module, torch.float64), reference.delta(module, torch.float64),
                                    rtol=1e-6, atol=1e-7)
@@ -250,6 +252,28 @@ def test_linear_merge_with_block_weights_is_the_weighted_sum():
         expected = 0.7 * wa * a.delta(module, torch.float64) - 0.4 * wb * b.delta(module, torch.float64)
         torch.testing.assert_close(merged.delta(module, torch.float64), expected, rtol=1e-5,
                                    atol=1e-6 * float(expected.abs().max()))
+
+
+def test_weighted_loha_and_lokr_stay_in_their_own_factors(tmp_path):
+    """A LyCORIS output keeps a weighted LoHa or LoKr factored (one factor scaled), not expanded."""
+    g = gen(6)
+    loha, lokr = "lora_te_text_model_encoder_layers_0_mlp_fc1", "lora_te_text_model_encoder_layers_1_self_attn_q_proj"
+    w1a, w1b, w2a, w2b = randn(12, 2, g=g), randn(2, 10, g=g), randn(12, 2, g=g), randn(2, 10, g=g)
+    k1, k2a, k2b = randn(3, 2, g=g), randn(4, 2, g=g), randn(2, 5, g=g)
+    tensors = {f"{loha}.hada_w1_a": w1a, f"{loha}.hada_w1_b": w1b, f"{loha}.hada_w2_a": w2a, f"{loha}.hada_w2_b": w2b,
+               f"{loha}.alpha": torch.tensor(1.0), f"{lokr}.lokr_w1": k1, f"{lokr}.lokr_w2_a": k2a,
+               f"{lokr}.lokr_w2_b": k2b, f"{lokr}.alpha": torch.tensor(2.0)}
+    safetensors.torch.save_file(tensors, str(tmp_path / "lyco.safetensors"))
+    out = loramerge.convert(tmp_path / "lyco.safetensors", tmp_path / "weighted.safetensors",
+                            block_weights="layers.0=0.5,layers.1=-2")
+    with safetensors.safe_open(str(out), "pt") as f:
+        keys = set(f.keys())
+    assert {f"{loha}.hada_w1_a", f"{lokr}.lokr_w1"} <= keys and not any("lora_down" in k for k in keys)
+    weighted = loramerge.load(out)
+    expected = {"text_encoder.text_model.encoder.layers.0.mlp.fc1": 0.5 * ref_loha(w1a, w1b, w2a, w2b, 1.0, (12, 10)),
+                "text_encoder.text_model.encoder.layers.1.self_attn.q_proj": -2 * ref_lokr(k1, k2a @ k2b, 2.0 / 2)}
+    for module, delta in expected.items():
+        torch.testing.assert_close(weighted.delta(module, torch.float64), delta, rtol=1e-5, atol=1e-6)
 
 
 def test_flux_rules_name_double_and_single_blocks_in_either_spelling():

@@ -28,7 +28,7 @@ from loramerge.merge.methods.subspace import empty_pair, zero_update
 from tests.cli_helpers import assert_clean_failure, run_cli
 from tests.device_audit import HostTensorAudit
 from tests.fold_models import make_adapter, save_base, tiny_llama
-from tests.method_fixtures import random_adapter
+from tests.method_fixtures import random_adapter, random_statistics
 
 # Relative Frobenius error allowed between a float32 result on another device and the CPU's:
 # different GEMM/SVD kernels round differently (about 1e-7 per operation), which moves a result
@@ -54,6 +54,11 @@ def params_for(name: str) -> dict:
 
 def sources_for(name: str, sources: list[Adapter]) -> list[Adapter]:
     return sources[:2] if REGISTRY[name].max_sources == 2 else sources
+
+
+def data_for(name: str, used: list[Adapter]) -> dict:
+    """Input Grams for a data-aware method (regmean), nothing for the others."""
+    return {"statistics": random_statistics(used)} if REGISTRY[name].needs_statistics else {}
 
 
 def fake_gpus(monkeypatch: pytest.MonkeyPatch, count: int) -> None:
@@ -217,9 +222,10 @@ def test_extract_sends_every_weight_through_the_pinned_stager(tmp_path, monkeypa
 def test_no_method_makes_cpu_tensors_inside_device_maths(sources, name, weights):
     used = sources_for(name, sources)
     with HostTensorAudit() as audit:
-        merged = loramerge.merge(used, method=name, weights=weights[:len(used)], device="cpu")
+        merged = loramerge.merge(used, method=name, weights=weights[:len(used)], device="cpu", **data_for(name, used))
         if REGISTRY[name].accepts_rank:
-            loramerge.merge(used, method=name, weights=weights[:len(used)], energy=0.9, device="cpu")
+            loramerge.merge(used, method=name, weights=weights[:len(used)], energy=0.9, device="cpu",
+                            **data_for(name, used))
     audit.assert_clean()
     if not any(weights):
         assert all(float(merged.delta(m).abs().max()) == 0.0 for m in merged.modules)
@@ -251,8 +257,9 @@ def test_zero_updates_are_made_on_the_factors_device():
 def test_half_precision_compute_decomposes_in_float32(sources, name, compute):
     """bf16/fp16 compute reached LAPACK's NotImplementedError; decompositions now run in float32."""
     used = sources_for(name, sources)
-    reference = loramerge.merge(used, method=name, device="cpu")
-    merged = loramerge.merge(used, method=name, device="cpu", compute_dtype=compute)
+    data = data_for(name, used)
+    reference = loramerge.merge(used, method=name, device="cpu", **data)
+    merged = loramerge.merge(used, method=name, device="cpu", compute_dtype=compute, **data)
     # Factor-space results stay within a few units of the format's rounding (2⁻⁸ for bf16, 2⁻¹¹
     # for fp16). Per-entry methods select entries by magnitude or sign, and entries near a
     # threshold flip with that rounding: a few per cent of ΔW (measured: up to 9 % after re-ranking).
@@ -330,18 +337,21 @@ def test_extract_names_the_module_that_ran_out_of_memory(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name", list(REGISTRY))
 def test_each_method_on_each_device_matches_the_cpu(sources, device, name):
     used = sources_for(name, sources)
-    reference = loramerge.merge(used, method=name, weights=[0.7, -0.4, 1.3][:len(used)], device="cpu")
-    merged = loramerge.merge(used, method=name, weights=[0.7, -0.4, 1.3][:len(used)], device=device)
+    data = data_for(name, used)
+    reference = loramerge.merge(used, method=name, weights=[0.7, -0.4, 1.3][:len(used)], device="cpu", **data)
+    merged = loramerge.merge(used, method=name, weights=[0.7, -0.4, 1.3][:len(used)], device=device, **data)
     for module in reference.modules:
         assert merged[module].A.device.type == "cpu"
         assert relative(merged.delta(module), reference.delta(module)) < DEVICE_RTOL, module
     # The method itself on the device, whether or not the engine would send it there.
     spec = REGISTRY[name]
     terms = [a.layers["layer.up"].to(dtype=torch.float32, device=device) for a in used]
-    out = spec.function(ModuleInputs("layer.up", terms, [0.7, -0.4, 1.3][:len(used)], seed=5),
+    grams = data["statistics"].for_module("layer.up") if data else None
+    out = spec.function(ModuleInputs("layer.up", terms, [0.7, -0.4, 1.3][:len(used)], seed=5,
+                                     statistics=[g.to(device) for g in grams] if grams else None),
                         **spec.resolve({}, sources=len(used)))
     cpu = spec.function(ModuleInputs("layer.up", [t.to(device="cpu") for t in terms], [0.7, -0.4, 1.3][:len(used)],
-                                     seed=5), **spec.resolve({}, sources=len(used)))
+                                     seed=5, statistics=grams), **spec.resolve({}, sources=len(used)))
     dense = [getattr(r, "delta", r) for r in (out, cpu)]
     dense = [d.product().reshape(d.matrix_shape) if isinstance(d, LowRank) else d for d in dense]
     assert dense[0].device.type == device.type

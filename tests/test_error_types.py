@@ -35,6 +35,10 @@ BUILTINS = {
     errors.RecipeError: (ValueError,),
     errors.NonFiniteValues: (ValueError, ArithmeticError),
     errors.OutOfMemory: (MemoryError,),
+    errors.MissingDependency: (ImportError,),
+    errors.DataError: (ValueError,),
+    errors.UnsupportedModel: (ValueError,),
+    errors.VerificationFailed: (AssertionError,),
 }
 ERRNOS = {errors.SourceNotFound: errno.ENOENT, errors.ConfigNotFound: errno.ENOENT, errors.OutputExists: errno.EEXIST,
           errors.PickleRefused: errno.EPERM}

@@ -29,6 +29,7 @@ from loramerge.cli import main
 from loramerge.io.checkpoint import read_header
 from loramerge.io.formats.sd_names import ARCHITECTURES, SD1_UNET, SD2_UNET, SDXL_UNET, flatten, unet_modules
 from loramerge.io.single_file import SingleFileResolver, infer_unet_spec
+from tests.cli_helpers import assert_clean_failure, run_cli
 from tests.sd_checkpoints import (
     SD1_TE,
     SDXL_TE2,
@@ -593,3 +594,17 @@ def test_sd1_text_encoder_keys_keep_their_text_model_prefix(case):
         pytest.skip("sd1 only")
     assert f"{SD1_TE}text_model.encoder.layers.0.self_attn.q_proj.weight" in result.changed
     assert math.isfinite(float(read_all(out)[f"{SD1_TE}text_model.encoder.layers.0.self_attn.q_proj.weight"].sum()))
+
+
+def test_a_single_file_ckpt_base_is_read_only_with_allow_pickle(case, tmp_path):
+    """An original ``.ckpt`` (weights under ``state_dict``, beside training state) folds like its safetensors twin,
+    into a ``.safetensors`` file; without --allow-pickle it is refused by name."""
+    kind, _, base, lora, _, out, _ = case
+    ckpt = tmp_path / f"{kind}.ckpt"
+    torch.save({"state_dict": read_all(base), "global_step": torch.tensor(7)}, str(ckpt))
+    result = run_cli("fold", ckpt, lora, "-o", tmp_path / "refused.safetensors")
+    assert_clean_failure(result, f"{kind}.ckpt", "--allow-pickle")
+    assert not (tmp_path / "refused.safetensors").exists()
+    fold(ckpt, lora, output=tmp_path / "from-ckpt.safetensors", allow_pickle=True)
+    got, expected = read_all(tmp_path / "from-ckpt.safetensors"), read_all(out)
+    assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in got)

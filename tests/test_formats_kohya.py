@@ -365,11 +365,15 @@ def test_dora_scale_is_read_for_folding_and_refused_by_merges(tmp_path):
         merge([adapter, adapter])
     written = safetensors.torch.load_file(str(adapter.save(tmp_path / "dora.safetensors")))
     assert torch.equal(written[f"{SD1_Q}.dora_scale"], tensors[f"{SD1_Q}.dora_scale"])
+    # diffusers (PEFT-style) holds a per-output DoRA magnitude
+    again = load(adapter.save(tmp_path / "dora-diffusers", format="diffusers"))
+    module = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    torch.testing.assert_close(again[module].magnitude.reshape(-1), lr.magnitude)
     tensors[f"{SD1_Q}.dora_scale"] = torch.rand(1, 8, generator=g)  # old input-axis convention
-    assert load(save(tmp_path, tensors, "dora_in.safetensors"))[
-        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"].magnitude.shape == (1, 8)
+    old_axis = load(save(tmp_path, tensors, "dora_in.safetensors"))
+    assert old_axis[module].magnitude.shape == (1, 8) and old_axis[module].magnitude_axis == "in"
     with pytest.raises(UnsupportedAdapter, match="DoRA"):
-        adapter.save(tmp_path / "dora-diffusers", format="diffusers")
+        old_axis.save(tmp_path / "dora-in-diffusers", format="diffusers")
 
 
 def test_tables_cover_flux_fused_rows():

@@ -135,7 +135,9 @@ def test_lycoris_converts_to_kohya_with_equal_deltas(tmp_path):
                f"{TE_FC1}.hada_w2_a": randn(12, 2, g=g), f"{TE_FC1}.hada_w2_b": randn(2, 10, g=g),
                f"{TE_FC1}.alpha": torch.tensor(3.0)}
     source = save(tmp_path, tensors)
-    out = convert(source, tmp_path / "locon.safetensors")  # default: written as kohya LoRA
+    kept = convert(source, tmp_path / "same.safetensors")  # default: LyCORIS again, the LoHa unexpanded
+    assert set(safetensors.torch.load_file(str(kept))) == set(tensors)
+    out = convert(source, tmp_path / "locon.safetensors", to="kohya")
     written = safetensors.torch.load_file(str(out))
     assert set(written) == {f"{TE_FC1}.lora_down.weight", f"{TE_FC1}.lora_up.weight", f"{TE_FC1}.alpha"}
     again = load(out)

@@ -12,9 +12,9 @@ import torch
 import loramerge
 from loramerge.core.linalg import full_left_spectrum
 from loramerge.core.rank import RankPolicy, truncate_dense
-from loramerge.merge.methods import available_methods
+from loramerge.merge.methods import available_methods, get_method
 from loramerge.merge.methods.sparsify import magnitude
-from tests.method_fixtures import module_inputs, random_adapter, relative_error, run_method
+from tests.method_fixtures import module_inputs, random_adapter, random_statistics, relative_error, run_method
 from tests.peft_fixtures import peft_deltas
 
 WEIGHTS = [0.7, -0.4, 1.3]
@@ -36,9 +36,11 @@ def methods_and_sources(sources):
 def test_every_method_honours_the_rank_policy_and_measures_its_error(sources, policy):
     for name, used in methods_and_sources(sources):
         weights = WEIGHTS[:len(used)]
-        merged = loramerge.merge(used, method=name, weights=weights, compute_dtype="fp64", seed=5, **policy)
+        stats = random_statistics(used) if get_method(name).needs_statistics else None
+        merged = loramerge.merge(used, method=name, weights=weights, compute_dtype="fp64", seed=5, statistics=stats,
+                                 **policy)
         for row in merged.report.modules:
-            own = run_method(name, module_inputs(used, row.module, weights, seed=5))
+            own = run_method(name, module_inputs(used, row.module, weights, seed=5, statistics=stats))
             achieved = relative_error(merged.delta(row.module, torch.float64), own)
             assert achieved == pytest.approx(row.relative_error, abs=1e-6), (name, row.module)
             assert row.energy_kept == pytest.approx(1 - achieved**2, abs=1e-6), (name, row.module)

@@ -86,7 +86,8 @@ def test_existing_output_needs_force(tmp_path):
 
 
 def test_failed_write_leaves_nothing(tmp_path):
-    adapter = Adapter({"fc": LowRank(torch.ones(1, 3), torch.ones(4, 1), magnitude=torch.ones(4))})
+    # an input-axis DoRA magnitude (old LyCORIS) has no PEFT form
+    adapter = Adapter({"fc": LowRank(torch.ones(1, 3), torch.ones(4, 1), magnitude=torch.ones(1, 3), magnitude_axis="in")})
     with pytest.raises(loramerge.UnsupportedAdapter, match="DoRA"):
         adapter.save(tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

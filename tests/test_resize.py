@@ -25,7 +25,7 @@ from tests.sd_fixtures import gen, kohya_module, randn, ref_loha, ref_lokr
 
 
 def ratio_rank(S: torch.Tensor, ratio: float) -> int:
-    return int((S >= S[0] / ratio).sum())
+    return int((S[0] / ratio <= S).sum())
 
 
 def cumulative_rank(S: torch.Tensor, fraction: float) -> int:
@@ -41,7 +41,7 @@ def fro_rank(S: torch.Tensor, fraction: float) -> int:
 def kohya_rank(S: torch.Tensor, method: str, param: float, new_rank: int) -> int:
     """resize_lora.py's rank_resize: its index rule (clamped to [1, len(S) − 1]) plus one, capped at new_rank."""
     if method == "sv_ratio":
-        index = int((S > S[0] / param).sum())
+        index = int((S[0] / param < S).sum())
     elif method == "sv_cumulative":
         index = int(torch.searchsorted(torch.cumsum(S, 0) / S.sum(), torch.tensor(param, dtype=S.dtype))) + 1
     else:
@@ -171,7 +171,7 @@ def test_resize_cli_reports_ranks_keeps_metadata_and_writes_any_format(tmp_path)
     with safetensors.safe_open(str(out), "pt") as f:
         meta = f.metadata()
     assert meta["ss_output_name"] == "style"  # the training metadata is kept
-    assert meta["ss_network_dim"] in ("Dynamic",) + tuple(str(r) for r in range(1, 7))
+    assert meta["ss_network_dim"] in ("Dynamic", *(str(r) for r in range(1, 7)))
     assert json.loads(meta["loramerge"])["method"] == "svd"
     result = run_cli("resize", path, "-o", tmp_path / "peft", "--rank", "3", "--format", "peft")
     assert result.exit_code == 0, result.output

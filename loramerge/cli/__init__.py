@@ -4,6 +4,7 @@ from loramerge.cli.app import main
 from loramerge.cli.combine import combine
 from loramerge.cli.convert import convert
 from loramerge.cli.demo import demo
+from loramerge.cli.evaluate import evaluate
 from loramerge.cli.extract import extract
 from loramerge.cli.fold import fold
 from loramerge.cli.inspect_adapter import inspect
@@ -11,8 +12,9 @@ from loramerge.cli.methods import methods
 from loramerge.cli.push import push
 from loramerge.cli.resize import resize
 from loramerge.cli.run import run
+from loramerge.cli.verify import verify
 
-for command in (combine, convert, demo, extract, fold, inspect, methods, push, resize, run):
+for command in (combine, convert, demo, evaluate, extract, fold, inspect, methods, push, resize, run, verify):
     main.add_command(command)
 
 __all__ = ["main"]

@@ -9,6 +9,7 @@ import click
 from loramerge.cli.options import (
     block_weights_option,
     card_options,
+    data_options,
     merge_options,
     method_params_from,
     output_options,
@@ -20,7 +21,7 @@ from loramerge.cli.output import publish_merged
 from loramerge.io.hub import check_push
 from loramerge.io.output import check_output
 from loramerge.io.sources import load
-from loramerge.merge.engine import merge
+from loramerge.runtime.merging import merge
 
 
 @click.command()
@@ -29,6 +30,7 @@ from loramerge.merge.engine import merge
 @merge_options
 @block_weights_option
 @source_options
+@data_options
 @push_options
 @card_options
 def combine(sources: tuple[str, ...], output: str, dtype: str | None, force: bool, out_format: str | None,
@@ -37,6 +39,7 @@ def combine(sources: tuple[str, ...], output: str, dtype: str | None, force: boo
             rank_max: int | None, seed: int, device: str, compute_dtype: str, ignore_base_mismatch: bool,
             report_path: str | None, block_weights: tuple[str, ...], allow_pickle: bool, from_format: str | None,
             base: str | None, push_to_hub: str | None, private: bool, commit_message: str | None, no_card: bool,
+            model: str | None, data: tuple[str, ...], stats: str | None, limit: int | None,
             **method_options: Any) -> None:
     """Merge SOURCE adapters into one adapter written to -o OUTPUT.
 
@@ -54,6 +57,7 @@ def combine(sources: tuple[str, ...], output: str, dtype: str | None, force: boo
       loramerge combine org/math-lora@v2 ./code -o merged --push-to-hub me/math-code --private
       loramerge combine style.safetensors detail.safetensors -o merged.safetensors --method svd --rank 32
       loramerge combine kohya.safetensors ./diffusers-lora -o merged --format diffusers
+      loramerge combine ./math ./code -m regmean --model ./llama --data math.jsonl --data code.jsonl -o merged
       loramerge combine a.safetensors b.safetensors -o m.safetensors --block-weights OUTALL --block-weights 2:INS
       loramerge combine a.safetensors b.safetensors -o m.safetensors --method svd --sv-ratio 8 --rank-max 64
     """
@@ -65,8 +69,10 @@ def combine(sources: tuple[str, ...], output: str, dtype: str | None, force: boo
         adapters, method=method, weights=parse_weights(weights), rank=rank, energy=energy, max_error=max_error,
         sv_ratio=sv_ratio, sv_cumulative=sv_cumulative, sv_fro=sv_fro, rank_max=rank_max, seed=seed, device=device,
         dtype=dtype, compute_dtype=compute_dtype, ignore_base_mismatch=ignore_base_mismatch, progress=True,
-        block_weights=block_weights, **method_params_from(method_options),
+        block_weights=block_weights, model=model, data=list(data), stats=stats, limit=limit, allow_pickle=allow_pickle,
+        **method_params_from(method_options),
     )
     publish_merged(merged, output, out_format=out_format, dtype=dtype, force=force, card=not no_card,
                    compute_dtype=compute_dtype, report_path=report_path, push_to_hub=push_to_hub, private=private,
-                   commit_message=commit_message, ignore_base_mismatch=ignore_base_mismatch, allow_pickle=allow_pickle)
+                   commit_message=commit_message, ignore_base_mismatch=ignore_base_mismatch, allow_pickle=allow_pickle,
+                   model=model, data=data)

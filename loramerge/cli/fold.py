@@ -13,12 +13,14 @@ from loramerge.cli.options import (
     method_params_from,
     parse_weights,
     push_options,
+    skip_unknown_option,
 )
 from loramerge.fold.engine import fold as run_fold
 from loramerge.fold.plan import TIED_MODES
 from loramerge.hub.publish import push_fold
 from loramerge.io.hub import check_push
 from loramerge.io.output import check_output
+from loramerge.io.quant.view import BaseQuant
 from loramerge.io.sources import load
 
 
@@ -39,18 +41,36 @@ from loramerge.io.sources import load
 @block_weights_option
 @click.option("--allow-pickle", is_flag=True,
               help="Allow pickle .bin weights (read with torch.load(weights_only=True)).")
+@click.option("--base-quant", type=click.Choice(["nf4", "fp4"]),
+              help="Fold into dequant(quant(W)), the 4-bit weights a QLoRA adapter was trained against, for every "
+                   "weight transformers quantizes (bitsandbytes, bit for bit); writes --dtype (bf16 unless given).")
+@click.option("--blocksize", type=int, default=64, show_default=True, help="4-bit quantization block size.")
+@click.option("--double-quant/--no-double-quant", default=False, show_default=True,
+              help="Double quantization of the 4-bit scales (bnb_4bit_use_double_quant).")
+@click.option("--quant-skip-modules", help="Comma-separated modules kept in full precision (llm_int8_skip_modules; "
+                                           "replaces transformers' default, lm_head).")
+@click.option("--keep-quant", is_flag=True,
+              help="Write a pre-quantized base's folded weights quantized again the same way (bitsandbytes, FP8).")
+@click.option("--quantize", type=click.Choice(["nf4", "fp4"]),
+              help="Write a pre-quantized bitsandbytes 4-bit checkpoint that transformers loads as such.")
+@skip_unknown_option
 @push_options
 def fold(base: str, adapters: tuple[str, ...], output: str, dtype: str, shard_size: str | None, tied_embeddings: str,
          strict: bool, force: bool, method: str, weights: str | None, rank: int | None, energy: float | None,
          max_error: float | None, sv_ratio: float | None, sv_cumulative: float | None, sv_fro: float | None,
          rank_max: int | None, seed: int, device: str, compute_dtype: str, ignore_base_mismatch: bool,
-         report_path: str | None, block_weights: tuple[str, ...], allow_pickle: bool, push_to_hub: str | None,
-         private: bool, commit_message: str | None, **method_options: Any) -> None:
+         report_path: str | None, block_weights: tuple[str, ...], allow_pickle: bool, base_quant: str | None,
+         blocksize: int, double_quant: bool, quant_skip_modules: str | None, keep_quant: bool, quantize: str | None,
+         skip_unknown: bool, push_to_hub: str | None, private: bool, commit_message: str | None,
+         **method_options: Any) -> None:
     """Fold ADAPTERS into the model at BASE and write the full model to -o OUTPUT.
 
     BASE is a model folder, a diffusers pipeline folder (model_index.json) or a single-file
     SD/SDXL/Flux .safetensors checkpoint, which is written as one file with its original key names
     (q/k/v of fused weights go into their rows). Adapters may be PEFT, kohya, LyCORIS or diffusers.
+    A quantized BASE (bitsandbytes 4/8-bit, FP8 block-scaled, GPTQ, AWQ) is dequantized on the fly
+    and written in full precision (--keep-quant: quantized again). --base-quant folds a QLoRA
+    adapter into the 4-bit weights it was trained against.
     Tensor names, shards and dtypes stay as they are; config, tokenizer and other files are
     copied; loramerge.json (a single file: its "loramerge" metadata) records the recipe. The maths
     runs in float32 and is rounded once.
@@ -67,6 +87,8 @@ def fold(base: str, adapters: tuple[str, ...], output: str, dtype: str, shard_si
       loramerge fold org/llama org/math-lora -o llama-math --push-to-hub me/llama-math
       loramerge fold sdxl.safetensors style.safetensors -o sdxl-style.safetensors
       loramerge fold ./sdxl-pipeline style.safetensors detail.safetensors -o sdxl-sd --weights 0.8,0.5
+      loramerge fold ./llama ./qlora-adapter -o llama-qlora --base-quant nf4 --double-quant
+      loramerge fold ./llama-bnb-4bit ./qlora-adapter -o llama-4bit-merged --keep-quant
       loramerge fold sdxl.safetensors style.safetensors -o out.safetensors --block-weights OUTALL
       loramerge fold flux1-dev.safetensors lora.safetensors -o out.safetensors --block-weights 'single_blocks.20-37=0'
     """
@@ -74,13 +96,23 @@ def fold(base: str, adapters: tuple[str, ...], output: str, dtype: str, shard_si
     if push_to_hub:
         check_push(push_to_hub)
     # Loaded here when pushing, so the card and recipe know the commit each Hub source resolved to.
-    sources = [load(a, allow_pickle=allow_pickle) for a in adapters] if push_to_hub else list(adapters)
+    # With --skip-unknown, loaded here so that what was left out is listed.
+    loaded = push_to_hub or skip_unknown
+    sources = [load(a, allow_pickle=allow_pickle, skip_unknown=skip_unknown) for a in adapters] if loaded \
+        else list(adapters)
+    for adapter in sources if loaded else ():
+        skipped = adapter.config.get("skipped") or []
+        if skipped:
+            click.echo(f"skipped {len(skipped)} unknown module(s) of {adapter.source}: {', '.join(skipped)}", err=True)
+    skip = [m.strip() for m in quant_skip_modules.split(",") if m.strip()] if quant_skip_modules else None
+    spec = BaseQuant(base_quant, blocksize, double_quant, skip) if base_quant else None
     result = run_fold(
         base, sources, output=output, weights=parse_weights(weights), method=method, rank=rank,
         energy=energy, max_error=max_error, sv_ratio=sv_ratio, sv_cumulative=sv_cumulative, sv_fro=sv_fro,
         rank_max=rank_max, seed=seed, dtype=dtype, shard_size=shard_size, block_weights=block_weights,
         device=device, compute_dtype=compute_dtype, tied_embeddings_mode=tied_embeddings, force=force,
         strict=strict, allow_pickle=allow_pickle, ignore_base_mismatch=ignore_base_mismatch, progress=True,
+        base_quant=spec, keep_quant=keep_quant, quantize=quantize, double_quant=double_quant,
         **method_params_from(method_options),
     )
     if result.merge_report is not None:

@@ -66,8 +66,8 @@ compute_dtype_option = click.option("--compute-dtype", type=click.Choice(["fp32"
 report_option = click.option("--report", "report_path", type=click.Path(dir_okay=False),
                              help="Write per-module statistics as JSON.")
 
-READ_FORMATS = ("peft", "kohya", "lycoris", "diffusers")
-WRITE_FORMATS = ("peft", "kohya", "diffusers")
+READ_FORMATS = ("peft", "kohya", "lycoris", "comfyui", "diffusers")
+WRITE_FORMATS = ("peft", "kohya", "lycoris", "comfyui", "diffusers")
 
 source_options = _apply([
     click.option("--allow-pickle", is_flag=True, help="Allow .bin pickle checkpoints (read with weights_only=True)."),
@@ -76,6 +76,10 @@ source_options = _apply([
     click.option("--base", type=click.Path(exists=True),
                  help="Base checkpoint (file or folder) whose weight names resolve kohya module names."),
 ])
+
+skip_unknown_option = click.option(
+    "--skip-unknown", is_flag=True,
+    help="Leave out adapter modules whose names resolve to nothing (listed), instead of stopping.")
 
 
 def _method_param_options() -> list[Decorator]:
@@ -152,4 +156,22 @@ push_options = _apply([
 
 card_options = _apply([
     click.option("--no-card", is_flag=True, help="Do not write README.md and loramerge_recipe.yaml into the output folder."),
+])
+
+runtime_options = _apply([
+    click.option("--device", default="auto", show_default=True, help="Where the model runs: auto, cpu or cuda[:N]."),
+    click.option("--dtype", "model_dtype", type=click.Choice(DTYPE_CHOICES),
+                 help="Load the model in this dtype [default: the checkpoint's own]."),
+    click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+                 help="Sequences per forward pass."),
+    click.option("--allow-pickle", is_flag=True, help="Allow pickle .bin model weights (read with weights_only=True)."),
+])
+
+data_options = _apply([
+    click.option("--model", help="Base model folder or Hub id, for data-aware methods (regmean).",),
+    click.option("--data", multiple=True,
+                 help="Data-aware methods: one JSONL data file per source, in the sources' order (or NAME=FILE)."),
+    click.option("--stats", type=click.Path(file_okay=False),
+                 help="Folder caching the collected statistics, so a second merge does not run the model."),
+    click.option("--limit", type=click.IntRange(min=1), help="Use the first N rows of each --data file."),
 ])

@@ -56,6 +56,11 @@ class LowRank:
     Shapes: ``A`` is ``(r, in)`` (conv: ``(r, in, *kernel)``; embedding: ``(r, num_embeddings)``)
     and ``B`` is ``(out, r)`` (conv: ``(out, r, 1, ...)``; embedding: ``(embedding_dim, r)``).
 
+    ``magnitude_axis`` says which axis the DoRA norm runs along: ``out`` (one norm per output
+    row, PEFT's and current LyCORIS's convention) or ``in`` (one per input channel, LyCORIS with
+    ``wd_on_output=False``). It comes from the file's convention, never from the shape, which
+    cannot tell the two apart on a square weight.
+
     ``magnitude`` holds a DoRA magnitude vector and ``bias`` a ``lora_B`` bias; both are kept so a
     fold can honour them, and a merge refuses them. ``alpha`` is the source's alpha, for display.
 
@@ -74,6 +79,7 @@ class LowRank:
     alpha: float | None = None
     magnitude: torch.Tensor | None = None
     bias: torch.Tensor | None = None
+    magnitude_axis: Literal["out", "in"] = "out"
 
     def __post_init__(self) -> None:
         if self.A.ndim < 2 or self.B.ndim < 2:
@@ -179,7 +185,8 @@ class LowRank:
             return self
         root = math.sqrt(abs(self.scale))
         sign = 1.0 if self.scale >= 0 else -1.0
-        return replace(self, A=self.A * root, B=self.B * (sign * root), scale=1.0, alpha=None)
+        bias = self.bias * self.scale if self.bias is not None else None  # the bias is scaled with B
+        return replace(self, A=self.A * root, B=self.B * (sign * root), scale=1.0, alpha=None, bias=bias)
 
 
 @dataclass

@@ -80,7 +80,7 @@ class MergeReport:
     def write_json(self, path: str | Path) -> Path:
         """Write the report as JSON (non-finite numbers become null) and return the path."""
         path = Path(path)
-        path.write_text(json.dumps(_finite(self.to_dict()), indent=2) + "\n")
+        path.write_text(json.dumps(json_safe(self.to_dict()), indent=2) + "\n")
         return path
 
     def summary(self, worst: int = 5) -> str:
@@ -118,11 +118,12 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else "…" + text[-(width - 1):]
 
 
-def _finite(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN and infinities turned into None, for JSON."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_finite(v) for v in value]
+        return [json_safe(v) for v in value]
     return value

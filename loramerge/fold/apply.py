@@ -47,6 +47,12 @@ def apply_rows(block: torch.Tensor, update: Update, factors: Factors, start: int
         >>> apply_rows(block, update, prepare(update, torch.float32, block.device), 2, 4).tolist()
         [[1.0, 1.0], [1.0, 1.0]]
     """
+    if update.expert is not None:
+        if start <= update.expert < stop:  # one expert's (out, in) — or (in, out) — matrix of a 3-D tensor
+            B, A = factors
+            matrix = block[update.expert - start]
+            matrix.addmm_(A.T, B.T) if update.transposed else matrix.addmm_(B, A)
+        return block
     if update.rows is None:
         return _apply_range(block, update, factors, start, stop)
     source, first, size = update.rows

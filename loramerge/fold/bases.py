@@ -52,14 +52,15 @@ def _same_base(declared: str, folder: Path, config: dict[str, Any]) -> bool:
 
 def check_family(adapters: Sequence[Adapter], families: Sequence[str] | None, described: str) -> None:
     """Refuse an image-generation LoRA for one architecture folded into a model of another."""
+    from loramerge.io.formats.families import FAMILIES, compatible
     from loramerge.io.formats.sd_names import ARCHITECTURES
 
     if not families:
         return
     for adapter in adapters:
-        recorded = [a for a in adapter.config.get("architectures") or [] if a in ARCHITECTURES]
-        if recorded and not set(recorded) & set(families):
-            labels = "/".join(ARCHITECTURES[a].label for a in recorded)
+        recorded = [a for a in adapter.config.get("architectures") or [] if a in ARCHITECTURES or a in FAMILIES]
+        if recorded and not compatible(set(recorded), set(families)):
+            labels = "/".join((ARCHITECTURES[a] if a in ARCHITECTURES else FAMILIES[a]).label for a in recorded)
             raise IncompatibleAdapters(
                 f"{adapter.source or 'adapter'} is a LoRA for {labels}, but {described}; "
                 "pass --ignore-base-mismatch to fold it anyway"

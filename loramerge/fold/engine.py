@@ -40,7 +40,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +55,19 @@ from loramerge.fold.job import FoldJob, FoldResult, fold_dtype, fold_weights, ti
 from loramerge.fold.layout import OutShard, check_space, plan_layout
 from loramerge.fold.pipelines import PIPELINE_INDEX, fold_pipeline, pipeline_family
 from loramerge.fold.plan import FoldPlan, plan_fold
+from loramerge.fold.quant import (
+    BaseQuant,
+    QuantPlan,
+    drops_quantization_config,
+    open_fold_base,
+    output_dtype,
+    quant_plan,
+    requantize,
+)
 from loramerge.fold.record import RECIPE_NAME, base_info, fold_record, single_file_metadata, write_record
 from loramerge.fold.resolvers import default_resolver
 from loramerge.fold.writer import copy_plain_files, write_config, write_model
-from loramerge.io.checkpoint import Checkpoint, open_checkpoint
+from loramerge.io.checkpoint import Checkpoint
 from loramerge.io.formats.tensorfile import read_json_object
 from loramerge.io.names import Resolver
 from loramerge.io.output import atomic_output, check_output
@@ -97,6 +106,10 @@ def fold(
     resolver: Resolver | None = None,
     progress: bool = False,
     block_weights: BlockWeighting | str | Sequence[str] | None = None,
+    base_quant: str | BaseQuant | None = None,
+    keep_quant: bool = False,
+    quantize: str | None = None,
+    double_quant: bool = False,
     **params: Any,
 ) -> FoldResult:
     """Fold one or more adapters into the base model at ``base`` and write the model to ``output``.
@@ -117,6 +130,15 @@ def fold(
     ``strict`` refuses an adapter trained on another base model instead of warning.
     ``block_weights`` scales each adapter's modules by block first (see :mod:`loramerge.merge.blocks`).
 
+    Quantized bases (:mod:`loramerge.fold.quant`): ``base_quant`` (``"nf4"``/``"fp4"``, or a
+    :class:`~loramerge.io.quant.view.BaseQuant` for the block size, double quantization and skipped
+    modules) folds into dequant(quant(W)) of every weight transformers quantizes in 4-bit, the
+    weights a QLoRA adapter was trained against, and writes bfloat16 unless ``dtype`` says. A
+    pre-quantized base (bitsandbytes 4/8-bit, FP8 block-scaled, GPTQ, AWQ) is dequantized on the
+    fly and written in full precision, or, with ``keep_quant``, quantized again the same way
+    (bitsandbytes, FP8). ``quantize`` (``"nf4"``/``"fp4"``, ``double_quant``) writes a pre-quantized
+    bitsandbytes 4-bit checkpoint.
+
     Example:
         >>> import tempfile, torch
         >>> from loramerge import Adapter, LowRank
@@ -133,16 +155,17 @@ def fold(
     check_output(output, force=force)
     sources = _as_list(adapters)
     weighting = BlockWeighting.parse(block_weights, sources=len(sources))
+    quant = quant_plan(base_quant, keep_quant, quantize, double_quant)
     job = FoldJob(
         output=Path(output), force=force, weights=fold_weights(weights, len(sources)), method=method,
-        tied_mode=tied_mode(tied_embeddings_mode), out_dtype=fold_dtype(dtype),
+        tied_mode=tied_mode(tied_embeddings_mode), out_dtype=output_dtype(quant, fold_dtype(dtype)),
         compute=parse_dtype(compute_dtype) or torch.float32, shard_limit=parse_size(shard_size),
         device=resolve_device(device),
         policy=RankPolicy.from_options(rank=rank, energy=energy, max_error=max_error, sv_ratio=sv_ratio,
                                        sv_cumulative=sv_cumulative, sv_fro=sv_fro, rank_max=rank_max),
         seed=seed, params=params, progress=progress,
     )
-    target = _open_base(base, job, resolver, allow_pickle)
+    target = _open_base(base, job, resolver, allow_pickle, quant)
     loaded = weigh_blocks([load(s, allow_pickle=allow_pickle) for s in sources], weighting)
     notes = _check_adapters(loaded, target, strict, ignore_base_mismatch)
     units = _units(loaded, job, ignore_base_mismatch)
@@ -167,19 +190,24 @@ class _Target:
     index: dict[str, Any] | None = None
     ckpt: Checkpoint | None = None
     resolver: Resolver | None = None
+    quant: QuantPlan = field(default_factory=QuantPlan)
 
 
-def _open_base(base: str | Path, job: FoldJob, resolver: Resolver | None, allow_pickle: bool) -> _Target:
+def _open_base(base: str | Path, job: FoldJob, resolver: Resolver | None, allow_pickle: bool,
+               quant: QuantPlan) -> _Target:
     """Find the base (downloading a Hub model) and read its layout: headers only."""
     base_path = Path(base).expanduser()
     single = base_path.is_file()
     if single and job.shard_limit is not None:
         raise InvalidParameter(f"{base}: a single-file checkpoint is written as one file; drop --shard-size")
     folder = base_path if single else resolve_model(base)
-    if not single and (folder / PIPELINE_INDEX).is_file():
+    pipeline = not single and (folder / PIPELINE_INDEX).is_file()
+    if quant.active and (pipeline or single):
+        raise InvalidParameter(f"{base}: --base-quant, --keep-quant and --quantize apply to model folders only")
+    if pipeline:
         return _Target(folder, False, index=read_json_object(folder / PIPELINE_INDEX), resolver=resolver)
-    ckpt = open_checkpoint(folder, allow_pickle=allow_pickle)
-    return _Target(folder, single, ckpt=ckpt, resolver=resolver or default_resolver(ckpt))
+    ckpt = open_fold_base(folder, quant, allow_pickle, job.out_dtype)
+    return _Target(folder, single, ckpt=ckpt, resolver=resolver or default_resolver(ckpt), quant=quant)
 
 
 def _check_adapters(loaded: Sequence[Adapter], target: _Target, strict: bool, ignore_base_mismatch: bool) -> list[str]:
@@ -191,8 +219,10 @@ def _check_adapters(loaded: Sequence[Adapter], target: _Target, strict: bool, ig
     else:
         assert target.ckpt is not None
         notes = check_bases(loaded, target.path, target.ckpt.config, strict)
+        config = target.ckpt.config
         family = getattr(target.resolver, "family", None)
-        families, described = ([family] if family else None), getattr(target.resolver, "describe", lambda: "")()
+        families = [family] if family else pipeline_family(config)  # a denoiser folder names its class
+        described = getattr(target.resolver, "describe", lambda: f"a {config.get('_class_name', 'model')} folder")()
     if not ignore_base_mismatch:
         check_family(loaded, families, f"{target.path} is {described}")
     return notes
@@ -249,10 +279,14 @@ def _fold_folder(target: _Target, units: Units, loaded: Sequence[Adapter], job: 
     assert ckpt is not None
     with atomic_output(job.output, force=job.force) as tmp:
         written = write_model(ckpt, plan, layout, tmp, job.compute, job.device, job.progress, job.shard_limit is None)
-        config_changes = write_config(ckpt, tmp, job.out_dtype, plan.untie)
+        config_changes = write_config(ckpt, tmp, job.out_dtype, plan.untie,
+                                      drops_quantization_config(ckpt, target.quant))
+        quantization = requantize(tmp, ckpt, target.quant, job.out_dtype)
         copy_plain_files(target.path, tmp, ckpt.weight_files | {"config.json", RECIPE_NAME})
         record = fold_record(job, base_info(target.path, ckpt), loaded, sorted(plan.updates), plan.notes,
                              config_changes)
+        if quantization:
+            record["quantization"] = quantization
         write_record(tmp, record)
     return job.result(sorted(plan.updates), plan.module_count, len(layout), written, notes + plan.notes, record)
 

@@ -33,18 +33,23 @@ PIPELINE_INDEX = "model_index.json"  # a diffusers pipeline folder: one model fo
 
 
 def pipeline_family(index: dict[str, Any]) -> list[str] | None:
-    """The architectures a diffusers pipeline class stands for (None: one the name tables do not cover).
+    """The architectures a diffusers pipeline or model class stands for (None: one loramerge does not know).
 
     Example:
         >>> pipeline_family({"_class_name": "StableDiffusionXLPipeline"}), pipeline_family({"_class_name": "X"})
         (['sdxl'], None)
     """
+    from loramerge.io.formats.families import family_of_class
+
     name = str(index.get("_class_name", ""))
+    family = family_of_class(name)  # a diffusers family's pipeline or denoiser class (Wan, Qwen-Image …)
+    if family is not None:
+        return [family]
     if name.startswith("StableDiffusionXL"):
         return ["sdxl"]
     if name.startswith("StableDiffusion") and not name.startswith("StableDiffusion3"):
         return ["sd1", "sd2"]
-    if name.startswith("Flux"):
+    if name.startswith("Flux") and not name.startswith("Flux2"):
         return ["flux"]
     return None
 

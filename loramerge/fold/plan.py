@@ -9,6 +9,7 @@ here, before any output exists.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -18,6 +19,7 @@ import torch
 from loramerge.core.adapter import Adapter, LowRank
 from loramerge.errors import IncompatibleAdapters, InvalidParameter, UnsupportedAdapter
 from loramerge.io.checkpoint import FLOAT_CODES, Checkpoint
+from loramerge.io.experts import FusedSlice, parse_expert_name, resolve_expert
 from loramerge.io.names import (
     Resolver,
     Target,
@@ -47,6 +49,7 @@ class Update:
     transposed: bool = False
     tensor: torch.Tensor | None = None
     rows: Rows | None = None  # None: the whole tensor
+    expert: int | None = None  # a fused 3-D expert tensor: the update is this expert's slice
 
 
 @dataclass
@@ -148,6 +151,11 @@ def _plan_layers(base: _Base, adapter: Adapter, weight: float, updates: dict[str
         if kind == "dora":
             _check_weight_for_full(weight, label, module, "a DoRA update")
         subject = _Subject(label, module, "module")
+        fused = _place_expert(base, module, lr, label)
+        if fused is not None:
+            updates.setdefault(fused.name, []).append(Update("lora", label, module, weight, lr, fused.transposed,
+                                                             expert=fused.expert))
+            continue
         for tensor, rows, transposed in _place(base, f"{module}.weight", lr, lr.kind == "linear", subject):
             if kind == "dora":
                 _check_magnitude(lr, transposed, tensor, label, module)
@@ -170,6 +178,18 @@ def _check_float(ckpt: Checkpoint, updates: dict[str, list[Update]], tie: tuple[
             )
 
 
+def _place_expert(base: _Base, module: str, lr: LowRank, label: str) -> FusedSlice | None:
+    """The slice of a fused 3-D expert tensor an expert update (``….experts.down_proj[3]``) goes to, if the base
+    stores that parameter fused; per-expert modules on disk are placed by :func:`_place` as row slices."""
+    if parse_expert_name(module) is None:
+        return None
+    if lr.magnitude is not None or lr.bias is not None or lr.kind != "linear":
+        raise UnsupportedAdapter(f"{label}: expert update {module} must be a plain linear LoRA")
+    found = resolve_expert(module, base.lookup, base.shape, base.resolver, base.ckpt.config.get("model_type"),
+                           lr.matrix_shape)
+    return found if isinstance(found, FusedSlice) else None
+
+
 def _place(base: _Base, path: str, update: LowRank | tuple[int, ...], may_transpose: bool,
            subject: _Subject) -> list[Placement]:
     """Where ``update`` (a LoRA, or a tensor of the given shape) goes: ``(tensor, rows, transposed)`` per target.
@@ -179,7 +199,12 @@ def _place(base: _Base, path: str, update: LowRank | tuple[int, ...], may_transp
     orientation decided as for Hugging Face checkpoints; :class:`~loramerge.io.names.Target` answers
     say it themselves. The slices must cover every row of the update.
     """
-    found = base.resolver(path, base.lookup)
+    module = path.removesuffix(".weight")
+    if parse_expert_name(module) is not None and isinstance(update, LowRank):
+        found = resolve_expert(module, base.lookup, base.shape, base.resolver, base.ckpt.config.get("model_type"),
+                               update.matrix_shape) or None  # per-expert modules on disk: row slices
+    else:
+        found = base.resolver(path, base.lookup)
     targets = _found_targets(base, path, found, subject)
     lowrank = update if isinstance(update, LowRank) else None
     shape_of_update = tuple(lowrank.delta_shape) if lowrank is not None else tuple(update)  # type: ignore[arg-type]
@@ -256,6 +281,8 @@ def _orientation(tensor: str, shape: tuple[int, ...], lr: LowRank, config: dict[
             return flipped
     elif tuple(shape) == tuple(lr.base_shape):
         return lr.transposed_in_base
+    elif _flattened_conv(shape, lr.delta_shape):
+        return False
     raise IncompatibleAdapters(
         f"{label}: module {module} has a {lr.kind} update of shape {tuple(lr.base_shape)} but base tensor "
         f"{tensor} has shape {tuple(shape)}"
@@ -269,32 +296,34 @@ def _same_trailing(base: tuple[int, ...], update: tuple[int, ...]) -> bool:
             dims = dims[:-1]
         return dims
 
-    return base == update or core(base) == core(update)
+    return base == update or core(base) == core(update) or _flattened_conv((1, *base), (1, *update))
+
+
+def _flattened_conv(base: tuple[int, ...], update: tuple[int, ...]) -> bool:
+    """A conv update stored as a matrix ``(out, in·kh·kw)`` (LyCORIS LoHa/LoKr) for a conv weight of that size.
+
+    The base weight gives the kernel, so the update folds exactly (ComfyUI reshapes the same way).
+    """
+    return len(update) == 2 and len(base) > 2 and base[0] == update[0] and math.prod(base[1:]) == update[1]
 
 
 def dora_axis(lr: LowRank) -> Literal["out", "in"] | None:
-    """Which axis a DoRA magnitude normalises: ``out`` (PEFT: ``(out,)``, or ``(1, out, 1, 1)`` for a conv),
-    ``in`` (old LyCORIS: ``(1, in[, 1, 1])``), or None when its size fits neither.
-
-    A conv magnitude ``(1, c, 1, 1)`` with ``c`` equal to both channel counts is read as PEFT's.
+    """Which axis a DoRA magnitude normalises, as the adapter declares it (:attr:`LowRank.magnitude_axis`):
+    ``out`` (PEFT: ``(out,)``, or ``(1, out, 1, 1)`` for a conv) or ``in`` (LyCORIS ``wd_on_output=False``:
+    ``(1, in[, 1, 1])``); None when the magnitude's size does not fit that axis.
 
     Example:
-        >>> lr = LowRank(torch.ones(1, 3), torch.ones(4, 1), magnitude=torch.ones(1, 3))
+        >>> lr = LowRank(torch.ones(1, 3), torch.ones(4, 1), magnitude=torch.ones(1, 3), magnitude_axis="in")
         >>> dora_axis(lr), dora_axis(LowRank(torch.ones(1, 3), torch.ones(4, 1), magnitude=torch.ones(4)))
         ('in', 'out')
     """
     magnitude = lr.magnitude
     if magnitude is None:
         return None
-    out = lr.delta_shape[0]
-    inputs = lr.delta_shape[1] if len(lr.delta_shape) > 1 else 0
-    if magnitude.ndim == 1:
-        return "out" if magnitude.numel() == out else None
-    if magnitude.ndim == 2 and lr.kind == "linear":  # PEFT's linear magnitude is 1-D
-        return "in" if magnitude.shape[0] == 1 and magnitude.numel() == inputs else None
-    if magnitude.numel() == out:
-        return "out"
-    return "in" if magnitude.shape[0] == 1 and magnitude.numel() == inputs else None
+    if lr.magnitude_axis == "in":
+        inputs = lr.delta_shape[1] if len(lr.delta_shape) > 1 else 0
+        return "in" if magnitude.numel() == inputs else None
+    return "out" if magnitude.numel() == lr.delta_shape[0] else None
 
 
 def _check_magnitude(lr: LowRank, transposed: bool, tensor: str, label: str, module: str) -> None:

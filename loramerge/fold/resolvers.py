@@ -50,7 +50,7 @@ def diffusers_component(config: dict[str, Any]) -> str | None:
     name = str(config.get("_class_name", ""))
     if name.startswith("UNet2DConditionModel"):
         return "unet"
-    if name.endswith("Transformer2DModel"):
+    if name.endswith(("Transformer2DModel", "Transformer3DModel")):  # image and video denoisers
         return "transformer"
     return None
 

@@ -49,7 +49,7 @@ def _write_shard(ckpt: Checkpoint, plan: FoldPlan, shard: OutShard, path: Path, 
         for entry in shard.entries:
             source = shard.sources[entry.name]
             updates = plan.updates.get(entry.name)
-            if updates is None and entry.dtype == source.dtype and not ckpt.pickled:
+            if updates is None and entry.dtype == source.dtype and ckpt.copyable(source.name):
                 writer.copy(entry.name, source)
             else:
                 out = code_dtype(entry.dtype)
@@ -69,13 +69,17 @@ def _write_index(ckpt: Checkpoint, layout: list[OutShard], weight_map: dict[str,
     (tmp / index_name).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def write_config(ckpt: Checkpoint, tmp: Path, out_dtype: torch.dtype | None, untie: bool) -> dict[str, Any]:
-    """Copy ``config.json`` into ``tmp``, with the new dtype and an untie written in; returns what changed."""
+def write_config(ckpt: Checkpoint, tmp: Path, out_dtype: torch.dtype | None, untie: bool,
+                 drop_quantization: bool = False) -> dict[str, Any]:
+    """Copy ``config.json`` into ``tmp``, with the new dtype and an untie written in, and without
+    ``quantization_config`` when the base was dequantized; returns what changed."""
     source = ckpt.folder / "config.json"
     if not source.is_file():
         return {}
     config = json.loads(source.read_text())
     changes: dict[str, Any] = {}
+    if drop_quantization and config.pop("quantization_config", None) is not None:
+        changes["quantization_config"] = None
     if out_dtype is not None:
         name = str(out_dtype).removeprefix("torch.")
         for holder in (config, config.get("text_config")):

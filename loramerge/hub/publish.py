@@ -17,7 +17,7 @@ extraction report. :func:`push_fold` adds the fold recipe that reproduces the mo
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from loramerge.hub.cards import (
 from loramerge.io.hub import PushResult, push_to_hub
 from loramerge.merge.overrides import POLICY_KEYS
 from loramerge.recipe.model import RECIPE_FILENAME, dump_recipe, source_location
+from loramerge.runtime.data import task_name_and_path
 
 RECIPE_HEADER = ("The recipe this output was made with (written by loramerge).\n"
                  f"Reproduce it with: loramerge run {RECIPE_FILENAME} -o OUTPUT")
@@ -220,6 +221,22 @@ def recipe_from_report(adapter: Adapter, out_dir: Path | None = None, **extra: A
     doc["seed"] = seed
     doc.update({k: v for k, v in extra.items() if v not in (None, False, {})})
     return doc
+
+
+def add_data_to_recipe(recipe: dict[str, Any], model: str, data: Sequence[str], out_dir: Path) -> None:
+    """Record a data-aware merge's model and per-source data files in ``recipe`` (local paths relative to ``out_dir``).
+
+    Example:
+        >>> doc = {"sources": [{"path": "a"}, {"path": "b"}]}
+        >>> add_data_to_recipe(doc, "org/base", ["/d/a.jsonl", "/d/b.jsonl"], Path("/d/out"))
+        >>> doc["model"], doc["sources"][1]["data"]
+        ('org/base', '../b.jsonl')
+    """
+    local = Path(model).expanduser()
+    recipe["model"] = model_location({"path": str(local.resolve())}, out_dir) if local.exists() else model
+    for entry, spec in zip(recipe["sources"], data):
+        _, path = task_name_and_path(spec)
+        entry["data"] = source_location({"path": str(path.expanduser().resolve())}, None, out_dir)["path"]
 
 
 def _default_single_file(adapter: Adapter) -> bool:

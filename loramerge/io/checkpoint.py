@@ -160,6 +160,10 @@ class Checkpoint:
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
+    def copyable(self, name: str) -> bool:
+        """True when tensor ``name``'s stored bytes are its value, so a writer may copy them as they are."""
+        return not self.pickled
+
     def read(self, name: str) -> torch.Tensor:
         """The tensor ``name`` as a fresh CPU tensor (no memory map stays behind)."""
         info = self.tensors[name]
@@ -229,6 +233,9 @@ class Checkpoint:
         return self._pickle_cache[1]
 
 
+SINGLE_PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth")
+
+
 def open_checkpoint(folder: str | Path, *, allow_pickle: bool = False) -> Checkpoint:
     """Read the layout of the model checkpoint in ``folder``, or of a single ``.safetensors`` file (headers only).
 
@@ -237,8 +244,19 @@ def open_checkpoint(folder: str | Path, *, allow_pickle: bool = False) -> Checkp
     """
     folder = Path(folder)
     if folder.is_file():
+        if folder.suffix in SINGLE_PICKLE_SUFFIXES:
+            # An original single-file .ckpt (SD 1.x/2.x, SDXL): read with weights_only, folded into a .safetensors.
+            if not allow_pickle:
+                raise PickleRefused(
+                    f"{folder}: this checkpoint is a pickle, which can run code when loaded; pass --allow-pickle "
+                    "(allow_pickle=True) to read it with torch.load(weights_only=True)"
+                )
+            ckpt = Checkpoint(folder.parent, {}, [folder], {}, file=folder, pickled=True)
+            _index_pickles(ckpt, None)
+            return ckpt
         if folder.suffix != ".safetensors":
-            raise SourceNotFound(f"{folder}: a single-file checkpoint must be a .safetensors file")
+            raise SourceNotFound(f"{folder}: a single-file checkpoint must be a .safetensors file "
+                                 "(or, with --allow-pickle, a .ckpt)")
         ckpt = Checkpoint(folder.parent, {}, [folder], {}, file=folder)
         _index_safetensors(ckpt, None)
         return ckpt
@@ -380,6 +398,8 @@ def _load_pickle(shard: Path) -> dict[str, torch.Tensor]:
         state = torch.load(str(shard), map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # an old (non-zip) pickle cannot be memory-mapped; read it whole
         return read_pickle(shard, allow_pickle=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # a single-file .ckpt wraps its weights with training state
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CorruptFile(f"{shard}: expected a mapping of names to tensors")
     return state

@@ -54,11 +54,13 @@ def resolve_source(source: str | Path) -> Path:
 
 
 def load(source: str | Path | Adapter | HubRef, *, format: str | None = None, allow_pickle: bool = False,
-         base: str | Path | None = None) -> Adapter:
+         base: str | Path | None = None, skip_unknown: bool = False) -> Adapter:
     """Load an adapter from a file or folder, or from the Hub, detecting its format.
 
     ``allow_pickle`` permits ``.bin`` checkpoints, read with ``torch.load(weights_only=True)``.
     ``base`` (a checkpoint file or folder) resolves kohya module names from its weight names.
+    ``skip_unknown`` leaves out modules whose names resolve to nothing (``config["skipped"]``
+    lists them) instead of refusing the file.
     A Hub source keeps its spelling in ``.source`` and its resolved commit in ``.origin``; a
     :class:`~loramerge.io.hub.HubRef` goes to the Hub even when a local path has the same spelling.
 
@@ -78,7 +80,7 @@ def load(source: str | Path | Adapter | HubRef, *, format: str | None = None, al
         path, origin = locate_source(source)
     try:
         adapter = read_adapter(path, format=format, allow_pickle=allow_pickle,
-                               base=resolve_source(base) if base is not None else None)
+                               base=resolve_source(base) if base is not None else None, skip_unknown=skip_unknown)
     except LoramergeError as exc:  # the readers name the file in the message; the field gets it too
         exc.fill(path=str(path))
         raise

@@ -62,8 +62,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from loramerge.core.adapter import Adapter
+from loramerge.core.adapter import Adapter, LowRank
 from loramerge.errors import InvalidParameter, LoramergeWarning, UnsupportedAdapter
+from loramerge.io.formats.kohya.native import NATIVE_KEY, kept, scaled_native
 from loramerge.io.formats.sd_names import ARCHITECTURES, Architecture, identify
 from loramerge.merge.schedule import Rule
 
@@ -407,10 +408,22 @@ def weigh_blocks(adapters: Sequence[Adapter], weighting: BlockWeighting | str | 
             _check_rules_matched(spec, hits, f"source {i + 1} ({where})")
         layers = {m: replace(lr, scale=lr.scale * weights[m]) if weights[m] != 1.0 else lr
                   for m, lr in adapter.layers.items()}
-        out.append(adapter.with_layers(layers, config={**adapter.config, "block_weights": spec.to_plain()}))
+        out.append(adapter.with_layers(layers, config=_weighted_config(adapter, layers, weights, spec)))
     if weighting.shared is not None and shared_used:
         _check_rules_matched(weighting.shared, shared_hits, "any source")
     return out
+
+
+def _weighted_config(adapter: Adapter, layers: Mapping[str, LowRank], weights: Mapping[str, float],
+                     spec: BlockWeights) -> dict[str, Any]:
+    """The weighted adapter's config: its weighting recorded, and LyCORIS modules still kept in their own
+    factors (one factor scaled), so a LyCORIS writer stores a weighted LoHa or LoKr unexpanded."""
+    config = {**adapter.config, "block_weights": spec.to_plain()}
+    records = kept(adapter)
+    if records:
+        scaled = {m: scaled_native(r, weights[m], layers[m]) for m, r in records.items() if weights[m] != 1.0}
+        config[NATIVE_KEY] = {**config[NATIVE_KEY], **{m: r for m, r in scaled.items() if r is not None}}
+    return config
 
 
 def module_block_weights(adapter: Adapter, spec: BlockWeights, where: str) -> tuple[dict[str, float], set[int]]:

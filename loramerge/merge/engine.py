@@ -27,6 +27,7 @@ from loramerge.merge.blocks import BlockWeighting, weigh_blocks
 from loramerge.merge.methods import MergeMethod, MethodOutput, ModuleInputs, get_method, module_seed
 from loramerge.merge.overrides import Overrides, module_settings
 from loramerge.merge.plan import MergePlan, plan_merge
+from loramerge.merge.statistics import InputStatistics
 
 DEFAULT_SEED = 0
 # Dense methods hold every source's full update of a module at once; above this many bytes per
@@ -55,6 +56,7 @@ def merge(
     progress: bool = False,
     overrides: Overrides | None = None,
     block_weights: BlockWeighting | str | Sequence[str] | None = None,
+    statistics: InputStatistics | None = None,
     **params: Any,
 ) -> Adapter:
     """Merge LoRA adapters into one adapter.
@@ -69,6 +71,8 @@ def merge(
     ``block_weights`` scales each source's modules by block before the merge, as the LoRA Block
     Weight extension does (``"OUTALL"``, ``"2:INS"``, ``"double_blocks.0-9=0.5"``; see
     :mod:`loramerge.merge.blocks`).
+    A data-aware method (``regmean``) needs ``statistics``, the sources' input Grams; the
+    facade :func:`loramerge.merge` collects them from a model and data.
 
     Example:
         >>> import torch
@@ -97,6 +101,13 @@ def merge(
     if not adapters:
         raise InvalidParameter("no sources to merge")
     spec.check_source_count(len(adapters))
+    if spec.needs_statistics:
+        if statistics is None:
+            raise InvalidParameter(
+                f"method {spec.name!r} needs data: give the base model and one data file per source "
+                "(--model BASE --data a.jsonl --data b.jsonl; in Python, model= and data=)", parameter="statistics"
+            )
+        statistics.check_sources(len(adapters), spec.name)
     weight_list = _check_weights(weights, len(adapters))
     weighting = BlockWeighting.parse(block_weights, sources=len(adapters))
     sources = weigh_blocks([load(a) for a in adapters], weighting)
@@ -120,6 +131,8 @@ def merge(
                 terms=[t.to(dtype=compute, device=target) if t is not None else None for t in row],
                 weights=module_weights,
                 seed=module_seed(seed, module),
+                statistics=None if statistics is None or not spec.needs_statistics else [
+                    g.to(device=target) if g is not None else None for g in statistics.for_module(module)],
             )
             lowrank, module_report = finalize(spec.function(inputs, **module_params), inputs, spec, module_policy)
             return lowrank.to(dtype=out_dtype, device=context.storage), module_report

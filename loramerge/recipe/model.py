@@ -43,6 +43,7 @@ class SourceSpec:
     format: str | None = None
     block_weights: BlockWeights | None = None
     where: str = ""
+    data: Path | None = None
 
 
 @dataclass
@@ -88,6 +89,8 @@ class Recipe:
     file: Path | None = None
     base_dir: Path = field(default_factory=Path.cwd)
     locations: dict[str, str] = field(default_factory=dict)
+    model: str | None = None
+    stats: Path | None = None
 
     @property
     def spec(self) -> MergeMethod:
@@ -100,6 +103,10 @@ class Recipe:
             doc["description"] = self.description
         if self.base_model:
             doc["base_model"] = self.base_model
+        if self.model:
+            doc["model"] = self.model
+        if self.stats:
+            doc["stats"] = str(self.stats)
         doc["sources"] = list(sources) if sources is not None else [source_dict(s) for s in self.sources]
         doc["method"] = self.method
         if self.parameters:
@@ -151,6 +158,8 @@ def source_dict(s: SourceSpec) -> dict[str, Any]:
         entry["parameters"] = {k: v.to_plain() for k, v in s.parameters.items()}
     if s.block_weights is not None:
         entry["block_weights"] = s.block_weights.to_plain()
+    if s.data is not None:
+        entry["data"] = str(s.data)
     return entry
 
 
@@ -165,8 +174,14 @@ def saved_recipe(recipe: Recipe, adapters: Sequence[Adapter], out_dir: Path | No
         entry = source_dict(spec)
         entry.pop("path", None), entry.pop("repo", None), entry.pop("revision", None), entry.pop("subfolder", None)
         entry = {**source_location(adapter.origin, adapter.source, out_dir), **entry}
+        if spec.data is not None:
+            entry["data"] = source_location({"path": str(spec.data)}, None, out_dir)["path"]
         entries.append(entry)
     doc = recipe.to_dict(sources=entries)
+    if recipe.model is not None and Path(recipe.model).exists():
+        doc["model"] = source_location({"path": str(Path(recipe.model).resolve())}, None, out_dir)["path"]
+    if recipe.stats is not None:
+        doc["stats"] = source_location({"path": str(recipe.stats)}, None, out_dir)["path"]
     if base_model is not None:
         doc["base_model"] = base_model
     return doc

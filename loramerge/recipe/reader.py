@@ -61,8 +61,9 @@ from loramerge.recipe.model import OutputSpec, PushSpec, Recipe, SourceSpec
 from loramerge.recipe.nodes import Entry, NodeReader, kind_of
 
 _TOP_KEYS = ("base_dir", "description", "sources", "method", "parameters", *POLICY_KEYS, "sv_fro", "block_weights",
-             "seed", "compute_dtype", "ignore_base_mismatch", "allow_pickle", "output", "base_model", "tied_embeddings")
-_SOURCE_KEYS = ("path", "repo", "revision", "subfolder", "format", "weight", "parameters", "block_weights")
+             "seed", "compute_dtype", "ignore_base_mismatch", "allow_pickle", "output", "base_model", "tied_embeddings",
+             "model", "stats")
+_SOURCE_KEYS = ("path", "repo", "revision", "subfolder", "format", "weight", "parameters", "data", "block_weights")
 _OUTPUT_KEYS = ("path", "format", "dtype", "push", "card", "shard_size")
 # Keys that only mean something when the recipe folds into a base model.
 _FOLD_ONLY = ("output.shard_size", "tied_embeddings")
@@ -142,8 +143,11 @@ def _read_recipe(reader: NodeReader, root: Node, base: Path) -> Recipe:
         file=Path(reader.name) if not reader.name.startswith("<") else None,
         base_dir=base_dir,
         locations=reader.locations,
+        model=_base_model(reader, top["model"][1], base_dir, "model") if "model" in top else None,
+        stats=base_dir / Path(reader.scalar(top["stats"][1], "stats", "string")).expanduser() if "stats" in top else None,
     )
     _check_fold(recipe)
+    _check_data(reader, recipe, top)
     return recipe
 
 
@@ -157,9 +161,9 @@ def _base_dir(reader: NodeReader, top: Entry, base: Path) -> Path:
     return (anchor / Path(text).expanduser()).resolve()
 
 
-def _base_model(reader: NodeReader, node: Node, base_dir: Path) -> str:
+def _base_model(reader: NodeReader, node: Node, base_dir: Path, key: str = "base_model") -> str:
     """A local base model (relative to ``base_dir``) when one exists there, else a Hub id as written."""
-    text = reader.scalar(node, "base_model", "string")
+    text = reader.scalar(node, key, "string")
     local = base_dir / Path(text).expanduser()
     return str(local) if local.exists() else text
 
@@ -259,6 +263,8 @@ def _source(reader: NodeReader, node: Node, key: str, spec: MergeMethod, base_di
     source = _source_place(reader, node, entry, key, base_dir)
     if "format" in entry:
         source.format = _format_name(reader, entry["format"][1], f"{key}.format")
+    if "data" in entry:
+        source.data = base_dir / Path(reader.scalar(entry["data"][1], f"{key}.data", "string")).expanduser()
     if "weight" in entry:
         source.weight = reader.schedule(entry["weight"][1], f"{key}.weight", _weight, numeric=True)
     if "block_weights" in entry:
@@ -439,6 +445,30 @@ def _check_fold(recipe: Recipe) -> None:
 
 
 # ------------------------------------------------------------------------------------- coercions
+
+
+def _check_data(reader: NodeReader, recipe: Recipe, top: Entry) -> None:
+    """A data-aware method needs a model and one data file per source; other methods take neither."""
+    spec = recipe.spec
+    snode = top["sources"][1]
+    if not spec.needs_statistics:
+        given = [k for k in ("model", "stats") if k in top]
+        given += [f"sources[{i}].data" for i, s in enumerate(recipe.sources) if s.data is not None]
+        if given:
+            where = recipe.locations.get(given[0], reader.where(snode))
+            raise RecipeError(f"{where}: {given[0]}: only applies to a data-aware method (regmean)")
+        return
+    method_node = top["method"][1]
+    if recipe.base_model is not None:
+        raise RecipeError(f"{reader.where(method_node)}: method: {spec.name!r} needs data, which a fold recipe cannot "
+                          "collect yet; merge with a recipe without base_model, then fold the result")
+    if recipe.model is None:
+        raise RecipeError(f"{reader.where(method_node)}: model: method {spec.name!r} needs the base model "
+                          "(`model: path-or-hub-id`) to collect its statistics")
+    for i, source in enumerate(recipe.sources):
+        if source.data is None:
+            raise RecipeError(f"{reader.where(snode.value[i])}: sources[{i}].data: method {spec.name!r} needs one "
+                              "data file per source (`data: task.jsonl`)")
 
 
 def _tied_modes() -> tuple[str, ...]:

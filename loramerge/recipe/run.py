@@ -37,7 +37,7 @@ def run_recipe(recipe: Recipe | str | Path, *, sets: Sequence[str] = (), output:
     returns the :class:`~loramerge.fold.job.FoldResult`; it needs an output path or a push.
     """
     from loramerge.io.output import check_output
-    from loramerge.merge.engine import merge
+    from loramerge.runtime.merging import merge
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, sets)
@@ -62,7 +62,8 @@ def run_recipe(recipe: Recipe | str | Path, *, sets: Sequence[str] = (), output:
     merged = merge(
         plan.adapters, method=recipe.method, seed=recipe.seed, device=device, dtype=recipe.output.dtype,
         compute_dtype=recipe.compute_dtype, ignore_base_mismatch=recipe.ignore_base_mismatch, progress=progress,
-        overrides=plan.overrides(), **constants,
+        overrides=plan.overrides(), model=recipe.model, stats=recipe.stats, allow_pickle=recipe.allow_pickle,
+        data=[s.data for s in recipe.sources] if recipe.spec.needs_statistics else None, **constants,
     )
     if target is None and repo is None:
         return merged

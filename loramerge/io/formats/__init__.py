@@ -2,7 +2,7 @@
 
 Example:
     >>> [f.name for f in FORMATS]
-    ['peft', 'lycoris', 'kohya', 'diffusers']
+    ['peft', 'lycoris', 'kohya', 'comfyui', 'diffusers']
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from loramerge.core.adapter import Adapter, install_output_hook
 from loramerge.core.devices import parse_dtype
 from loramerge.errors import ConfigNotFound, InvalidParameter, SourceNotFound, UnknownFormat
-from loramerge.io.formats import diffusers, kohya, peft
+from loramerge.io.formats import comfyui, diffusers, kohya, peft
 from loramerge.io.output import atomic_output
 
 
@@ -33,13 +33,15 @@ class AdapterFormat:
 
 FORMATS: tuple[AdapterFormat, ...] = (
     AdapterFormat("peft", peft.detect, peft.read, peft.write),
-    # LyCORIS files share kohya's names; they are written back as kohya LoRA/LoCon (the exact B@A).
-    AdapterFormat("lycoris", kohya.detect_lycoris, kohya.read_lycoris, kohya.write, single_file=True),
+    # LyCORIS files share kohya's names; LoHa/LoKr/full modules read from one are written back unexpanded.
+    AdapterFormat("lycoris", kohya.detect_lycoris, kohya.read_lycoris, kohya.write_lycoris, single_file=True),
     AdapterFormat("kohya", kohya.detect, kohya.read, kohya.write, single_file=True),
+    # Original-checkpoint names (ComfyUI, AI-Toolkit, DiffSynth, XLabs), resolved by diffusers' converters.
+    AdapterFormat("comfyui", comfyui.detect, comfyui.read, comfyui.write, single_file=True),
     AdapterFormat("diffusers", diffusers.detect, diffusers.read, diffusers.write),
 )
 # Formats whose module names may need a base checkpoint to resolve (``--base``).
-NAME_RESOLVING = ("kohya", "lycoris")
+NAME_RESOLVING = ("kohya", "lycoris", "comfyui")
 
 
 def get_format(name: str) -> AdapterFormat:
@@ -72,18 +74,20 @@ def _first_keys(path: Path, count: int = 5) -> str:
 
 
 def read_adapter(path: str | Path, *, format: str | None = None, allow_pickle: bool = False,
-                 base: str | Path | None = None) -> Adapter:
+                 base: str | Path | None = None, skip_unknown: bool = False) -> Adapter:
     """Read the adapter at a local ``path``, detecting its format unless ``format`` is given.
 
-    ``base`` (a checkpoint file or folder) resolves kohya module names from its weight names;
-    other formats already name modules by path and ignore it.
+    ``base`` (a checkpoint file or folder) resolves kohya and original-checkpoint module names
+    from its weight names; other formats already name modules by path and ignore it. A module
+    whose name resolves to nothing is an error, unless ``skip_unknown``: then it is left out and
+    listed in the adapter's ``config["skipped"]``.
     """
     path = Path(path)
     if not path.exists():
         raise SourceNotFound(f"{path}: no such file or folder")
     fmt = get_format(format) if format else detect_format(path)
-    if base is not None and fmt.name in NAME_RESOLVING:
-        return fmt.read(path, allow_pickle=allow_pickle, base=base)
+    if fmt.name in NAME_RESOLVING:
+        return fmt.read(path, allow_pickle=allow_pickle, base=base, skip_unknown=skip_unknown)
     return fmt.read(path, allow_pickle=allow_pickle)
 
 

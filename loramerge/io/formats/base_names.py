@@ -54,9 +54,9 @@ class BaseNames:
             for container, prefixes in _CONTAINERS.items():
                 if container and not path.startswith(container):
                     continue
-                rest = flatten(path[len(container):])
-                for prefix in prefixes:
-                    self._index.setdefault(prefix + rest, path)
+                for rest in _spellings(path[len(container):], prefixes):
+                    for prefix in prefixes:
+                        self._index.setdefault(prefix + rest, path)
 
     @classmethod
     def from_path(cls, path: str | Path) -> BaseNames:
@@ -81,9 +81,33 @@ class BaseNames:
             raise UnknownFormat(f"{path}: no .safetensors weights found to resolve module names from")
         return cls(modules, origin=str(path))
 
+    def index_names(self) -> list[str]:
+        """Every spelling the index knows (for 'nearest name' suggestions)."""
+        return list(self._index)
+
     def lookup(self, kohya_name: str) -> str | None:
         """The base module path that ``kohya_name`` flattens, or None."""
         return self._index.get(kohya_name)
+
+
+_CLIP_TOP = ("encoder.", "embeddings.", "final_layer_norm.")
+
+
+def _spellings(rest: str, prefixes: tuple[str, ...]) -> list[str]:
+    """The flattened spellings of a weight path: for a CLIP text model both with and without the
+    ``text_model`` level that transformers ≥ 5 dropped, so either kind of LoRA finds either kind of base.
+
+    Example:
+        >>> _spellings("encoder.layers.0.mlp.fc1", ("lora_te_",))
+        ['encoder_layers_0_mlp_fc1', 'text_model_encoder_layers_0_mlp_fc1']
+    """
+    out = [flatten(rest)]
+    if any(p.startswith("lora_te") for p in prefixes):
+        if rest.startswith(_CLIP_TOP):
+            out.append(flatten("text_model." + rest))
+        elif rest.startswith("text_model."):
+            out.append(flatten(rest.removeprefix("text_model.")))
+    return out
 
 
 def _weights(file: Path) -> dict[str, Shape]:

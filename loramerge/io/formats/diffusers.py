@@ -17,7 +17,8 @@ tensors (``alpha / r``); else it is 1, diffusers' convention (alpha = rank).
 
 **Write.** A folder with ``pytorch_lora_weights.safetensors`` in PEFT style, scale baked into the
 factors, and ``lora_adapter_metadata`` holding each component's LoraConfig (``alpha = r`` per
-module), which ``load_lora_weights`` uses as is.
+module), which ``load_lora_weights`` uses as is. DoRA magnitudes are written as PEFT's
+``lora_magnitude_vector`` (``use_dora``), bias updates as ``lora_B.bias`` (``lora_bias``).
 
 Example:
     >>> normalize_key("down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.up.weight")
@@ -43,8 +44,14 @@ import torch
 from loramerge.core.adapter import Adapter, LowRank
 from loramerge.errors import CorruptFile, UnknownFormat, UnsupportedAdapter
 from loramerge.io.formats import peft
-from loramerge.io.formats.sd_names import COMPONENTS, identify
-from loramerge.io.formats.tensorfile import read_safetensors_header, read_tensor_file, write_safetensors
+from loramerge.io.formats.families import architectures_of
+from loramerge.io.formats.sd_names import COMPONENTS
+from loramerge.io.formats.tensorfile import (
+    check_keys,
+    read_safetensors_header,
+    read_tensor_file,
+    write_safetensors,
+)
 
 NAME = "diffusers"
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -153,11 +160,7 @@ def read(path: Path, *, allow_pickle: bool = False, base: str | Path | None = No
         if body in by_component.get(component, {}):
             raise CorruptFile(f"{file}: key {key} duplicates another spelling of the same tensor")
         by_component.setdefault(component, {})[body] = tensor
-    if unknown:
-        shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
-        raise UnknownFormat(f"{file}: {len(unknown)} key(s) in no diffusers LoRA layout: {shown}")
-    if not by_component:
-        raise CorruptFile(f"{file}: no LoRA tensors found")
+    check_keys(file, unknown, found=bool(by_component), layout="diffusers LoRA")
 
     layers: dict[str, LowRank] = {}
     for component, parts in by_component.items():
@@ -167,7 +170,7 @@ def read(path: Path, *, allow_pickle: bool = False, base: str | Path | None = No
             raise UnknownFormat(f"{file}: keys in no diffusers LoRA layout: {', '.join(sorted(sub.full_weights)[:5])}")
         layers.update({f"{component}.{m}": lr for m, lr in sub.layers.items()})
     dtypes = {t.dtype for t in tensors.values() if t.is_floating_point() and t.ndim > 0}
-    architectures = identify({m: tuple(lr.delta_shape) for m, lr in layers.items()})
+    architectures = architectures_of({m: tuple(lr.delta_shape) for m, lr in layers.items()})
     config: dict[str, Any] = {"metadata": header_meta}
     if architectures:
         config["architectures"] = architectures
@@ -226,8 +229,6 @@ def write(adapter: Adapter, folder: Path, *, dtype: torch.dtype) -> None:
                 f"module {module}: diffusers files name modules by pipeline component ({', '.join(COMPONENTS)}); "
                 "this name has none (read kohya files without --base, or with a diffusers pipeline folder as --base)"
             )
-        if lr.magnitude is not None or lr.bias is not None:
-            raise UnsupportedAdapter(f"module {module}: a DoRA magnitude or bias cannot be written as a plain LoRA")
         components.setdefault(component, {})[rest] = lr.baked()
     tensors: dict[str, torch.Tensor] = {}
     metadata: dict[str, Any] = {}
@@ -235,6 +236,10 @@ def write(adapter: Adapter, folder: Path, *, dtype: torch.dtype) -> None:
         for name, lr in layers.items():
             tensors[f"{component}.{name}.lora_A.weight"] = lr.A.to(dtype)
             tensors[f"{component}.{name}.lora_B.weight"] = lr.B.to(dtype)
+            if lr.magnitude is not None:
+                tensors[f"{component}.{name}.lora_magnitude_vector"] = peft.peft_magnitude(lr).to(dtype)
+            if lr.bias is not None:
+                tensors[f"{component}.{name}.lora_B.bias"] = lr.bias.to(dtype)
         # transformers ≥ 5 drops CLIPTextModel's ``text_model`` level; diffusers strips it from the
         # keys, so the config names modules by the part both layouts end with.
         short = {n.removeprefix("text_model.") if component.startswith("text_encoder") else n: lr
@@ -242,5 +247,7 @@ def write(adapter: Adapter, folder: Path, *, dtype: torch.dtype) -> None:
         sub = adapter.with_layers(short, full_weights={})
         config = peft.build_config(sub, {n: lr.rank for n, lr in short.items()})
         config.pop("modules_to_save", None)
+        config["use_dora"] = peft.uses_dora(sub)
+        config["lora_bias"] = any(lr.bias is not None for lr in short.values())
         metadata.update({f"{component}.{k}": v for k, v in config.items()})
     write_safetensors(tensors, folder / WEIGHTS_NAME, {METADATA_KEY: json.dumps(metadata, sort_keys=True)})

@@ -133,7 +133,21 @@ def lokr(w1: torch.Tensor | None, w1a: torch.Tensor | None, w1b: torch.Tensor | 
         U2, V2 = tucker(t2, w2a, w2b)
     else:
         U2, V2 = w2a.to(_COMPUTE), w2b.to(_COMPUTE).flatten(1)
-    return torch.kron(U1, U2), torch.kron(V1, V2)
+    return torch.kron(_dense(U1), _dense(U2)), torch.kron(_dense(V1), _dense(V2))
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with row-major strides even on size-1 dimensions.
+
+    ``torch.kron`` views its inputs and fails on a rank-1 factor such as ``wa.T`` of shape
+    ``(out, 1)``, whose stride ``(1, out)`` ``.contiguous()`` leaves as it is.
+
+    Example:
+        >>> import torch
+        >>> _dense(torch.ones(1, 4).T.contiguous()).stride()
+        (1, 1)
+    """
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def capped(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

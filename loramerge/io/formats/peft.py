@@ -20,6 +20,7 @@ import torch
 
 from loramerge.core.adapter import Adapter, LowRank
 from loramerge.errors import ConfigNotFound, CorruptFile, UnsupportedAdapter
+from loramerge.io.experts import expert_name, join_fused, nesting_order, parse_expert_name, split_fused
 from loramerge.io.formats.tensorfile import (
     check_finite,
     read_json_object,
@@ -46,7 +47,6 @@ _BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 # Config fields of variants whose update is not scale·B@A on a fixed module weight.
 _UNSUPPORTED_FIELDS = {
     "layer_replication": "layer replication",
-    "target_parameters": "nn.Parameter targeting (target_parameters)",
     "alora_invocation_tokens": "aLoRA (activated LoRA)",
     "use_bdlora": "BD-LoRA",
     "kasa_config": "KaSA",
@@ -166,6 +166,7 @@ def adapter_from_tensors(tensors: dict[str, torch.Tensor], config: dict[str, Any
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
     layers: dict[str, LowRank] = {}
+    parts = _parameter_targets(parts, config, origin, layers)
     for module, found in parts.items():
         if "A" not in found or "B" not in found:
             missing = "lora_A" if "A" not in found else "lora_B"
@@ -206,6 +207,67 @@ def adapter_from_tensors(tensors: dict[str, torch.Tensor], config: dict[str, Any
     )
 
 
+def _parameter_targets(parts: dict[str, dict[str, torch.Tensor]], config: dict[str, Any], origin: Path | str,
+                       layers: dict[str, LowRank]) -> dict[str, dict[str, torch.Tensor]]:
+    """Move LoRA on ``target_parameters`` (PEFT's ParamWrapper) into ``layers``, one entry per expert.
+
+    A wrapper's factors sit at ``<module>[.base_layer]*``; PEFT nests one wrapper per targeted
+    parameter of a module, the innermost (most ``base_layer``) for the parameter registered first.
+    A 3-D parameter's ``lora_A`` is ``(r·E, in)`` and ``lora_B`` ``(out, r·E)``: each expert gets its
+    own update ``B_e @ A_e`` (see :func:`~loramerge.io.experts.split_fused`). A 2-D ``weight`` is an
+    ordinary module. Returns the parts that are ordinary module targets.
+    """
+    targets = list(config.get("target_parameters") or [])
+    if not targets:
+        return parts
+    by_module: dict[str, list[str]] = {}
+    for target in targets:
+        module_suffix, _, param = str(target).rpartition(".")
+        by_module.setdefault(module_suffix, []).append(param)
+    plain: dict[str, dict[str, torch.Tensor]] = {}
+    for module, found in parts.items():
+        depth = 0
+        base = module
+        while base.endswith(".base_layer"):
+            base, depth = base[: -len(".base_layer")], depth + 1
+        params = sorted({p for suffix, names in by_module.items() if base == suffix or base.endswith("." + suffix)
+                         for p in names})
+        if not params:
+            plain[module] = found
+            continue
+        order = nesting_order(base, params, origin)
+        if depth >= len(order):
+            raise CorruptFile(f"{origin}: {module} is nested deeper than the {len(order)} parameter(s) targeted there")
+        param = order[len(order) - 1 - depth]
+        if "A" not in found or "B" not in found or set(found) - {"A", "B"}:
+            raise CorruptFile(f"{origin}: parameter {base}.{param} needs exactly lora_A and lora_B (no bias, DoRA)")
+        rank, alpha, scale = _module_scale(config, f"{base}.{param}")
+        A, B = found["A"], found["B"]
+        for what, tensor in (("lora_A", A), ("lora_B", B)):
+            check_finite(tensor, path=origin, what=f"parameter {base}.{param} {what}")
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] % rank or B.shape[1] != A.shape[0]:
+            raise CorruptFile(f"{origin}: parameter {base}.{param} has lora_A {tuple(A.shape)} and lora_B "
+                              f"{tuple(B.shape)}, which are not r={rank} per expert")
+        experts = A.shape[0] // rank
+        if param == "weight" and experts == 1:
+            layers[base] = LowRank(A=A, B=B, scale=scale, alpha=alpha)
+            continue
+        for e, (a, b) in enumerate(split_fused(A, B, experts)):
+            layers[expert_name(base, param, e)] = LowRank(A=a, B=b, scale=scale, alpha=alpha)
+    return plain
+
+
+def _module_scale(config: dict[str, Any], key: str) -> tuple[int, float, float]:
+    """``(r, alpha, scale)`` of one module or parameter key, patterns applied."""
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    rank_key, alpha_key = pattern_key(rank_pattern, key), pattern_key(alpha_pattern, key)
+    r = rank_pattern[rank_key] if rank_key is not None else config.get("r", 8)
+    alpha = alpha_pattern[alpha_key] if alpha_key is not None else config.get("lora_alpha", 8)
+    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    return int(r), float(alpha), float(scale)
+
+
 def split_key(key: str, key_prefix: str = KEY_PREFIX) -> tuple[str, str, str] | None:
     """``(module, part, param)`` of a LoRA tensor key, or None for any other key.
 
@@ -233,24 +295,41 @@ def split_key(key: str, key_prefix: str = KEY_PREFIX) -> tuple[str, str, str] | 
 
 
 def write(adapter: Adapter, folder: Path, *, dtype: torch.dtype) -> None:
-    """Write ``adapter`` as a PEFT folder: scale baked in, per-module ranks as full-path patterns."""
-    _refuse_unwritable(adapter)
+    """Write ``adapter`` as a PEFT folder: scale baked in, per-module ranks as full-path patterns.
+
+    DoRA magnitudes go in ``lora_magnitude_vector`` (``use_dora``), bias updates in ``lora_B.bias``
+    (``lora_bias``; modules without one keep PEFT's zero bias).
+    """
+    uses_dora(adapter)  # refuses what PEFT cannot hold
     layers = {name: lr.baked() for name, lr in adapter.layers.items()}
     tensors: dict[str, torch.Tensor] = {}
+    parameters = _fused_parameters(layers)
+    for key, A, B, _ in parameters.values():
+        tensors[f"{KEY_PREFIX}{key}.lora_A.weight"] = A.to(dtype)
+        tensors[f"{KEY_PREFIX}{key}.lora_B.weight"] = B.to(dtype)
+    layers = {name: lr for name, lr in layers.items() if parse_expert_name(name) is None}
     for name, lr in layers.items():
         a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if lr.kind == "embedding" else ("lora_A.weight", "lora_B.weight")
         tensors[f"{KEY_PREFIX}{name}.{a_key}"] = lr.A.to(dtype)
         tensors[f"{KEY_PREFIX}{name}.{b_key}"] = lr.B.to(dtype)
+        if lr.magnitude is not None:
+            tensors[f"{KEY_PREFIX}{name}.lora_magnitude_vector"] = peft_magnitude(lr).to(dtype)
     for name, tensor in adapter.full_weights.items():
         tensors[f"{KEY_PREFIX}{name}"] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     ranks = {name: lr.rank for name, lr in layers.items()}
-    config = build_config(adapter, ranks)
+    ranks.update({f"{module}.{param}": rank for (module, param), (_, _, _, rank) in parameters.items()})
+    config = build_config(adapter, ranks, [f"{module}.{param}" for module, param in parameters])
+    config["use_dora"] = uses_dora(adapter)
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     write_safetensors(tensors, folder / WEIGHTS_NAME)
 
 
-def build_config(adapter: Adapter, ranks: dict[str, int]) -> dict[str, Any]:
-    """The ``adapter_config.json`` for baked factors of the given per-module ranks (alpha = rank)."""
+def build_config(adapter: Adapter, ranks: dict[str, int], parameters: list[str] | None = None) -> dict[str, Any]:
+    """The ``adapter_config.json`` for baked factors of the given per-module ranks (alpha = rank).
+
+    ``parameters`` are full ``<module>.<parameter>`` keys written as ``target_parameters``; their
+    ranks (per expert) are in ``ranks`` under the same keys.
+    """
     default_rank = Counter(ranks.values()).most_common(1)[0][0]
     rank_pattern = full_path_patterns(ranks, default_rank)
     modules_to_save = sorted({k.rsplit(".", 1)[0] for k in adapter.full_weights}) or None
@@ -263,7 +342,8 @@ def build_config(adapter: Adapter, ranks: dict[str, int]) -> dict[str, Any]:
         "lora_alpha": default_rank,
         "rank_pattern": rank_pattern,
         "alpha_pattern": dict(rank_pattern),
-        "target_modules": list(ranks),
+        "target_modules": [name for name in ranks if name not in (parameters or [])],
+        "target_parameters": list(parameters) if parameters else None,
         "use_rslora": False,
         "use_dora": False,
         "lora_bias": False,
@@ -305,6 +385,45 @@ def full_path_patterns(values: dict[str, int], default: int) -> dict[str, int]:
     return pattern
 
 
+def _fused_parameters(layers: dict[str, LowRank]) -> dict[tuple[str, str], tuple[str, torch.Tensor, torch.Tensor, int]]:
+    """Expert slices regrouped into PEFT ParamWrapper factors: ``(module, param) → (key, lora_A, lora_B, r)``.
+
+    Every expert of a parameter gets the largest rank among them (zero padded), experts missing
+    from the adapter get zero factors, and the key carries one ``.base_layer`` per wrapper nested
+    outside it, as PEFT saves them.
+    """
+    groups: dict[tuple[str, str], dict[int, LowRank]] = {}
+    for name, lr in layers.items():
+        parsed = parse_expert_name(name)
+        if parsed is not None:
+            groups.setdefault(parsed[:2], {})[parsed[2]] = lr
+    out: dict[tuple[str, str], tuple[str, torch.Tensor, torch.Tensor, int]] = {}
+    per_module: dict[str, list[str]] = {}
+    for module, param in groups:
+        per_module.setdefault(module, []).append(param)
+    for (module, param), experts in groups.items():
+        rank = max(lr.rank for lr in experts.values())
+        sample = next(iter(experts.values()))
+        if sample.kind != "linear" or sample.fan_in_fan_out:
+            raise UnsupportedAdapter(f"module {module}.{param}: only linear expert updates can be written")
+        count = max(experts) + 1
+        padded = []
+        for e in range(count):
+            lr = experts.get(e)
+            A = torch.zeros(rank, sample.A.shape[1], dtype=sample.A.dtype)
+            B = torch.zeros(sample.B.shape[0], rank, dtype=sample.B.dtype)
+            if lr is not None:
+                if lr.A.shape[1] != A.shape[1] or lr.B.shape[0] != B.shape[0]:
+                    raise UnsupportedAdapter(f"{expert_name(module, param, e)}: expert shapes differ within {param}")
+                A[:lr.rank], B[:, :lr.rank] = lr.A, lr.B
+            padded.append((A, B))
+        order = nesting_order(module, sorted(per_module[module]), "adapter")
+        depth = len(order) - 1 - order.index(param)
+        A, B = join_fused(padded)
+        out[(module, param)] = (module + ".base_layer" * depth, A, B, rank)
+    return out
+
+
 def _peft_matches(key: str, module: str) -> bool:
     return re.match(rf"(.*\.)?({key})$", module) is not None
 
@@ -318,11 +437,32 @@ def _weights_file(path: Path, folder: Path) -> Path:
     raise CorruptFile(f"{folder}: has {CONFIG_NAME} but no {WEIGHTS_NAME}")
 
 
-def _refuse_unwritable(adapter: Adapter) -> None:
-    for name, lr in adapter.layers.items():
-        if lr.magnitude is not None:
+def uses_dora(adapter: Adapter) -> bool:
+    """True when every module is DoRA (PEFT's ``use_dora`` is one flag for all), False when none is.
+
+    A mix, or a magnitude along the input axis (old LyCORIS), has no PEFT form: UnsupportedAdapter.
+    """
+    dora = [name for name, lr in adapter.layers.items() if lr.magnitude is not None]
+    if not dora:
+        return False
+    plain = [name for name, lr in adapter.layers.items() if lr.magnitude is None]
+    if plain:
+        raise UnsupportedAdapter(
+            f"module {dora[0]} is DoRA but {plain[0]} is not; PEFT's use_dora holds for every module, "
+            "so this mix can only be folded or written as kohya/LyCORIS"
+        )
+    for name in dora:
+        if adapter.layers[name].magnitude_axis != "out":
             raise UnsupportedAdapter(
-                f"module {name}: a DoRA magnitude cannot be written as a plain LoRA; fold the adapter instead"
+                f"module {name}: a DoRA magnitude along the input axis (LyCORIS wd_on_output=False) has no "
+                "PEFT form; fold it or write it as kohya/LyCORIS"
             )
-        if lr.bias is not None:
-            raise UnsupportedAdapter(f"module {name}: lora_B bias (lora_bias) cannot be written as a plain LoRA")
+    return True
+
+
+def peft_magnitude(lr: LowRank) -> torch.Tensor:
+    """``lr``'s per-output DoRA magnitude as PEFT stores ``lora_magnitude_vector``: ``(out,)``, conv ``(1, out, 1, 1)``."""
+    assert lr.magnitude is not None
+    if lr.kind == "conv":
+        return lr.magnitude.reshape(1, -1, *([1] * (lr.A.ndim - 2)))
+    return lr.magnitude.reshape(-1)

@@ -37,7 +37,7 @@ from functools import cache
 Shape = tuple[int, ...]
 
 # Component prefix of canonical names → kohya prefixes that name it, per architecture family.
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "transformer")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "transformer_2")
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_transformer_", "lycoris_")
 
 
@@ -68,6 +68,8 @@ class KohyaTarget:
     name: str
     shape: Shape
     pieces: tuple[Piece, ...]
+    # Row counts of the canonical modules, where a piece set does not reach a module's last row.
+    rows: Mapping[str, int] | None = field(default=None, compare=False, hash=False)
 
     @property
     def fused(self) -> bool:
@@ -367,7 +369,12 @@ def _add_text_encoder(arch: Architecture, component: str, kohya_prefixes: Iterab
                       modules: list[tuple[str, Shape]]) -> None:
     prefixes = list(kohya_prefixes)
     for path, shape in modules:
-        arch.add(f"{component}.{path}", shape, [p + flatten(path) for p in prefixes])
+        names = [p + flatten(path) for p in prefixes]
+        if path.startswith("text_model."):
+            # transformers ≥ 5 CLIPTextModel has no ``text_model`` level; trainers on it (LyCORIS, kohya)
+            # write ``lora_te_encoder_layers_…``.
+            names += [p + flatten(path.removeprefix("text_model.")) for p in prefixes]
+        arch.add(f"{component}.{path}", shape, names)
 
 
 @cache

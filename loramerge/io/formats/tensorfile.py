@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from loramerge.errors import CorruptFile, NonFiniteValues, PickleRefused, SourceNotFound
+from loramerge.errors import CorruptFile, NonFiniteValues, PickleRefused, SourceNotFound, UnknownFormat
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -127,3 +127,20 @@ def _require_file(path: Path) -> None:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def check_keys(path: Path | str, unknown: list[str], *, found: bool, layout: str) -> None:
+    """Refuse a file with keys in no ``layout`` (naming the first few), or with no LoRA tensors at all.
+
+    Example:
+        >>> check_keys("f.safetensors", [], found=True, layout="LoRA")
+        >>> check_keys("f.safetensors", ["x.y"], found=True, layout="LoRA")
+        Traceback (most recent call last):
+        ...
+        loramerge.errors.UnknownFormat: f.safetensors: 1 key(s) in no LoRA layout: x.y
+    """
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        raise UnknownFormat(f"{path}: {len(unknown)} key(s) in no {layout} layout: {shown}")
+    if not found:
+        raise CorruptFile(f"{path}: no LoRA tensors found")

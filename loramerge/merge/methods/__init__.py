@@ -19,6 +19,7 @@ from loramerge.merge.methods import (
     iso,
     knots,
     linear,
+    regmean,
     slerp,
     task_arithmetic,
     ties,
@@ -38,6 +39,7 @@ _FAMILIES = (
     iso.METHODS,
     core_space.METHODS,
     slerp.METHODS,
+    regmean.METHODS,
 )
 
 REGISTRY: dict[str, MergeMethod] = {m.name: m for family in _FAMILIES for m in family}

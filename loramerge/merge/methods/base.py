@@ -140,12 +140,15 @@ class ModuleInputs:
 
     ``terms`` has one entry per source, ``None`` where that source lacks the module (it then
     contributes zero). The factors are already on the compute device and in the compute dtype.
+    ``statistics`` (data-aware methods only) holds each source's input Gram of the module, on the
+    compute device, None where it was not collected.
     """
 
     module: str
     terms: Sequence[LowRank | None]
     weights: Sequence[float]
     seed: int = 0
+    statistics: Sequence[torch.Tensor | None] | None = None
 
     @property
     def present(self) -> list[tuple[LowRank, float]]:
@@ -222,7 +225,8 @@ class MergeMethod:
     result as it is (factored results only), ``"max_source_rank"`` re-ranks to the largest source
     rank (as PEFT's svd does). ``accepts_rank=False`` refuses any rank option (``cat``).
     ``dense=True`` marks methods that build dense per-module updates; the engine runs their
-    modules one at a time to bound memory.
+    modules one at a time to bound memory. ``needs_statistics=True`` marks data-aware methods,
+    which receive each source's input Grams (:class:`~loramerge.merge.statistics.InputStatistics`).
 
     ``uses_accelerator`` says whether the method's work runs on the compute device (``--device``)
     or stays on the CPU. Methods that build dense ``m×n`` updates set it: their element-wise work
@@ -248,6 +252,7 @@ class MergeMethod:
     max_sources: int | None = None
     check: Callable[[Mapping[str, Any]], str | None] | None = None
     dense: bool = False
+    needs_statistics: bool = False
     uses_accelerator: bool = False
 
     def __post_init__(self) -> None:

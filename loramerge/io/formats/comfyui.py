@@ -1,0 +1,182 @@
+"""LoRAs named after a model's original checkpoint: ComfyUI, AI-Toolkit, DiffSynth-Studio, XLabs.
+
+**Read.** Keys are ``<module>.<suffix>`` where ``<module>`` is the module path in the family's
+original (non-diffusers) checkpoint, usually behind ``diffusion_model.`` (ComfyUI, AI-Toolkit,
+musubi-tuner's ComfyUI export) and bare in DiffSynth-Studio files, and ``<suffix>`` is any of
+``lora_A.weight``/``lora_B.weight`` (also with PEFT's ``.default``), ``lora_down.weight``/
+``lora_up.weight``, XLabs' ``down.weight``/``up.weight``, ``alpha``, ``dora_scale``,
+``lora_B.bias`` or ``diff_b`` (a bias update), or a LyCORIS suffix (LoHa, LoKr, full). The
+module names are resolved by the family's own diffusers converter
+(:mod:`loramerge.io.formats.converted`), or with ``base`` by the base checkpoint's weight names;
+the arithmetic is the kohya reader's (:mod:`loramerge.io.formats.kohya.update`): alpha / r, or
+1 without an alpha.
+
+**Write.** One ``.safetensors`` file with ``diffusion_model.<original name>.lora_A.weight`` /
+``.lora_B.weight`` (the scale baked into the factors, no alpha: what AI-Toolkit writes and
+ComfyUI reads), for the families whose original names :mod:`loramerge.io.formats.original_names`
+knows.
+
+Example:
+    >>> split_key("diffusion_model.blocks.0.self_attn.q.lora_A.weight")
+    ('diffusion_model.blocks.0.self_attn.q', 'lora_down.weight')
+    >>> split_key("double_blocks.0.processor.qkv_lora1.up.weight")
+    ('double_blocks.0.processor.qkv_lora1', 'lora_up.weight')
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from loramerge.core.adapter import Adapter
+from loramerge.errors import UnsupportedAdapter
+from loramerge.io.formats import lycoris
+from loramerge.io.formats.converted import ProbeModule
+from loramerge.io.formats.families import require_diffusers
+from loramerge.io.formats.kohya.keys import flat_shape, header_keys
+from loramerge.io.formats.kohya.read import assemble, single_file
+from loramerge.io.formats.original_names import RULES, check_names, original_name, writable
+from loramerge.io.formats.sd_names import KOHYA_PREFIXES, flatten
+from loramerge.io.formats.tensorfile import check_keys, read_tensor_file, write_safetensors
+
+NAME = "comfyui"
+CONTAINERS = ("model.diffusion_model.", "diffusion_model.")
+# File suffix → the kohya suffix the update code reads.
+SUFFIXES: dict[str, str] = {
+    "lora_A.default.weight": "lora_down.weight", "lora_B.default.weight": "lora_up.weight",
+    "lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight",
+    "lora_down.weight": "lora_down.weight", "lora_up.weight": "lora_up.weight",
+    "lora_mid.weight": "lora_mid.weight", "lora_B.bias": "diff_b",
+    "down.weight": "lora_down.weight", "up.weight": "lora_up.weight",
+    "alpha": "alpha", "dora_scale": "dora_scale",
+    **{s: s for s in lycoris.LYCORIS_SUFFIXES if s != "lora_mid.weight"},
+}
+_ORDERED = sorted(SUFFIXES, key=len, reverse=True)
+_DIFFUSERS_HEADS = ("transformer.", "transformer_2.", "unet.", "text_encoder", "base_model.model.")
+
+
+def split_key(key: str) -> tuple[str, str] | None:
+    """``(module, kohya suffix)`` of a key in any spelling this layout uses, or None."""
+    for suffix in _ORDERED:
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1], SUFFIXES[suffix]
+    return None
+
+
+def detect(path: Path) -> bool:
+    """True for a ``.safetensors`` file whose keys are all LoRA keys on original-checkpoint module names.
+
+    That is: behind ``diffusion_model.``, XLabs' ``.processor.`` modules, or bare names that are
+    neither kohya-prefixed nor diffusers component paths (DiffSynth-Studio).
+    """
+    keys = header_keys(path)
+    if not keys or any(k.startswith(KOHYA_PREFIXES) or k.startswith(_DIFFUSERS_HEADS) for k in keys):
+        return False
+    split = [split_key(k) for k in keys]
+    if any(s is None for s in split):
+        return False
+    if any(k.startswith(CONTAINERS) or ".processor." in k for k in keys):
+        return True
+    from loramerge.io.formats.diffusers import component_of
+
+    # Bare names (DiffSynth-Studio): a diffusers-style file names every module by a diffusers path.
+    return any(component_of(k) is None for k in keys)
+
+
+def read(path: Path, *, allow_pickle: bool = False, base: str | Path | None = None,
+         skip_unknown: bool = False) -> Adapter:
+    """Read a ComfyUI/AI-Toolkit/DiffSynth/XLabs LoRA into an :class:`Adapter` with diffusers module names."""
+    path = single_file(path)
+    if base is None:
+        require_diffusers()  # the family converters name these modules
+    tensors, metadata = read_tensor_file(path, allow_pickle=allow_pickle)
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    spelled: dict[str, dict[str, str]] = {}
+    unknown = []
+    for key, tensor in tensors.items():
+        found = split_key(key)
+        if found is None:
+            unknown.append(key)
+            continue
+        module, suffix = found
+        if suffix in lycoris.BASE_DEPENDENT:
+            raise UnsupportedAdapter(f"{path}: module {module} is a LyCORIS {lycoris.BASE_DEPENDENT[suffix]} update")
+        groups.setdefault(module, {})[suffix] = tensor
+        spelled.setdefault(module, {})[suffix] = key
+    check_keys(path, unknown, found=bool(groups), layout="LoRA")
+    a_style, b_style = _dominant_style(spelled)
+    # Bare original names (DiffSynth-Studio) reach the converters as ComfyUI spells them.
+    bare = not any(k.startswith(CONTAINERS) or ".processor." in k for k in tensors)
+    lead = CONTAINERS[1] if bare else ""
+    probes = {}
+    for name, parts in groups.items():
+        keys = spelled[name]
+        alpha = keys.get("alpha")
+        probes[name] = ProbeModule(
+            name, flat_shape(name, parts, path),
+            lead + keys.get("lora_down.weight", f"{name}.{a_style}"), lead + keys.get("lora_up.weight", f"{name}.{b_style}"),
+            lead + alpha if alpha else None,
+        )
+    return assemble(groups, tensors, metadata, path=path, base=base, probes=probes, source_format=NAME,
+                    skip_unknown=skip_unknown, base_key=kohya_spelling)
+
+
+def kohya_spelling(module: str) -> str:
+    """The kohya spelling of an original-checkpoint module, for looking it up among a base's weights.
+
+    Example:
+        >>> kohya_spelling("diffusion_model.blocks.0.self_attn.q")
+        'lora_unet_blocks_0_self_attn_q'
+    """
+    for container in CONTAINERS:
+        if module.startswith(container):
+            module = module[len(container):]
+            break
+    return "lora_unet_" + flatten(module)
+
+
+def _dominant_style(spelled: dict[str, dict[str, str]]) -> tuple[str, str]:
+    """The A/B suffixes most of the file uses (for LyCORIS modules, which have none, in the probe)."""
+    for keys in spelled.values():
+        if "lora_down.weight" in keys and "lora_up.weight" in keys:
+            a = keys["lora_down.weight"].rsplit(".", 2 if keys["lora_down.weight"].endswith(".weight") else 1)
+            b = keys["lora_up.weight"].rsplit(".", 2 if keys["lora_up.weight"].endswith(".weight") else 1)
+            return ".".join(a[1:]), ".".join(b[1:])
+    return "lora_A.weight", "lora_B.weight"
+
+
+def write(adapter: Adapter, path: Path, *, dtype: torch.dtype) -> None:
+    """Write ``adapter`` in ComfyUI/AI-Toolkit layout: original names, ``lora_A``/``lora_B``, scale baked in."""
+    family = _family_of(adapter)
+    names = {module: original_name(module, family) for module in adapter.layers}
+    if len({m.split(".", 1)[0] for m in names}) > 1:
+        raise UnsupportedAdapter("the ComfyUI layout holds one denoiser; write each expert (transformer, "
+                                 "transformer_2) to its own file, or use --to diffusers")
+    check_names(names, {m: tuple(lr.delta_shape) for m, lr in adapter.layers.items()}, family,
+                key_prefix="diffusion_model.", flat_names=False)
+    tensors: dict[str, torch.Tensor] = {}
+    for module, lr in adapter.layers.items():
+        if lr.magnitude is not None:
+            raise UnsupportedAdapter(f"module {module}: a DoRA magnitude cannot be written in ComfyUI layout")
+        name = "diffusion_model." + names[module]
+        baked = lr.baked()
+        tensors[f"{name}.lora_A.weight"] = baked.A.to(dtype)
+        tensors[f"{name}.lora_B.weight"] = baked.B.to(dtype)
+        if lr.bias is not None:
+            tensors[f"{name}.lora_B.bias"] = lr.bias.to(dtype)
+    write_safetensors(tensors, path, {"format": "pt"})
+
+
+def _family_of(adapter: Adapter) -> str:
+    from loramerge.io.formats.families import FAMILIES, families_of
+
+    recorded = [a for a in adapter.config.get("architectures") or [] if a in FAMILIES]
+    found = recorded or families_of(list(adapter.layers))
+    writable_found = [f for f in found if writable(f)]
+    if not writable_found:
+        raise UnsupportedAdapter(
+            f"{adapter.source or 'adapter'}: the ComfyUI layout needs a family whose original names loramerge "
+            f"knows ({', '.join(sorted(RULES))}); these modules fit {', '.join(found) or 'none'}: use --to diffusers"
+        )
+    return writable_found[0]

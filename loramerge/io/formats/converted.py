@@ -1,0 +1,262 @@
+"""Module names of trainer layouts resolved by the family's own diffusers converter.
+
+Each diffusers pipeline class converts the layouts its family's trainers write (kohya and
+musubi-tuner ``lora_unet_…``, ComfyUI and AI-Toolkit ``diffusion_model.…``, XLabs, DiffSynth …)
+to diffusers module names in its public ``lora_state_dict``. loramerge uses that conversion as
+a *name oracle* rather than for the numbers: it feeds the converter a probe with the file's own
+keys, rank 1, ``A`` all ones and each row of ``B`` holding a unique id, and reads back where
+every row went. That gives, for every module of the file, the diffusers modules and row ranges
+it becomes (a fused ``qkv`` splits into three pieces), while loramerge still does all the
+arithmetic itself, so nothing the converter does not carry is lost (DoRA magnitudes, LyCORIS
+LoHa/LoKr, conv kernels, exact scales). A module the converter drops, or turns into nothing,
+is reported by name instead of vanishing.
+
+Example:
+    >>> probe, starts = probe_state_dict([ProbeModule("m", (3, 2), "m.lora_down.weight", "m.lora_up.weight")])
+    >>> probe["m.lora_up.weight"].flatten().tolist(), probe["m.lora_down.weight"].tolist()
+    ([1.0, 2.0, 3.0], [[1.0, 1.0]])
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from loramerge.errors import UnknownFormat
+from loramerge.io.formats.base_names import BaseNames
+from loramerge.io.formats.families import (
+    FAMILIES,
+    candidates_by_markers,
+    families_of,
+    family_modules,
+    pipeline_class,
+)
+from loramerge.io.formats.sd_names import KohyaTarget, Piece, Shape
+
+_FACTOR_SUFFIXES = {
+    "lora_A.weight": "A", "lora_B.weight": "B", "lora_down.weight": "A", "lora_up.weight": "B",
+    "lora_A.default.weight": "A", "lora_B.default.weight": "B",
+}
+_COMPONENT_HEADS = ("transformer", "transformer_2", "text_encoder", "text_encoder_2", "text_encoder_3", "unet")
+
+
+@dataclass(frozen=True)
+class ProbeModule:
+    """One module of a file: its name, update shape, and the keys its A, B (and alpha) have in that file."""
+
+    name: str
+    shape: Shape
+    down_key: str
+    up_key: str
+    alpha_key: str | None = None
+
+
+@dataclass
+class Resolution:
+    """What the converter made of a file: each module's target, the family, and the modules it dropped."""
+
+    targets: dict[str, KohyaTarget]
+    family: str
+    unmapped: list[str]
+
+
+def probe_state_dict(modules: Sequence[ProbeModule]) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """The probe: rank-1 factors under the file's keys, ``A`` all ones, ``B`` rows numbered 1, 2, … across modules.
+
+    Returns the probe and the first row id of each module (ids are exact in float64).
+    """
+    probe: dict[str, torch.Tensor] = {}
+    starts = []
+    next_id = 1
+    for module in modules:
+        out = int(module.shape[0])
+        kernel = [1] * (len(module.shape) - 2)
+        probe[module.down_key] = torch.ones(1, *module.shape[1:], dtype=torch.float64)
+        probe[module.up_key] = torch.arange(next_id, next_id + out, dtype=torch.float64).reshape(out, 1, *kernel)
+        if module.alpha_key is not None:
+            probe[module.alpha_key] = torch.tensor(1.0, dtype=torch.float64)
+        starts.append(next_id)
+        next_id += out
+    return probe, starts
+
+
+@contextlib.contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    # The converters log per key (dropped DoRA scales, unsupported keys); loramerge reports those itself.
+    loggers = [logging.getLogger(n) for n in ("diffusers", "diffusers.loaders")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def run_converter(family: str, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state_dict`` converted to diffusers names by the family's pipeline ``lora_state_dict``."""
+    cls = pipeline_class(FAMILIES[family])
+    with _quiet_diffusers():
+        result = cls.lora_state_dict(dict(state_dict))
+    if isinstance(result, tuple):
+        result = result[0]
+    return dict(result)
+
+
+def factor_of(key: str) -> tuple[str, str] | None:
+    """``(module, "A" | "B")`` for a LoRA factor key in any of the spellings converters emit, else None.
+
+    Example:
+        >>> factor_of("transformer.blocks.0.attn1.to_q.lora_B.weight")
+        ('transformer.blocks.0.attn1.to_q', 'B')
+    """
+    for suffix, factor in _FACTOR_SUFFIXES.items():
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1], factor
+    return None
+
+
+def read_probe(converted: Mapping[str, torch.Tensor], modules: Sequence[ProbeModule],
+               starts: Sequence[int]) -> tuple[dict[str, KohyaTarget], list[str]]:
+    """Each probed module's target (its rows' places among the diffusers modules) and the modules that went nowhere.
+
+    A diffusers module whose rows do not come back as whole ids (the converter mixed rows or
+    changed the inputs) makes the probe unreadable: UnknownFormat.
+    """
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in converted.items():
+        found = factor_of(key)
+        if found is not None:
+            factors.setdefault(found[0], {})[found[1]] = tensor
+    places: dict[int, list[tuple[str, int, int]]] = {}  # module index -> (diffusers module, src row, dst row)
+    rows_of: dict[str, int] = {}
+    for out_module, pair in factors.items():
+        if "B" not in pair or "A" not in pair:
+            continue
+        B = pair["B"].reshape(pair["B"].shape[0], -1).to(torch.float64)
+        A = pair["A"].reshape(pair["A"].shape[0], -1).to(torch.float64)
+        if B.shape[1] != A.shape[0] or ((A != 0) & (A != 1)).any() or ((B != 0).sum(1) > 1).any():
+            raise UnknownFormat(f"the converter changed the probe of {out_module} in a way loramerge cannot follow")
+        ids = B.sum(1)
+        name = out_module if out_module.split(".", 1)[0] in _COMPONENT_HEADS else f"transformer.{out_module}"
+        rows_of[name] = int(B.shape[0])
+        for dst, value in enumerate(ids.tolist()):
+            if value == 0:
+                continue
+            if value != int(value):
+                raise UnknownFormat(f"the converter changed the probe of {out_module} in a way loramerge cannot follow")
+            index = bisect.bisect_right(starts, int(value)) - 1
+            places.setdefault(index, []).append((name, int(value) - starts[index], dst))
+    targets: dict[str, KohyaTarget] = {}
+    unmapped = []
+    for index, module in enumerate(modules):
+        rows = places.get(index)
+        if not rows:
+            unmapped.append(module.name)
+            continue
+        targets[module.name] = KohyaTarget(module.name, tuple(module.shape), _runs(sorted(rows)),
+                                           rows={m: rows_of[m] for m, _, _ in rows})
+    return targets, unmapped
+
+
+def _runs(rows: list[tuple[str, int, int]]) -> tuple[Piece, ...]:
+    """Consecutive rows merged into :class:`Piece` runs."""
+    pieces: list[Piece] = []
+    for module, src, dst in sorted(rows, key=lambda r: (r[1], r[0], r[2])):
+        last = pieces[-1] if pieces else None
+        if last is not None and last.module == module and last.src + last.size == src and last.dst + last.size == dst:
+            pieces[-1] = Piece(module, last.src, last.dst, last.size + 1)
+        else:
+            pieces.append(Piece(module, src, dst, 1))
+    return tuple(pieces)
+
+
+def resolve(modules: Sequence[ProbeModule], *, origin: Path | str, family: str | None = None) -> Resolution:
+    """Resolve ``modules`` (a file's modules, in its own key spelling) through the family converters.
+
+    The family is ``family`` or, when not given, the first one (ordered by name markers) whose
+    converter maps the modules onto modules its denoiser has; one that maps every module wins
+    at once, otherwise the one that maps the most. No family at all: UnknownFormat naming a few
+    modules.
+    """
+    names = [m.name for m in modules]
+    candidates = [family] if family else candidates_by_markers(names)
+    best: Resolution | None = None
+    for position, name in enumerate(candidates):
+        attempt = _convert(name, modules)
+        if attempt is None and position == 0 and len(modules) > 1:
+            # The converters work on whole files and refuse one they cannot finish: one stray key
+            # would hide every other module. The likeliest family gets its modules one at a time.
+            attempt = _convert_each(name, modules)
+        if attempt is None:
+            continue
+        targets, unmapped = attempt
+        if not targets:
+            continue
+        produced = sorted({p.module for t in targets.values() for p in t.pieces})
+        if not families_of(produced, [name]):
+            continue
+        found = Resolution(targets, name, unmapped)
+        if not unmapped:
+            return found
+        if best is None or len(unmapped) < len(best.unmapped):
+            best = found
+    if best is None:
+        shown = ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+        tried = ", ".join(FAMILIES[c].label for c in candidates)
+        raise UnknownFormat(f"{origin}: no model family's diffusers converter ({tried}) knows these modules: {shown}")
+    return best
+
+
+def _convert(family: str, modules: Sequence[ProbeModule]) -> tuple[dict[str, KohyaTarget], list[str]] | None:
+    """The probe of ``modules`` through ``family``'s converter, or None when the converter refuses it.
+
+    The alphas only steer some converters to the right layout; a converter that chokes on one
+    (Wan's rejects an alpha on ``head.head``) gets the probe without them.
+    """
+    variants = [list(modules)]
+    if any(m.alpha_key for m in modules):
+        variants.append([replace(m, alpha_key=None) for m in modules])
+    for variant in variants:
+        probe, starts = probe_state_dict(variant)
+        try:
+            return read_probe(run_converter(family, probe), variant, starts)
+        except Exception:  # a converter that does not know this layout fails in its own ways
+            continue
+    return None
+
+
+def _convert_each(family: str, modules: Sequence[ProbeModule]) -> tuple[dict[str, KohyaTarget], list[str]] | None:
+    targets: dict[str, KohyaTarget] = {}
+    unmapped: list[str] = []
+    for module in modules:
+        attempt = _convert(family, [module])
+        if attempt is None or not attempt[0]:
+            unmapped.append(module.name)
+        else:
+            targets.update(attempt[0])
+    return (targets, unmapped) if targets else None
+
+
+def resolve_flattened(names: Sequence[str]) -> tuple[str, dict[str, str]] | None:
+    """``(family, {name: module})`` when every kohya-style name flattens a module of one family's denoiser.
+
+    This is how OneTrainer (``lora_transformer_``) and SimpleTuner's LyCORIS (``lycoris_``) name
+    modules: behind a prefix, the diffusers path with its dots turned into underscores. Names that
+    are not kohya-style give None at once.
+    """
+    if not all(n.startswith(("lora_transformer_", "lycoris_")) for n in names):
+        return None
+    for family in candidates_by_markers(list(names), converting=False):
+        index = BaseNames(family_modules(family), origin=FAMILIES[family].label)
+        found = {n: index.lookup(n) for n in names}
+        if all(found.values()):
+            return family, {n: m for n, m in found.items() if m is not None}
+    return None

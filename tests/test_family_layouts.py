@@ -1,0 +1,351 @@
+"""Trainer layouts of the new families, written the way each trainer writes them (test writers below, from
+the trainers' key conventions, not from loramerge's writers), through loramerge's ``inspect``, ``convert``
+and ``fold``. The oracle is the family's own diffusers loader reading the same file (or, for layouts
+diffusers cannot read, the diffusers-style file of the same LoRA)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from loramerge import fold, load
+from loramerge.io.formats import write_adapter
+from tests.cli_helpers import assert_clean_failure, run_cli
+from tests.family_fixtures import (
+    build,
+    forward,
+    linear_modules,
+    load_folded,
+    load_with_diffusers,
+    random_adapter,
+    relative_error,
+    save,
+)
+
+pytest.importorskip("diffusers")
+
+# Wan's original (ComfyUI / musubi-tuner / DiffSynth) module names, from the Wan repository's model.py.
+WAN_ATTN = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "o"}
+
+
+def wan_original(path: str) -> str | None:
+    m = re.fullmatch(r"blocks\.(\d+)\.attn([12])\.(.+)", path)
+    if m:
+        return f"blocks.{m[1]}.{'self_attn' if m[2] == '1' else 'cross_attn'}.{WAN_ATTN[m[3]]}"
+    m = re.fullmatch(r"blocks\.(\d+)\.ffn\.net\.(0\.proj|2)", path)
+    if m:
+        return f"blocks.{m[1]}.ffn.{m[2][0]}"
+    return {"condition_embedder.time_embedder.linear_1": "time_embedding.0",
+            "condition_embedder.time_embedder.linear_2": "time_embedding.2",
+            "condition_embedder.text_embedder.linear_1": "text_embedding.0",
+            "condition_embedder.text_embedder.linear_2": "text_embedding.2",
+            "condition_embedder.time_proj": "time_projection.1", "proj_out": "head.head"}.get(path)
+
+
+def same_name(path: str) -> str:
+    return path
+
+
+ORIGINAL = {"wan": wan_original, "qwen_image": same_name, "hidream": same_name, "ltx_video": same_name}
+
+
+def write_layout(adapter, layout: str, family: str, file, *, alpha_factor: float = 2.0, blocks_only=False):
+    """``adapter`` (diffusers names, one scale) written in a trainer's layout; alphas carry the scale."""
+    tensors = {}
+    for module, lr in adapter.layers.items():
+        path = module.split(".", 1)[1]
+        if blocks_only and not path.startswith(("blocks.", "transformer_blocks.")):
+            continue
+        rank = lr.rank
+        alpha = lr.scale * rank
+        if layout in ("comfyui", "musubi", "diffsynth"):
+            original = ORIGINAL[family](path)
+            if original is None:
+                continue
+            if layout == "comfyui":  # ComfyUI / AI-Toolkit: diffusion_model.<original>.lora_A/B + alpha
+                key, a, b = f"diffusion_model.{original}", "lora_A.weight", "lora_B.weight"
+            elif layout == "musubi":  # kohya / musubi-tuner: lora_unet_<original flattened>.lora_down/up + alpha
+                key, a, b = "lora_unet_" + original.replace(".", "_"), "lora_down.weight", "lora_up.weight"
+            else:  # DiffSynth-Studio: bare original names, PEFT suffixes, no alpha (scale baked in)
+                key, a, b = original, "lora_A.default.weight" if family == "qwen_image" else "lora_A.weight", \
+                    "lora_B.default.weight" if family == "qwen_image" else "lora_B.weight"
+        elif layout == "onetrainer":  # OneTrainer: lora_transformer_<diffusers path flattened>
+            key, a, b = "lora_transformer_" + path.replace(".", "_"), "lora_down.weight", "lora_up.weight"
+        else:
+            raise ValueError(layout)
+        # diffusers' Wan converter takes alphas on block modules only, so the oracle file bakes the rest.
+        # diffusers' LTX-Video loader ignores ``.alpha`` keys (scale 1), so its oracle file bakes every scale.
+        baked = layout == "diffsynth" or (layout == "comfyui" and not path.startswith(("blocks.", "transformer_blocks."))) \
+            or family == "ltx_video"
+        if baked:
+            tensors[f"{key}.{a}"] = (lr.A * lr.scale).contiguous()
+            tensors[f"{key}.{b}"] = lr.B.contiguous()
+        else:
+            tensors[f"{key}.{a}"] = lr.A.contiguous()
+            tensors[f"{key}.{b}"] = lr.B.contiguous()
+            tensors[f"{key}.alpha"] = torch.tensor(alpha)
+    save_file(tensors, str(file))
+    return file
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("layout-bases")
+    return {name: save(name, build(name), root / name) for name in ("wan", "qwen_image", "hidream", "ltx_video", "sd3")}
+
+
+CASES = [("wan", "comfyui"), ("wan", "musubi"), ("wan", "diffsynth"), ("qwen_image", "comfyui"),
+         ("qwen_image", "musubi"), ("qwen_image", "diffsynth"), ("hidream", "comfyui"), ("ltx_video", "comfyui")]
+
+
+@pytest.mark.parametrize(("family", "layout"), CASES)
+def test_trainer_layout_reads_like_the_family_loader_and_folds(family, layout, bases, tmp_path):
+    adapter = random_adapter(linear_modules(build(family)), seed=5, scale=0.25)
+    file = write_layout(adapter, layout, family, tmp_path / "lora.safetensors", blocks_only=layout == "musubi")
+    ours = load(file)
+    assert ours.config["architectures"] == [family]
+    # diffusers reads DiffSynth's bare names as ComfyUI spells them (what ComfyUI's loader does too)
+    oracle = {f"diffusion_model.{k}": v for k, v in load_file(str(file)).items()} if layout == "diffsynth" else file
+    expected = forward(family, load_with_diffusers(family, oracle, build(family)))
+
+    fold(bases[family], file, output=tmp_path / "folded", device="cpu")
+    assert relative_error(forward(family, load_folded(family, tmp_path / "folded")), expected) < 1e-4
+
+    # convert to diffusers-style: the family loader gives the same outputs
+    assert run_cli("convert", file, "-o", tmp_path / "conv", "--to", "diffusers").exit_code == 0
+    converted = load_with_diffusers(family, tmp_path / "conv" / "pytorch_lora_weights.safetensors", build(family))
+    assert relative_error(forward(family, converted), expected) < 1e-4
+
+
+@pytest.mark.parametrize("family", ["wan", "sd3"])
+def test_onetrainer_names_resolve_through_the_family_module_list(family, bases, tmp_path):
+    adapter = random_adapter(linear_modules(build(family)), seed=7)
+    file = write_layout(adapter, "onetrainer", family, tmp_path / "ot.safetensors")
+    ours = load(file)
+    assert sorted(ours.layers) == sorted(adapter.layers)
+    reference = write_adapter(adapter, tmp_path / "ref", format="diffusers")
+    expected = forward(family, load_with_diffusers(family, reference / "pytorch_lora_weights.safetensors", build(family)))
+    fold(bases[family], file, output=tmp_path / "folded", device="cpu")
+    assert relative_error(forward(family, load_folded(family, tmp_path / "folded")), expected) < 1e-4
+
+
+@pytest.mark.parametrize(("family", "layout"), [("wan", "comfyui"), ("wan", "kohya"), ("qwen_image", "comfyui"),
+                                                ("qwen_image", "kohya"), ("hidream", "comfyui")])
+def test_writers_in_trainer_layouts_convert_back_through_diffusers(family, layout, tmp_path):
+    """Our ComfyUI/musubi output, converted by the family's diffusers converter, gives our deltas back."""
+    model = build(family)
+    modules = linear_modules(model)
+    if layout == "kohya":
+        modules = {m: s for m, s in modules.items() if m.startswith(("transformer.blocks.", "transformer.transformer_blocks."))}
+    adapter = random_adapter(modules, seed=9, scale=0.75)
+    adapter.config["architectures"] = [family]
+    out = write_adapter(adapter, tmp_path / "out.safetensors", format=layout)
+    with torch.no_grad():
+        expected = forward(family, load_with_diffusers(family, write_adapter(adapter, tmp_path / "ref", format="diffusers")
+                                                       / "pytorch_lora_weights.safetensors", build(family)))
+        got = forward(family, load_with_diffusers(family, out, build(family)))
+    assert relative_error(got, expected) < 1e-4
+    again = load(out)
+    for module, lr in adapter.layers.items():
+        assert torch.allclose(again.layers[module].product(), lr.product(), atol=1e-5)
+
+
+def test_inspect_with_base_reports_coverage(bases, tmp_path):
+    adapter = random_adapter({m: s for m, s in linear_modules(build("wan")).items() if ".attn1." in m}, seed=2)
+    file = write_layout(adapter, "comfyui", "wan", tmp_path / "lora.safetensors")
+    result = run_cli("inspect", file, "--base", bases["wan"], "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    coverage = info["coverage"]
+    assert coverage["matched"]["transformer.blocks.0.attn1.to_q"] == ["blocks.0.attn1.to_q.weight"]
+    assert coverage["unmatched"] == {}
+    assert "blocks.0.attn2.to_q.weight" in coverage["untouched"]
+    assert "blocks.1.attn1.to_out.0.weight" not in coverage["untouched"]  # adapted
+    assert "blocks.0.ffn.net.0.proj.weight" not in coverage["untouched"]  # not a kind the LoRA adapts
+    text = run_cli("inspect", file, "--base", bases["wan"]).stdout
+    assert "untouched: blocks.0.attn2.to_q.weight" in text
+
+
+def test_unknown_key_names_it_and_the_nearest_base_names_and_skip_unknown_lists_it(bases, tmp_path):
+    adapter = random_adapter({"transformer.blocks.0.attn1.to_q": (16, 16)}, seed=2)
+    file = write_layout(adapter, "comfyui", "wan", tmp_path / "lora.safetensors")
+    tensors = load_file(str(file))
+    tensors["diffusion_model.blocks.0.self_attn.qq.lora_A.weight"] = torch.ones(2, 16)
+    tensors["diffusion_model.blocks.0.self_attn.qq.lora_B.weight"] = torch.ones(16, 2)
+    save_file(tensors, str(file))
+    assert_clean_failure(run_cli("inspect", file, "--base", bases["wan"]), "self_attn.qq", "nearest base names")
+    result = run_cli("inspect", file, "--base", bases["wan"], "--skip-unknown", "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["skipped"] == ["diffusion_model.blocks.0.self_attn.qq"]
+    assert math.isclose(len(info["modules"]), 1)
+
+
+def lycoris_on(family: str, folder, *, algo: str, **kwargs):
+    """A LyCORIS file that lycoris-lora writes for the family's tiny denoiser (SimpleTuner's ``lycoris_`` layout),
+    and lycoris's own forward with it applied."""
+    import logging
+
+    from lycoris import LycorisNetwork, create_lycoris
+
+    logging.getLogger("LyCORIS").setLevel(logging.ERROR)
+    model = build(family)
+    attention = {"wan": "WanAttention", "qwen_image": "Attention", "flux": "FluxAttention"}[family]
+    LycorisNetwork.apply_preset({"target_module": [attention, "FeedForward"]})
+    net = create_lycoris(model, 1.0, linear_dim=2, linear_alpha=1.0, algo=algo, **kwargs)
+    net.apply_to()
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for parameter in net.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=g) * 0.3)
+    path = folder / f"{family}-{algo}.safetensors"
+    net.save_weights(str(path), torch.float32, {})
+    return path, forward(family, model)
+
+
+@pytest.mark.parametrize(("family", "algo"), [("wan", "lokr"), ("wan", "loha"), ("qwen_image", "lokr")])
+def test_lycoris_on_new_families_folds_converts_and_stays_factored(family, algo, bases, tmp_path):
+    pytest.importorskip("lycoris")
+    path, expected = lycoris_on(family, tmp_path, algo=algo, **({"factor": 4} if algo == "lokr" else {}))
+    adapter = load(path)
+    assert adapter.config["architectures"] == [family]
+    fold(bases[family], path, output=tmp_path / "folded", device="cpu")
+    assert relative_error(forward(family, load_folded(family, tmp_path / "folded")), expected) < 1e-4
+    # diffusers-style output (exact B@A) loads with the family's own loader
+    assert run_cli("convert", path, "-o", tmp_path / "conv", "--to", "diffusers").exit_code == 0
+    loaded = load_with_diffusers(family, tmp_path / "conv" / "pytorch_lora_weights.safetensors", build(family))
+    assert relative_error(forward(family, loaded), expected) < 1e-4
+    # re-saved as LyCORIS: the same tensors, not an expanded LoCon
+    assert run_cli("convert", path, "-o", tmp_path / "again.safetensors").exit_code == 0
+    before, after = load_file(str(path)), load_file(str(tmp_path / "again.safetensors"))
+    assert set(before) == set(after) and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_lycoris_in_musubi_names_resolves_through_the_converter(bases, tmp_path):
+    pytest.importorskip("lycoris")
+    path, expected = lycoris_on("wan", tmp_path, algo="lokr", factor=4)
+    renamed = {}
+    for key, value in load_file(str(path)).items():
+        module, suffix = key.split(".", 1)
+        dotted = module.removeprefix("lycoris_")
+        for diffusers_path in linear_modules(build("wan")):
+            if diffusers_path.split(".", 1)[1].replace(".", "_") == dotted:
+                renamed[f"lora_unet_{wan_original(diffusers_path.split('.', 1)[1]).replace('.', '_')}.{suffix}"] = value
+    save_file(renamed, str(tmp_path / "musubi.safetensors"))
+    fold(bases["wan"], tmp_path / "musubi.safetensors", output=tmp_path / "folded", device="cpu")
+    assert relative_error(forward("wan", load_folded("wan", tmp_path / "folded")), expected) < 1e-4
+
+
+def test_xlabs_flux_layout_reads_like_diffusers(tmp_path):
+    """XLabs' Flux LoRA: ``double_blocks.N.processor.{qkv,proj}_lora{1,2}.{down,up}.weight``, one shared
+    ``down`` for the fused q, k, v (XLabs' x-flux trainer)."""
+    model = build("flux")
+    h = model.config.num_attention_heads * model.config.attention_head_dim
+    g = torch.Generator().manual_seed(11)
+    tensors = {}
+    for stream in ("1", "2"):
+        for kind, rows in (("qkv", 3 * h), ("proj", h)):
+            key = f"double_blocks.0.processor.{kind}_lora{stream}"
+            tensors[f"{key}.down.weight"] = torch.randn(4, h, generator=g) / math.sqrt(h)
+            tensors[f"{key}.up.weight"] = torch.randn(rows, 4, generator=g) * 0.3
+    save_file(tensors, str(tmp_path / "xlabs.safetensors"))
+    ours = load(tmp_path / "xlabs.safetensors")
+    assert ours.source_format == "comfyui" and ours.config["architectures"] == ["flux"]
+    assert "transformer.transformer_blocks.0.attn.add_k_proj" in ours.layers
+    folder = save("flux", model, tmp_path / "base")
+    expected = forward("flux", load_with_diffusers("flux", tmp_path / "xlabs.safetensors", build("flux")))
+    fold(folder, tmp_path / "xlabs.safetensors", output=tmp_path / "folded", device="cpu")
+    assert relative_error(forward("flux", load_folded("flux", tmp_path / "folded")), expected) < 1e-4
+
+
+def test_combine_of_two_trainer_files_loads_in_the_family_loader(bases, tmp_path):
+    """``combine`` of a ComfyUI and a musubi Wan LoRA: the diffusers output is the sum of the two."""
+    modules = {m: s for m, s in linear_modules(build("wan")).items() if m.startswith("transformer.blocks.")}
+    first = write_layout(random_adapter(modules, seed=1), "comfyui", "wan", tmp_path / "a.safetensors")
+    second = write_layout(random_adapter(modules, seed=2, scale=0.1), "musubi", "wan", tmp_path / "b.safetensors")
+    result = run_cli("combine", first, second, "-o", tmp_path / "sum", "--format", "diffusers", "--weights", "0.5,1")
+    assert result.exit_code == 0, result.output
+    got = forward("wan", load_with_diffusers("wan", tmp_path / "sum" / "pytorch_lora_weights.safetensors", build("wan")))
+    fold(bases["wan"], [first, second], output=tmp_path / "folded", weights=[0.5, 1.0], device="cpu")
+    assert relative_error(got, forward("wan", load_folded("wan", tmp_path / "folded"))) < 1e-4
+
+
+# Original (ComfyUI / AI-Toolkit) module names and the diffusers module whose shape each has (× rows for fused
+# q, k, v), from each family's original model code.
+ORIGINAL_MODULES = {
+    "hunyuan_video": [("double_blocks.0.img_attn_qkv", "transformer_blocks.0.attn.to_q", 3),
+                      ("double_blocks.0.img_attn_proj", "transformer_blocks.0.attn.to_out.0", 1),
+                      ("double_blocks.0.img_mlp.fc1", "transformer_blocks.0.ff.net.0.proj", 1),
+                      ("double_blocks.0.img_mlp.fc2", "transformer_blocks.0.ff.net.2", 1),
+                      ("double_blocks.0.img_mod.linear", "transformer_blocks.0.norm1.linear", 1),
+                      ("double_blocks.0.txt_attn_qkv", "transformer_blocks.0.attn.add_q_proj", 3),
+                      ("double_blocks.0.txt_attn_proj", "transformer_blocks.0.attn.to_add_out", 1),
+                      ("double_blocks.0.txt_mlp.fc1", "transformer_blocks.0.ff_context.net.0.proj", 1)],
+    "flux2": [("double_blocks.0.img_attn.qkv", "transformer_blocks.0.attn.to_q", 3),
+              ("double_blocks.0.txt_attn.qkv", "transformer_blocks.0.attn.add_q_proj", 3),
+              ("single_blocks.0.linear1", "single_transformer_blocks.0.attn.to_qkv_mlp_proj", 1),
+              ("single_blocks.0.linear2", "single_transformer_blocks.0.attn.to_out", 1)],
+}
+
+
+@pytest.mark.parametrize("family", sorted(ORIGINAL_MODULES))
+def test_original_layouts_with_fused_qkv_read_like_the_family_loader(family, tmp_path):
+    model = build(family)
+    shapes = linear_modules(model)
+    g = torch.Generator().manual_seed(13)
+    tensors = {}
+    for original, diffusers_module, fused in ORIGINAL_MODULES[family]:
+        out, inp = shapes[f"transformer.{diffusers_module}"]
+        tensors[f"diffusion_model.{original}.lora_A.weight"] = torch.randn(3, inp, generator=g) / math.sqrt(inp)
+        tensors[f"diffusion_model.{original}.lora_B.weight"] = torch.randn(fused * out, 3, generator=g) * 0.3
+    file = tmp_path / "lora.safetensors"
+    save_file(tensors, str(file))
+    assert load(file).config["architectures"] == [family]
+    expected = forward(family, load_with_diffusers(family, file, build(family)))
+    assert relative_error(expected, forward(family, model)) > 1e-3
+    folder = save(family, model, tmp_path / "base")
+    fold(folder, file, output=tmp_path / "folded", device="cpu")
+    assert relative_error(forward(family, load_folded(family, tmp_path / "folded")), expected) < 1e-4
+    assert run_cli("convert", file, "-o", tmp_path / "conv", "--to", "diffusers").exit_code == 0
+    converted = load_with_diffusers(family, tmp_path / "conv" / "pytorch_lora_weights.safetensors", build(family))
+    assert relative_error(forward(family, converted), expected) < 1e-4
+
+
+def test_lumina2_names_resolve_at_the_released_width():
+    """diffusers' Lumina 2 converter splits q, k, v with Lumina-Image-2.0's widths written in, so its files are
+    resolved at that size (the probe is rank 1, so this costs nothing)."""
+    from loramerge.io.formats.converted import ProbeModule, resolve
+
+    modules = [("layers.0.attention.qkv", (2304 + 768 + 768, 2304)), ("layers.0.attention.out", (2304, 2304)),
+               ("layers.0.feed_forward.w1", (6144, 2304)), ("layers.0.feed_forward.w2", (2304, 6144)),
+               ("layers.0.feed_forward.w3", (6144, 2304)), ("layers.0.adaLN_modulation.1", (9216, 1024))]
+    probes = [ProbeModule(f"diffusion_model.{n}", s, f"diffusion_model.{n}.lora_A.weight",
+                          f"diffusion_model.{n}.lora_B.weight") for n, s in modules]
+    found = resolve(probes, origin="probe")
+    assert found.family == "lumina2" and not found.unmapped
+    qkv = found.targets["diffusion_model.layers.0.attention.qkv"]
+    assert [(p.module, p.src, p.size) for p in qkv.pieces] == [
+        ("transformer.layers.0.attn.to_q", 0, 2304), ("transformer.layers.0.attn.to_k", 2304, 768),
+        ("transformer.layers.0.attn.to_v", 3072, 768)]
+
+
+def test_a_lora_for_one_family_folded_into_another_names_both(bases, tmp_path):
+    file = write_layout(random_adapter(linear_modules(build("wan")), seed=1), "comfyui", "wan",
+                        tmp_path / "wan.safetensors")
+    result = run_cli("fold", bases["qwen_image"], file, "-o", tmp_path / "out")
+    assert_clean_failure(result, "Wan 2.1/2.2", "QwenImageTransformer2DModel")
+    assert not (tmp_path / "out").exists()
+
+
+def test_without_diffusers_the_error_says_how_to_install_it(tmp_path, monkeypatch):
+    import sys
+
+    file = write_layout(random_adapter({"transformer.blocks.0.attn1.to_q": (16, 16)}), "comfyui", "wan",
+                        tmp_path / "lora.safetensors")
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers now fails
+    assert_clean_failure(run_cli("inspect", file), "pip install 'loramerge[diffusion]'")
