@@ -309,6 +309,27 @@ def test_rules_work_on_families_without_a_block_table():
     assert [weighted[m].scale for m in modules] == [0.5, 0.5, 1.0, 0.0]
 
 
+@pytest.mark.parametrize("family, rule, block", [("wan", "blocks.0", r"\.blocks\.0\."),
+                                                 ("qwen_image", "transformer_blocks.0", r"\.transformer_blocks\.0\.")])
+def test_rules_on_trainer_files_of_newer_families(tmp_path, family, rule, block):
+    """A ComfyUI-layout file of a family with no block table: rules work, a preset is refused naming the family."""
+    pytest.importorskip("diffusers")
+    from tests.family_fixtures import build, linear_modules
+    from tests.family_fixtures import random_adapter as family_adapter
+
+    adapter = family_adapter(linear_modules(build(family)))
+    path = adapter.save(tmp_path / "lora.safetensors", format="comfyui")
+    out = loramerge.convert(path, tmp_path / "weighted.safetensors", block_weights=f"{rule}=0.25")
+    weighted = loramerge.load(out)
+    hit = [m for m in adapter.modules if re.search(block, m)]
+    assert hit and len(hit) < len(adapter.modules)
+    for module in adapter.modules:
+        expected = (0.25 if module in hit else 1.0) * adapter.delta(module, torch.float64)
+        torch.testing.assert_close(weighted.delta(module, torch.float64), expected, rtol=1e-5, atol=1e-6)
+    result = run_cli("convert", path, "-o", tmp_path / "preset.safetensors", "--block-weights", "OUTALL")
+    assert_clean_failure(result, "need a block table", f"this LoRA is for {family}")
+
+
 def test_modules_outside_every_block_keep_weight_one_and_are_named():
     modules = ["unet.time_embedding.linear_1", "unet.down_blocks.0.attentions.0.proj_in"]
     adapter = _sd_adapter(0, modules)
