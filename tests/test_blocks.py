@@ -17,6 +17,7 @@ Oracles:
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 
@@ -195,6 +196,7 @@ def test_convert_scales_each_block_of_a_kohya_sdxl_file_exactly(tmp_path):
     out = loramerge.convert(tmp_path / "lora.safetensors", tmp_path / "weighted.safetensors",
                             block_weights=",".join(map(str, vector)))
     weighted = loramerge.load(out)
+    assert json.loads(weighted.config["metadata"]["loramerge"])["block_weights"] == vector  # recorded in the file
     weight_of = dict(zip(SDXL_LORA.blocks, vector))
     assert sorted(weighted.modules) == sorted(modules)
     for module in modules:
@@ -450,8 +452,6 @@ def test_cli_combine_fold_convert_take_block_weights(sdxl_file, tmp_path):
     for module in modules:
         torch.testing.assert_close(merged.delta(module, torch.float64), outall[a1111_block(module)] * deltas[module],
                                    rtol=1e-5, atol=1e-6 * float(deltas[module].abs().max()))
-    import json
-
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["parameters"]["block_weights"] == ["OUTALL", "NONE"]
     result = run_cli("convert", root / "a.safetensors", "-o", tmp_path / "c.safetensors", "--block-weights",

@@ -50,6 +50,8 @@ def recipe(adapter: Adapter) -> dict[str, Any]:
         info.update(method=report.method, weights=report.weights, parameters=report.parameters, sources=report.sources)
     else:
         info.update(converted_from=adapter.source, source_format=adapter.source_format)
+        if adapter.config.get("block_weights") is not None:  # converted with --block-weights
+            info["block_weights"] = adapter.config["block_weights"]
     return info
 
 
