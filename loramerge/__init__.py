@@ -43,6 +43,7 @@ from loramerge.hub.publish import push_output as push_to_hub
 from loramerge.io.quant.view import BaseQuant
 from loramerge.io.sources import load
 from loramerge.merge.methods import available_methods, get_method
+from loramerge.merge.resize import resize
 from loramerge.merge.statistics import InputStatistics
 from loramerge.recipe.plan import plan_recipe
 from loramerge.recipe.reader import load_recipe
@@ -103,6 +104,7 @@ __all__ = [
     "merge",
     "plan_recipe",
     "push_to_hub",
+    "resize",
     "run_recipe",
     "save",
     "verify",

@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from loramerge.cli.options import (
+    block_weights_option,
     check_report,
     merge_options,
     method_params_from,
@@ -41,6 +42,7 @@ from loramerge.io.sources import load
 @click.option("--strict", is_flag=True, help="Refuse adapters trained on a different base model (default: warn).")
 @click.option("--force", is_flag=True, help="Overwrite an existing, non-empty output.")
 @merge_options
+@block_weights_option
 @click.option("--allow-pickle", is_flag=True,
               help="Allow pickle .bin weights (read with torch.load(weights_only=True)).")
 @click.option("--base-quant", type=click.Choice(["nf4", "fp4"]),
@@ -59,8 +61,9 @@ from loramerge.io.sources import load
 @push_options
 def fold(base: str, adapters: tuple[str, ...], output: str, dtype: str, shard_size: str | None, tied_embeddings: str,
          follow_symlinks: bool, strict: bool, force: bool, method: str, weights: str | None, rank: int | None, energy: float | None,
-         max_error: float | None, rank_max: int | None, seed: int, device: str, compute_dtype: str,
-         ignore_base_mismatch: bool, report_path: str | None, allow_pickle: bool, base_quant: str | None,
+         max_error: float | None, sv_ratio: float | None, sv_cumulative: float | None, sv_fro: float | None,
+         rank_max: int | None, seed: int, device: str, compute_dtype: str, ignore_base_mismatch: bool,
+         report_path: str | None, block_weights: tuple[str, ...], allow_pickle: bool, base_quant: str | None,
          blocksize: int, double_quant: bool, quant_skip_modules: str | None, keep_quant: bool, quantize: str | None,
          skip_unknown: bool, push_to_hub: str | None, private: bool, commit_message: str | None,
          **method_options: Any) -> None:
@@ -90,6 +93,8 @@ def fold(base: str, adapters: tuple[str, ...], output: str, dtype: str, shard_si
       loramerge fold ./sdxl-pipeline style.safetensors detail.safetensors -o sdxl-sd --weights 0.8,0.5
       loramerge fold ./llama ./qlora-adapter -o llama-qlora --base-quant nf4 --double-quant
       loramerge fold ./llama-bnb-4bit ./qlora-adapter -o llama-4bit-merged --keep-quant
+      loramerge fold sdxl.safetensors style.safetensors -o out.safetensors --block-weights OUTALL
+      loramerge fold flux1-dev.safetensors lora.safetensors -o out.safetensors --block-weights 'single_blocks.20-37=0'
     """
     check_output(output, force=force)
     check_report(report_path, force)
@@ -108,7 +113,8 @@ def fold(base: str, adapters: tuple[str, ...], output: str, dtype: str, shard_si
     spec = BaseQuant(base_quant, blocksize, double_quant, skip) if base_quant else None
     result = run_fold(
         base, sources, output=output, weights=parse_weights(weights), method=method, rank=rank,
-        energy=energy, max_error=max_error, rank_max=rank_max, seed=seed, dtype=dtype, shard_size=shard_size,
+        energy=energy, max_error=max_error, sv_ratio=sv_ratio, sv_cumulative=sv_cumulative, sv_fro=sv_fro,
+        rank_max=rank_max, seed=seed, dtype=dtype, shard_size=shard_size, block_weights=block_weights,
         device=device, compute_dtype=compute_dtype, tied_embeddings_mode=tied_embeddings, force=force,
         strict=strict, allow_pickle=allow_pickle, ignore_base_mismatch=ignore_base_mismatch, progress=show_progress(),
         base_quant=spec, keep_quant=keep_quant, quantize=quantize, double_quant=double_quant,

@@ -83,20 +83,18 @@ def base_info(folder: Path, ckpt: Checkpoint) -> dict[str, Any]:
 def fold_record(job: FoldJob, base: dict[str, Any], adapters: Sequence[Adapter], changed: list[str],
                 notes: list[str], config_changes: dict[str, Any]) -> dict[str, Any]:
     """The whole record of a fold, as ``loramerge.json`` holds it."""
-    policy = job.policy
-    policy_fields = {"rank": policy.rank, "energy": policy.energy, "max_error": policy.max_error,
-                     "rank_max": policy.rank_max}
     record: dict[str, Any] = {
         "tool": "loramerge",
         "version": __version__,
         "command": "fold",
         "base": base,
         "adapters": [
-            {"source": a.source, "base_model": a.base_model, "weight": w, "modules": len(a), "files": source_fingerprint(a)}
+            {"source": a.source, "base_model": a.base_model, "weight": w, "modules": len(a), "files": source_fingerprint(a),
+             **({"block_weights": a.config["block_weights"]} if "block_weights" in a.config else {})}
             for a, w in zip(adapters, job.weights)
         ],
         "method": job.method,
-        "parameters": {**{k: v for k, v in policy_fields.items() if v is not None}, "seed": job.seed, **job.params},
+        "parameters": {**job.policy.as_dict(), "seed": job.seed, **job.params},
         "dtype": dtype_name(job.out_dtype) if job.out_dtype is not None else "keep",
         "shard_size": job.shard_limit,
         "tied_embeddings": job.tied_mode,

@@ -202,13 +202,16 @@ def recipe_from_report(adapter: Adapter, out_dir: Path | None = None, **extra: A
     report = adapter.report
     if report is None:
         return None
+    params = dict(report.parameters)
+    block_weights = params.pop("block_weights", None) or []
     entries = []
     for i, name in enumerate(report.sources):
         origin = report.origins[i] if i < len(report.origins) else {}
         entry = source_location(origin, name, out_dir)
         entry["weight"] = report.weights[i] if i < len(report.weights) else 1.0
+        if i < len(block_weights) and block_weights[i] is not None:
+            entry["block_weights"] = block_weights[i]
         entries.append(entry)
-    params = dict(report.parameters)
     seed = params.pop("seed", 0)
     policy = {k: params.pop(k) for k in POLICY_KEYS if k in params}
     doc: dict[str, Any] = {"sources": entries, "method": report.method}
@@ -381,6 +384,8 @@ def recipe_from_fold(record: Mapping[str, Any], adapters: list[Adapter], out_dir
     for adapter, entry in zip(adapters, record.get("adapters") or []):
         location = source_location(adapter.origin, adapter.source, out_dir)
         location["weight"] = entry.get("weight", 1.0)
+        if entry.get("block_weights") is not None:
+            location["block_weights"] = entry["block_weights"]
         entries.append(location)
     doc: dict[str, Any] = {"base_model": model_location(model_origin(base), out_dir) if base else None,
                            "sources": entries, "method": record.get("method", "linear")}
