@@ -40,8 +40,10 @@ from loramerge.errors import (
 from loramerge.extract import extract
 from loramerge.fold.engine import fold
 from loramerge.hub.publish import push_output as push_to_hub
+from loramerge.io.quant.view import BaseQuant
 from loramerge.io.sources import load
 from loramerge.merge.methods import available_methods, get_method
+from loramerge.merge.resize import resize
 from loramerge.merge.statistics import InputStatistics
 from loramerge.recipe.plan import plan_recipe
 from loramerge.recipe.reader import load_recipe
@@ -62,6 +64,7 @@ def save(adapter: Adapter, path: str, **kwargs) -> object:
 
 __all__ = [
     "Adapter",
+    "BaseQuant",
     "ConfigNotFound",
     "CorruptFile",
     "DataError",
@@ -104,6 +107,7 @@ __all__ = [
     "merge",
     "plan_recipe",
     "push_to_hub",
+    "resize",
     "run_recipe",
     "save",
     "tune",

@@ -141,7 +141,6 @@ def test_base_model_mismatch(llama_adapters, tmp_path):
         ({"init_lora_weights": "corda"}, "modified base model"),
         ({"init_lora_weights": "loftq"}, "modified base model"),
         ({"layer_replication": [[0, 2]]}, "layer replication"),
-        ({"target_parameters": ["experts.w"]}, "target_parameters"),
         ({"alora_invocation_tokens": [1, 2]}, "aLoRA"),
         ({"use_bdlora": {"block": 2}}, "BD-LoRA"),
         ({"kasa_config": {"x": 1}}, "KaSA"),

@@ -40,7 +40,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,15 +55,25 @@ from loramerge.fold.job import FoldJob, FoldResult, fold_dtype, fold_weights, ti
 from loramerge.fold.layout import OutShard, check_space, plan_layout
 from loramerge.fold.pipelines import PIPELINE_INDEX, fold_pipeline, pipeline_family
 from loramerge.fold.plan import FoldPlan, plan_fold
+from loramerge.fold.quant import (
+    BaseQuant,
+    QuantPlan,
+    drops_quantization_config,
+    open_fold_base,
+    output_dtype,
+    quant_plan,
+    requantize,
+)
 from loramerge.fold.record import RECIPE_NAME, base_info, fold_record, single_file_metadata, write_record
 from loramerge.fold.resolvers import default_resolver
 from loramerge.fold.writer import copy_plain_files, write_config, write_model
-from loramerge.io.checkpoint import Checkpoint, open_checkpoint
+from loramerge.io.checkpoint import Checkpoint, iter_plain_files
 from loramerge.io.formats.tensorfile import read_json_object
 from loramerge.io.names import Resolver
 from loramerge.io.output import atomic_output, check_output
 from loramerge.io.shards import parse_size
 from loramerge.io.sources import load, resolve_model
+from loramerge.merge.blocks import BlockWeighting, weigh_blocks
 from loramerge.merge.engine import merge
 
 Units = list[tuple[Adapter, float]]
@@ -80,6 +90,9 @@ def fold(
     energy: float | None = None,
     max_error: float | None = None,
     rank_max: int | None = None,
+    sv_ratio: float | None = None,
+    sv_cumulative: float | None = None,
+    sv_fro: float | None = None,
     seed: int = 0,
     dtype: str | torch.dtype | None = "keep",
     shard_size: str | int | None = None,
@@ -92,6 +105,12 @@ def fold(
     ignore_base_mismatch: bool = False,
     resolver: Resolver | None = None,
     progress: bool = False,
+    follow_symlinks: bool = False,
+    block_weights: BlockWeighting | str | Sequence[str] | None = None,
+    base_quant: str | BaseQuant | None = None,
+    keep_quant: bool = False,
+    quantize: str | None = None,
+    double_quant: bool = False,
     **params: Any,
 ) -> FoldResult:
     """Fold one or more adapters into the base model at ``base`` and write the model to ``output``.
@@ -109,7 +128,19 @@ def fold(
     re-shards. ``tied_embeddings_mode`` says what to do when an adapter changes one of two tied
     embeddings: ``refuse`` (default), ``untie`` (write both, set ``tie_word_embeddings: false``:
     the adapted model exactly) or ``shared`` (fold into the shared matrix, as PEFT does).
-    ``strict`` refuses an adapter trained on another base model instead of warning.
+    ``strict`` refuses an adapter trained on another base model instead of warning. The base
+    folder's other files are copied only when they are regular files inside it; a symbolic link
+    that leaves it is refused unless ``follow_symlinks`` (never one to ``/proc``, a FIFO or a device).
+    ``block_weights`` scales each adapter's modules by block first (see :mod:`loramerge.merge.blocks`).
+
+    Quantized bases (:mod:`loramerge.fold.quant`): ``base_quant`` (``"nf4"``/``"fp4"``, or a
+    :class:`~loramerge.io.quant.view.BaseQuant` for the block size, double quantization and skipped
+    modules) folds into dequant(quant(W)) of every weight transformers quantizes in 4-bit, the
+    weights a QLoRA adapter was trained against, and writes bfloat16 unless ``dtype`` says. A
+    pre-quantized base (bitsandbytes 4/8-bit, FP8 block-scaled, GPTQ, AWQ) is dequantized on the
+    fly and written in full precision, or, with ``keep_quant``, quantized again the same way
+    (bitsandbytes, FP8). ``quantize`` (``"nf4"``/``"fp4"``, ``double_quant``) writes a pre-quantized
+    bitsandbytes 4-bit checkpoint.
 
     Example:
         >>> import tempfile, torch
@@ -126,16 +157,19 @@ def fold(
     """
     check_output(output, force=force)
     sources = _as_list(adapters)
+    weighting = BlockWeighting.parse(block_weights, sources=len(sources))
+    quant = quant_plan(base_quant, keep_quant, quantize, double_quant)
     job = FoldJob(
         output=Path(output), force=force, weights=fold_weights(weights, len(sources)), method=method,
-        tied_mode=tied_mode(tied_embeddings_mode), out_dtype=fold_dtype(dtype),
+        tied_mode=tied_mode(tied_embeddings_mode), out_dtype=output_dtype(quant, fold_dtype(dtype)),
         compute=parse_dtype(compute_dtype) or torch.float32, shard_limit=parse_size(shard_size),
-        device=resolve_device(device), policy=RankPolicy(rank=rank, energy=energy, max_error=max_error,
-                                                          rank_max=rank_max),
-        seed=seed, params=params, progress=progress,
+        device=resolve_device(device),
+        policy=RankPolicy.from_options(rank=rank, energy=energy, max_error=max_error, sv_ratio=sv_ratio,
+                                       sv_cumulative=sv_cumulative, sv_fro=sv_fro, rank_max=rank_max),
+        seed=seed, params=params, progress=progress, follow_symlinks=follow_symlinks,
     )
-    target = _open_base(base, job, resolver, allow_pickle)
-    loaded = [load(s, allow_pickle=allow_pickle) for s in sources]
+    target = _open_base(base, job, resolver, allow_pickle, quant)
+    loaded = weigh_blocks([load(s, allow_pickle=allow_pickle) for s in sources], weighting)
     notes = _check_adapters(loaded, target, strict, ignore_base_mismatch)
     units = _units(loaded, job, ignore_base_mismatch)
     try:
@@ -159,19 +193,24 @@ class _Target:
     index: dict[str, Any] | None = None
     ckpt: Checkpoint | None = None
     resolver: Resolver | None = None
+    quant: QuantPlan = field(default_factory=QuantPlan)
 
 
-def _open_base(base: str | Path, job: FoldJob, resolver: Resolver | None, allow_pickle: bool) -> _Target:
+def _open_base(base: str | Path, job: FoldJob, resolver: Resolver | None, allow_pickle: bool,
+               quant: QuantPlan) -> _Target:
     """Find the base (downloading a Hub model) and read its layout: headers only."""
     base_path = Path(base).expanduser()
     single = base_path.is_file()
     if single and job.shard_limit is not None:
         raise InvalidParameter(f"{base}: a single-file checkpoint is written as one file; drop --shard-size")
     folder = base_path if single else resolve_model(base)
-    if not single and (folder / PIPELINE_INDEX).is_file():
+    pipeline = not single and (folder / PIPELINE_INDEX).is_file()
+    if quant.active and (pipeline or single):
+        raise InvalidParameter(f"{base}: --base-quant, --keep-quant and --quantize apply to model folders only")
+    if pipeline:
         return _Target(folder, False, index=read_json_object(folder / PIPELINE_INDEX), resolver=resolver)
-    ckpt = open_checkpoint(folder, allow_pickle=allow_pickle)
-    return _Target(folder, single, ckpt=ckpt, resolver=resolver or default_resolver(ckpt))
+    ckpt = open_fold_base(folder, quant, allow_pickle, job.out_dtype)
+    return _Target(folder, single, ckpt=ckpt, resolver=resolver or default_resolver(ckpt), quant=quant)
 
 
 def _check_adapters(loaded: Sequence[Adapter], target: _Target, strict: bool, ignore_base_mismatch: bool) -> list[str]:
@@ -196,12 +235,10 @@ def _units(loaded: Sequence[Adapter], job: FoldJob, ignore_base_mismatch: bool) 
     """What is folded: each adapter with its weight in turn, or their merge with weight 1."""
     if _sequential(job.method, job.policy, job.params):
         return list(zip(loaded, job.weights))
-    policy = job.policy
     try:
-        merged = merge(loaded, method=job.method, weights=job.weights, rank=policy.rank, energy=policy.energy,
-                       max_error=policy.max_error, rank_max=policy.rank_max, seed=job.seed, device=job.device,
-                       dtype=torch.float32, compute_dtype=job.compute, ignore_base_mismatch=ignore_base_mismatch,
-                       progress=job.progress, **job.params)
+        merged = merge(loaded, method=job.method, weights=job.weights, **job.policy.as_dict(), seed=job.seed,
+                       device=job.device, dtype=torch.float32, compute_dtype=job.compute,
+                       ignore_base_mismatch=ignore_base_mismatch, progress=job.progress, **job.params)
     except UnsupportedAdapter as exc:
         raise UnsupportedAdapter(f"{exc}; fold such adapters with --method linear and no rank option, "
                                  "which applies them one after another") from None
@@ -243,12 +280,19 @@ def _fold_folder(target: _Target, units: Units, loaded: Sequence[Adapter], job: 
     plan, layout = _plan(target, units, job)
     ckpt = target.ckpt
     assert ckpt is not None
+    # Listed (and every link checked) before any shard is written: a refusal costs nothing.
+    extras = list(iter_plain_files(target.path, ckpt.weight_files | {"config.json", RECIPE_NAME},
+                                   follow_symlinks=job.follow_symlinks))
     with atomic_output(job.output, force=job.force) as tmp:
         written = write_model(ckpt, plan, layout, tmp, job.compute, job.device, job.progress, job.shard_limit is None)
-        config_changes = write_config(ckpt, tmp, job.out_dtype, plan.untie)
-        copy_plain_files(target.path, tmp, ckpt.weight_files | {"config.json", RECIPE_NAME})
+        config_changes = write_config(ckpt, tmp, job.out_dtype, plan.untie,
+                                      drops_quantization_config(ckpt, target.quant))
+        quantization = requantize(tmp, ckpt, target.quant, job.out_dtype)
+        copy_plain_files(target.path, tmp, extras)
         record = fold_record(job, base_info(target.path, ckpt), loaded, sorted(plan.updates), plan.notes,
                              config_changes)
+        if quantization:
+            record["quantization"] = quantization
         write_record(tmp, record)
     return job.result(sorted(plan.updates), plan.module_count, len(layout), written, notes + plan.notes, record)
 

@@ -19,6 +19,7 @@ import torch
 from loramerge.core.adapter import Adapter, LowRank
 from loramerge.errors import IncompatibleAdapters, InvalidParameter, UnsupportedAdapter
 from loramerge.io.checkpoint import FLOAT_CODES, Checkpoint
+from loramerge.io.experts import FusedSlice, parse_expert_name, resolve_expert
 from loramerge.io.names import (
     Resolver,
     Target,
@@ -48,6 +49,7 @@ class Update:
     transposed: bool = False
     tensor: torch.Tensor | None = None
     rows: Rows | None = None  # None: the whole tensor
+    expert: int | None = None  # a fused 3-D expert tensor: the update is this expert's slice
 
 
 @dataclass
@@ -149,6 +151,11 @@ def _plan_layers(base: _Base, adapter: Adapter, weight: float, updates: dict[str
         if kind == "dora":
             _check_weight_for_full(weight, label, module, "a DoRA update")
         subject = _Subject(label, module, "module")
+        fused = _place_expert(base, module, lr, label)
+        if fused is not None:
+            updates.setdefault(fused.name, []).append(Update("lora", label, module, weight, lr, fused.transposed,
+                                                             expert=fused.expert))
+            continue
         for tensor, rows, transposed in _place(base, f"{module}.weight", lr, lr.kind == "linear", subject):
             if kind == "dora":
                 _check_magnitude(lr, transposed, tensor, label, module)
@@ -171,6 +178,18 @@ def _check_float(ckpt: Checkpoint, updates: dict[str, list[Update]], tie: tuple[
             )
 
 
+def _place_expert(base: _Base, module: str, lr: LowRank, label: str) -> FusedSlice | None:
+    """The slice of a fused 3-D expert tensor an expert update (``….experts.down_proj[3]``) goes to, if the base
+    stores that parameter fused; per-expert modules on disk are placed by :func:`_place` as row slices."""
+    if parse_expert_name(module) is None:
+        return None
+    if lr.magnitude is not None or lr.bias is not None or lr.kind != "linear":
+        raise UnsupportedAdapter(f"{label}: expert update {module} must be a plain linear LoRA")
+    found = resolve_expert(module, base.lookup, base.shape, base.resolver, base.ckpt.config.get("model_type"),
+                           lr.matrix_shape)
+    return found if isinstance(found, FusedSlice) else None
+
+
 def _place(base: _Base, path: str, update: LowRank | tuple[int, ...], may_transpose: bool,
            subject: _Subject) -> list[Placement]:
     """Where ``update`` (a LoRA, or a tensor of the given shape) goes: ``(tensor, rows, transposed)`` per target.
@@ -180,7 +199,12 @@ def _place(base: _Base, path: str, update: LowRank | tuple[int, ...], may_transp
     orientation decided as for Hugging Face checkpoints; :class:`~loramerge.io.names.Target` answers
     say it themselves. The slices must cover every row of the update.
     """
-    found = base.resolver(path, base.lookup)
+    module = path.removesuffix(".weight")
+    if parse_expert_name(module) is not None and isinstance(update, LowRank):
+        found = resolve_expert(module, base.lookup, base.shape, base.resolver, base.ckpt.config.get("model_type"),
+                               update.matrix_shape) or None  # per-expert modules on disk: row slices
+    else:
+        found = base.resolver(path, base.lookup)
     targets = _found_targets(base, path, found, subject)
     lowrank = update if isinstance(update, LowRank) else None
     shape_of_update = tuple(lowrank.delta_shape) if lowrank is not None else tuple(update)  # type: ignore[arg-type]

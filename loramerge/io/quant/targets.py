@@ -1,0 +1,87 @@
+"""Which weights transformers quantizes when it loads a model in 4-bit or 8-bit with bitsandbytes.
+
+transformers (5.x, ``replace_with_bnb_linear``) swaps exactly the modules whose type *is*
+``torch.nn.Linear`` (subclasses stay) or GPT-2's ``Conv1D``, except those ``should_convert_module``
+skips: by default (``get_keys_to_not_convert``) tied weights, the module owning the model's last
+parameter and the output embeddings (``lm_head``); when ``llm_int8_skip_modules`` is given it
+replaces those defaults; ``_keep_in_fp32_modules`` always stay. Embeddings, norms, convolutions and
+fused 3-D expert parameters are never quantized. This module answers the question by building the
+model from its ``config.json`` on the meta device (no weights, no memory) and asking transformers'
+own helpers, so it needs transformers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import Any
+
+from loramerge.errors import UnsupportedAdapter
+
+
+@dataclass
+class QuantTargets:
+    """Weight tensors transformers would quantize: ``weights`` (checkpoint names), ``transposed`` (Conv1D ones)."""
+
+    weights: list[str]
+    transposed: set[str] = field(default_factory=set)
+    skipped: list[str] = field(default_factory=list)  # module names transformers keeps in full precision
+    missing: list[str] = field(default_factory=list)  # quantized modules with no tensor of that name on disk
+
+
+def bnb_targets(config: dict[str, Any], names: Collection[str], skip_modules: list[str] | None = None,
+                where: object = "base model") -> QuantTargets:
+    """The checkpoint tensors (``<module>.weight``) transformers' bitsandbytes integration would quantize.
+
+    ``skip_modules`` is ``llm_int8_skip_modules`` (it replaces transformers' default skips).
+    """
+    try:
+        import torch
+        import transformers
+        from transformers.pytorch_utils import Conv1D
+        from transformers.quantizers.base import get_keys_to_not_convert
+        from transformers.quantizers.quantizers_utils import should_convert_module
+    except ImportError:
+        raise UnsupportedAdapter(
+            f"{where}: --base-quant needs transformers to know which modules it quantizes; pip install transformers"
+        ) from None
+    model = _meta_model(transformers, config, where)
+    skip = list(skip_modules) if skip_modules is not None else get_keys_to_not_convert(model)
+    skip += list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    targets = QuantTargets([])
+    for module_name, module in model.named_modules():
+        if not (type(module) is torch.nn.Linear or isinstance(module, Conv1D)):
+            continue
+        if not should_convert_module(module_name, skip):
+            targets.skipped.append(module_name)
+            continue
+        tensor = f"{module_name}.weight"
+        if tensor not in names:
+            targets.missing.append(module_name)
+            continue
+        targets.weights.append(tensor)
+        if isinstance(module, Conv1D):
+            targets.transposed.add(tensor)
+    return targets
+
+
+def _meta_model(transformers: Any, config: dict[str, Any], where: object) -> Any:
+    import torch
+
+    architectures = config.get("architectures") or []
+    model_type = config.get("model_type")
+    if not architectures or not model_type:
+        raise UnsupportedAdapter(f"{where}: config.json names no architectures/model_type, so which modules "
+                                 "transformers quantizes cannot be known")
+    model_class = getattr(transformers, architectures[0], None)
+    if model_class is None:
+        raise UnsupportedAdapter(f"{where}: transformers {transformers.__version__} has no model class "
+                                 f"{architectures[0]} (custom code is not run)")
+    try:
+        hf_config = transformers.AutoConfig.for_model(
+            model_type, **{k: v for k, v in config.items() if k not in ("model_type", "transformers_version")})
+        with torch.device("meta"):
+            return model_class(hf_config)
+    except Exception as exc:  # any failure of transformers to build the model from this config
+        raise UnsupportedAdapter(f"{where}: transformers could not build {architectures[0]} from config.json "
+                                 f"({type(exc).__name__}: {exc})") from None
