@@ -6,13 +6,10 @@ from __future__ import annotations
 import importlib
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from loramerge.errors import MissingDependency
 from loramerge.io.output import atomic_output
-
-if TYPE_CHECKING:
-    from loramerge.tune.result import TuneResult
 
 PLOT_HINT = 'pip install "loramerge[plot]"'
 
@@ -27,8 +24,8 @@ def require_matplotlib() -> Any:
     return importlib.import_module("matplotlib.pyplot")
 
 
-def plot_result(result: TuneResult, path: str | Path) -> Path:
-    """Write the figure to ``path`` (PNG), atomically."""
+def plot_result(result: Any, path: str | Path) -> Path:
+    """Write the figure of a :class:`~loramerge.tune.result.TuneResult` to ``path`` (PNG), atomically."""
     plt = require_matplotlib()
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     done = [t for t in result.trials if t.ok]
