@@ -43,6 +43,7 @@ from loramerge.hub.publish import push_output as push_to_hub
 from loramerge.io.quant.view import BaseQuant
 from loramerge.io.sources import load
 from loramerge.merge.methods import available_methods, get_method
+from loramerge.merge.resize import resize
 from loramerge.merge.statistics import InputStatistics
 from loramerge.recipe.plan import plan_recipe
 from loramerge.recipe.reader import load_recipe
@@ -52,6 +53,8 @@ from loramerge.runtime.evaluate import Evaluation, evaluate
 from loramerge.runtime.merging import merge
 from loramerge.runtime.resident import Runtime
 from loramerge.runtime.verify import Verification, verify
+from loramerge.tune.result import TuneResult
+from loramerge.tune.run import tune
 
 
 def save(adapter: Adapter, path: str, **kwargs) -> object:
@@ -84,6 +87,7 @@ __all__ = [
     "RecipeError",
     "Runtime",
     "SourceNotFound",
+    "TuneResult",
     "UnknownFormat",
     "UnsupportedAdapter",
     "UnsupportedModel",
@@ -103,7 +107,9 @@ __all__ = [
     "merge",
     "plan_recipe",
     "push_to_hub",
+    "resize",
     "run_recipe",
     "save",
+    "tune",
     "verify",
 ]

@@ -18,6 +18,7 @@ import torch
 
 from loramerge.core.adapter import Adapter
 from loramerge.io.formats.tensorfile import write_safetensors
+from loramerge.io.output import atomic_output
 from loramerge.io.sources import load
 from loramerge.merge.engine import merge
 from loramerge.merge.methods import MergeMethod, available_methods
@@ -172,8 +173,8 @@ def format_table(rows: list[DemoRow]) -> str:
     return "\n".join(lines)
 
 
-def demo(save: Path | None = None) -> str:
-    """Run the demo (in ``save`` or a temporary folder) and return its table.
+def demo(save: Path | None = None, *, force: bool = False) -> str:
+    """Run the demo (in ``save``, written atomically like any output, or a temporary folder) and return its table.
 
     Example:
         >>> from loramerge.merge.methods import get_method
@@ -183,6 +184,7 @@ def demo(save: Path | None = None) -> str:
         True
     """
     if save is not None:
-        return format_table(run_demo(save))
+        with atomic_output(save, force=force) as folder:
+            return format_table(run_demo(folder))
     with tempfile.TemporaryDirectory(prefix="loramerge-demo-") as tmp:
         return format_table(run_demo(Path(tmp)))

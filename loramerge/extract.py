@@ -3,9 +3,9 @@
 For each linear or conv weight that differs, ΔW is factored by an SVD: exact (LAPACK) when the
 smaller side is at most :data:`EXACT_LIMIT`, otherwise randomized (Halko et al. 2011) with the
 error measured on the result, ‖ΔW − B A‖_F / ‖ΔW‖_F, not assumed. The rank follows the policy
-(``rank``, ``energy`` or ``max_error``, capped by ``rank_max``), module by module. Embeddings,
-norms and other tensors that differ become ``modules_to_save`` with ``keep_full``, or are
-listed as skipped.
+(``rank``, ``energy``, ``max_error`` or kohya's ``sv_ratio``/``sv_cumulative``/``sv_fro``, capped by
+``rank_max``), module by module. Embeddings, norms and other tensors that differ become
+``modules_to_save`` with ``keep_full``, or are listed as skipped.
 
 The report gives, per module, the rank kept, the energy kept and the error, plus each module's
 "intrinsic rank" (the rank holding 90% and 99% of ‖ΔW‖²) and, for the whole model, the share of
@@ -226,6 +226,9 @@ def extract(
     energy: float | None = None,
     max_error: float | None = None,
     rank_max: int | None = None,
+    sv_ratio: float | None = None,
+    sv_cumulative: float | None = None,
+    sv_fro: float | None = None,
     modules: str | None = None,
     keep_full: bool = False,
     device: str | torch.device = "auto",
@@ -237,7 +240,8 @@ def extract(
 ) -> ExtractResult:
     """Write a PEFT LoRA adapter of ``finetuned − base`` to ``output`` and report what it kept.
 
-    The rank policy is one of ``rank`` (default 32), ``energy`` or ``max_error``, with an optional
+    The rank policy is one of ``rank`` (default 32), ``energy``, ``max_error``, ``sv_ratio``,
+    ``sv_cumulative`` or ``sv_fro`` (see :class:`~loramerge.core.rank.RankPolicy`), with an optional
     ``rank_max``. ``modules`` is a regex searched in module paths. ``keep_full`` stores changed
     embeddings, norms and other non-decomposable tensors as ``modules_to_save``. ``dtype`` is
     the stored factor dtype (default float32).
@@ -256,9 +260,9 @@ def extract(
     """
     started = time.perf_counter()
     check_output(output, force=force)
-    if rank is None and energy is None and max_error is None:
-        rank = DEFAULT_RANK
-    policy = RankPolicy(rank=rank, energy=energy, max_error=max_error, rank_max=rank_max)
+    policy = RankPolicy.from_options(rank=rank, energy=energy, max_error=max_error, sv_ratio=sv_ratio,
+                                     sv_cumulative=sv_cumulative, sv_fro=sv_fro,
+                                     rank_max=rank_max).with_default_rank(DEFAULT_RANK)
     try:
         pattern = re.compile(modules) if modules else None
     except re.error as exc:
@@ -455,7 +459,7 @@ def _svd(matrix: torch.Tensor, policy: RankPolicy, total: float, exact_limit: in
          ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], str]:
     """(leading singular values, (B, A) factors of the chosen rank, "exact" | "randomized")."""
     full = min(matrix.shape)
-    if full <= exact_limit:
+    if full <= exact_limit or policy.needs_full_spectrum:
         svd = dense_svd(matrix)
         k = _choose(svd.S, total, policy, full)
         assert k is not None
@@ -479,6 +483,10 @@ def _choose(S: torch.Tensor, total: float, policy: RankPolicy, full: int) -> int
     S = host_spectrum(S)
     if policy.rank is not None:
         k = policy.rank
+    elif policy.sv_ratio is not None or policy.sv_cumulative is not None:
+        if len(S) < full and not policy.reached(S, total, len(S)):
+            return None
+        k = policy.choose(S)
     else:
         if total == 0.0:
             return 1
@@ -509,8 +517,7 @@ def _task_type(config: dict[str, Any]) -> str | None:
 
 
 def _policy_dict(policy: RankPolicy, exact_limit: int) -> dict[str, Any]:
-    fields = {"rank": policy.rank, "energy": policy.energy, "max_error": policy.max_error, "rank_max": policy.rank_max}
-    return {**{k: v for k, v in fields.items() if v is not None}, "exact_limit": exact_limit}
+    return {**policy.as_dict(), "exact_limit": exact_limit}
 
 
 def _clip(text: str, width: int) -> str:

@@ -9,6 +9,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# An unexpected exception in a CLI test is re-raised with its traceback, never hidden behind one line.
+os.environ.setdefault("LORAMERGE_DEBUG", "1")
 
 from tests.peft_fixtures import make_peft_adapter, tiny_gpt2, tiny_llama, toy_conv_net
 
@@ -73,3 +75,13 @@ def world(tmp_path_factory):
     from tests.runtime_fixtures import runtime_world
 
     return runtime_world(tmp_path_factory.mktemp("runtime_world"))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fuzz", action="store_true", default=False,
+                     help="Run the property tests (tests/test_fuzz.py) with many more examples than CI does.")
+
+
+def pytest_configure(config):
+    if config.getoption("--fuzz", default=False):
+        os.environ["LORAMERGE_FUZZ"] = "1"

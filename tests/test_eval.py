@@ -107,7 +107,7 @@ def test_empty_mixed_and_unparsable_tasks_are_refused(tmp_path):
     with pytest.raises(DataError, match=r"empty.jsonl: task 'empty' has no rows"):
         load_tasks([tmp_path / "empty.jsonl"])
     (tmp_path / "broken.jsonl").write_text('{"text": "a"}\n{"text": \n')
-    with pytest.raises(DataError, match=r"broken.jsonl: row 2: not valid JSON"):
+    with pytest.raises(DataError, match=r"broken.jsonl: row 2: invalid JSON"):
         load_tasks([tmp_path / "broken.jsonl"])
     mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"text": "a"}, {"prompt": "p", "choices": ["a", "b"], "answer": 0}])
     with pytest.raises(DataError, match=r"mixes row types text \(row 1\), choice \(row 2\)"):

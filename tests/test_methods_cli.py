@@ -25,7 +25,8 @@ def test_ties_from_the_cli_with_a_report(saved, tmp_path):
     assert result.exit_code == 0, result.output
     assert "sign_conflicts" in result.output and "density_kept" in result.output
     data = json.loads(report.read_text())
-    assert data["parameters"] == {"density": 0.3, "majority_sign": "frequency", "lambda": 0.8, "rank": 4, "seed": 0}
+    assert data["parameters"] == {"density": 0.3, "majority_sign": "frequency", "lambda": 0.8, "divide_by": "count",
+                                  "rescale": "none", "rank": 4, "seed": 0}
     for module in data["modules"]:
         assert module["source_ranks"] == [3, 4, 5] and module["output_rank"] == 4
         assert 0.0 < module["energy_kept"] < 1.0 and 0.0 < module["relative_error"] < 1.0

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import click
 
-from loramerge.cli.options import WRITE_FORMATS, push_options, skip_unknown_option, source_options
+from loramerge.cli.options import (
+    WRITE_FORMATS,
+    block_weights_option,
+    push_options,
+    skip_unknown_option,
+    source_options,
+)
 from loramerge.convert import convert as run
 from loramerge.core.devices import DTYPE_CHOICES
 from loramerge.hub.cards import converted_card
@@ -27,13 +33,16 @@ from loramerge.io.sources import load
 @click.option("--expert-layout", type=click.Choice(list(EXPERT_LAYOUTS)), default="qwen2_moe", show_default=True,
               help="Per-expert module names: qwen2_moe (experts.N.gate_proj/up_proj/down_proj) or mixtral "
                    "(block_sparse_moe.experts.N.w1/w3/w2).")
+@block_weights_option
 @source_options
 @skip_unknown_option
 @push_options
 def convert(source: str, output: str, to: str | None, dtype: str | None, force: bool, experts: str | None,
-            expert_layout: str, allow_pickle: bool, from_format: str | None, base: str | None, skip_unknown: bool,
-            push_to_hub: str | None, private: bool, commit_message: str | None) -> None:
-    """Rewrite the SOURCE adapter in another format; every module's update stays the same.
+            expert_layout: str, block_weights: tuple[str, ...], allow_pickle: bool, from_format: str | None,
+            base: str | None, skip_unknown: bool, push_to_hub: str | None, private: bool,
+            commit_message: str | None) -> None:
+    """Rewrite the SOURCE adapter in another format; every module's update stays the same
+    (times its block weight, with --block-weights).
 
     \b
     Examples:
@@ -47,6 +56,7 @@ def convert(source: str, output: str, to: str | None, dtype: str | None, force: 
       loramerge convert org/sd-loras/pixel.safetensors -o pixel --to diffusers --push-to-hub me/pixel
       loramerge convert ./qwen3-moe-lora -o per-expert --experts split          # target_parameters → modules
       loramerge convert ./mixtral-lora -o fused --experts fuse --expert-layout mixtral
+      loramerge convert style.safetensors -o style-outs.safetensors --block-weights OUTS
     """
     check_output(output, force=force)
     if push_to_hub:
@@ -55,7 +65,8 @@ def convert(source: str, output: str, to: str | None, dtype: str | None, force: 
     skipped = adapter.config.get("skipped") or []
     if skipped:
         click.echo(f"skipped {len(skipped)} unknown module(s): {', '.join(skipped)}", err=True)
-    path = run(adapter, output, to=to, dtype=dtype, force=force, experts=experts, expert_layout=expert_layout)
+    path = run(adapter, output, to=to, dtype=dtype, force=force, experts=experts, expert_layout=expert_layout,
+               block_weights=block_weights)
     click.echo(f"wrote {path}")
     if push_to_hub:
         card = converted_card(adapter, format_name=to or adapter.source_format, repo_id=push_to_hub)

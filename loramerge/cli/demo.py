@@ -27,6 +27,6 @@ def demo(save_dir: str | None, force: bool) -> None:
     if save_dir:
         check_output(save_dir, force=force)
     click.echo(f"adapters: {', '.join(DEMO_ADAPTERS)}; weights {', '.join(map(str, DEMO_WEIGHTS))}")
-    click.echo(run(Path(save_dir) if save_dir else None))
+    click.echo(run(Path(save_dir) if save_dir else None, force=force))
     if save_dir:
         click.echo(f"\nsaved: {save_dir}/base-model, {save_dir}/adapters/<name>, {save_dir}/merged/<method>")

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 
-from loramerge.cli.options import device_option, push_options
+from loramerge.cli.options import (
+    check_report,
+    device_option,
+    push_options,
+    rank_options,
+    show_progress,
+    write_report,
+)
 from loramerge.core.devices import DTYPE_CHOICES
 from loramerge.extract import DEFAULT_RANK, EXACT_LIMIT
 from loramerge.extract import extract as run_extract
@@ -19,10 +24,7 @@ from loramerge.io.output import check_output
 @click.argument("base")
 @click.argument("finetuned")
 @click.option("--output", "-o", required=True, type=click.Path(), help="Output PEFT adapter folder.")
-@click.option("--rank", "-r", type=int, help=f"Rank per module [default: {DEFAULT_RANK} when no other policy is given].")
-@click.option("--energy", type=float, help="Keep the smallest rank holding this fraction of ‖ΔW‖² per module.")
-@click.option("--max-error", type=float, help="Keep the smallest rank with relative Frobenius error at most this.")
-@click.option("--rank-max", type=int, help="Cap on the per-module rank under any policy.")
+@rank_options(f"Rank per module [default: {DEFAULT_RANK} when no other policy is given].")
 @click.option("--modules", help="Only modules whose path matches this regex (re.search), e.g. 'self_attn|mlp'.")
 @click.option("--keep-full", is_flag=True, help="Keep changed embeddings, norms and other tensors as modules_to_save.")
 @click.option("--exact-limit", type=int, default=EXACT_LIMIT, show_default=True,
@@ -35,7 +37,8 @@ from loramerge.io.output import check_output
               help="Allow pickle .bin weights (read with torch.load(weights_only=True)).")
 @push_options
 def extract(base: str, finetuned: str, output: str, rank: int | None, energy: float | None, max_error: float | None,
-            rank_max: int | None, modules: str | None, keep_full: bool, exact_limit: int, dtype: str, device: str,
+            sv_ratio: float | None, sv_cumulative: float | None, sv_fro: float | None, rank_max: int | None,
+            modules: str | None, keep_full: bool, exact_limit: int, dtype: str, device: str,
             report_path: str | None, force: bool, allow_pickle: bool, push_to_hub: str | None, private: bool,
             commit_message: str | None) -> None:
     """Extract a PEFT LoRA adapter of FINETUNED − BASE into -o OUTPUT.
@@ -53,16 +56,16 @@ def extract(base: str, finetuned: str, output: str, rank: int | None, energy: fl
       loramerge extract org/llama org/llama-sft -o sft-lora --rank 64 --push-to-hub me/llama-sft-lora
     """
     check_output(output, force=force)
+    check_report(report_path, force)
     if push_to_hub:
         check_push(push_to_hub)
     result = run_extract(
-        base, finetuned, output=output, rank=rank, energy=energy, max_error=max_error, rank_max=rank_max,
+        base, finetuned, output=output, rank=rank, energy=energy, max_error=max_error, sv_ratio=sv_ratio,
+        sv_cumulative=sv_cumulative, sv_fro=sv_fro, rank_max=rank_max,
         modules=modules, keep_full=keep_full, exact_limit=exact_limit, dtype=dtype, device=device, force=force,
-        allow_pickle=allow_pickle, progress=True,
+        allow_pickle=allow_pickle, progress=show_progress(),
     )
-    if report_path:
-        with open(report_path, "w") as fh:
-            json.dump(result.report.to_dict(), fh, indent=2)
+    write_report(report_path, result.report.to_dict(), force)
     click.echo(result.report.summary())
     click.echo(f"wrote {result.path} ({len(result.adapter)} LoRA modules, {len(result.report.kept_full)} full tensors, "
                f"{result.report.seconds:.1f}s)")

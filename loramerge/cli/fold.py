@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import click
 
 from loramerge.cli.options import (
+    block_weights_option,
+    check_report,
     merge_options,
     method_params_from,
     parse_weights,
     push_options,
+    show_progress,
     skip_unknown_option,
+    write_report,
 )
 from loramerge.fold.engine import fold as run_fold
 from loramerge.fold.plan import TIED_MODES
@@ -34,9 +37,12 @@ from loramerge.io.sources import load
 @click.option("--tied-embeddings", type=click.Choice(TIED_MODES), default="refuse", show_default=True,
               help="When an adapter changes one of two tied embeddings: refuse, untie (write both, "
                    "tie_word_embeddings false) or shared (fold into the shared matrix, as PEFT does).")
+@click.option("--follow-symlinks", is_flag=True,
+              help="Copy what symbolic links in the base folder point to even outside it (never /proc, FIFOs, devices).")
 @click.option("--strict", is_flag=True, help="Refuse adapters trained on a different base model (default: warn).")
 @click.option("--force", is_flag=True, help="Overwrite an existing, non-empty output.")
 @merge_options
+@block_weights_option
 @click.option("--allow-pickle", is_flag=True,
               help="Allow pickle .bin weights (read with torch.load(weights_only=True)).")
 @click.option("--base-quant", type=click.Choice(["nf4", "fp4"]),
@@ -54,9 +60,10 @@ from loramerge.io.sources import load
 @skip_unknown_option
 @push_options
 def fold(base: str, adapters: tuple[str, ...], output: str, dtype: str, shard_size: str | None, tied_embeddings: str,
-         strict: bool, force: bool, method: str, weights: str | None, rank: int | None, energy: float | None,
-         max_error: float | None, rank_max: int | None, seed: int, device: str, compute_dtype: str,
-         ignore_base_mismatch: bool, report_path: str | None, allow_pickle: bool, base_quant: str | None,
+         follow_symlinks: bool, strict: bool, force: bool, method: str, weights: str | None, rank: int | None, energy: float | None,
+         max_error: float | None, sv_ratio: float | None, sv_cumulative: float | None, sv_fro: float | None,
+         rank_max: int | None, seed: int, device: str, compute_dtype: str, ignore_base_mismatch: bool,
+         report_path: str | None, block_weights: tuple[str, ...], allow_pickle: bool, base_quant: str | None,
          blocksize: int, double_quant: bool, quant_skip_modules: str | None, keep_quant: bool, quantize: str | None,
          skip_unknown: bool, push_to_hub: str | None, private: bool, commit_message: str | None,
          **method_options: Any) -> None:
@@ -86,8 +93,11 @@ def fold(base: str, adapters: tuple[str, ...], output: str, dtype: str, shard_si
       loramerge fold ./sdxl-pipeline style.safetensors detail.safetensors -o sdxl-sd --weights 0.8,0.5
       loramerge fold ./llama ./qlora-adapter -o llama-qlora --base-quant nf4 --double-quant
       loramerge fold ./llama-bnb-4bit ./qlora-adapter -o llama-4bit-merged --keep-quant
+      loramerge fold sdxl.safetensors style.safetensors -o out.safetensors --block-weights OUTALL
+      loramerge fold flux1-dev.safetensors lora.safetensors -o out.safetensors --block-weights 'single_blocks.20-37=0'
     """
     check_output(output, force=force)
+    check_report(report_path, force)
     if push_to_hub:
         check_push(push_to_hub)
     # Loaded here when pushing, so the card and recipe know the commit each Hub source resolved to.
@@ -103,19 +113,17 @@ def fold(base: str, adapters: tuple[str, ...], output: str, dtype: str, shard_si
     spec = BaseQuant(base_quant, blocksize, double_quant, skip) if base_quant else None
     result = run_fold(
         base, sources, output=output, weights=parse_weights(weights), method=method, rank=rank,
-        energy=energy, max_error=max_error, rank_max=rank_max, seed=seed, dtype=dtype, shard_size=shard_size,
+        energy=energy, max_error=max_error, sv_ratio=sv_ratio, sv_cumulative=sv_cumulative, sv_fro=sv_fro,
+        rank_max=rank_max, seed=seed, dtype=dtype, shard_size=shard_size, block_weights=block_weights,
         device=device, compute_dtype=compute_dtype, tied_embeddings_mode=tied_embeddings, force=force,
-        strict=strict, allow_pickle=allow_pickle, ignore_base_mismatch=ignore_base_mismatch, progress=True,
+        strict=strict, allow_pickle=allow_pickle, ignore_base_mismatch=ignore_base_mismatch, progress=show_progress(),
         base_quant=spec, keep_quant=keep_quant, quantize=quantize, double_quant=double_quant,
+        follow_symlinks=follow_symlinks,
         **method_params_from(method_options),
     )
     if result.merge_report is not None:
         click.echo(result.merge_report.summary())
-        if report_path:
-            result.merge_report.write_json(report_path)
-    elif report_path:
-        with open(report_path, "w") as fh:
-            json.dump(result.recipe, fh, indent=2)
+    write_report(report_path, result.merge_report.to_dict() if result.merge_report is not None else result.recipe, force)
     for note in result.recipe.get("notes", []):
         click.echo(f"note: {note}")
     click.echo(result.summary())

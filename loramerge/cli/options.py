@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import click
 
 from loramerge.core.devices import DTYPE_CHOICES, resolve_device
+from loramerge.core.report import json_text
 from loramerge.errors import InvalidParameter
+from loramerge.io.output import check_output, write_file
+from loramerge.merge.blocks import BlockWeighting
 from loramerge.merge.methods import all_params
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
@@ -44,8 +48,26 @@ def check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
     return value
 
 
+def check_block_weights(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    """``--block-weights`` spellings checked when the command line is parsed, before any source is read."""
+    BlockWeighting.parse(value)
+    return value
+
+
+block_weights_option = click.option(
+    "--block-weights", "block_weights", multiple=True, metavar="[N:]SPEC", callback=check_block_weights,
+    help="Per-block strength, as the LoRA Block Weight extension sets it: a preset (ALL, INS, IND, INALL, MIDD, "
+         "OUTD, OUTS, OUTALL, ALL0.5, NONE), a vector in its block order (17 entries for SD 1.x/2.x, 12 for SDXL; "
+         "26/20 for LyCORIS, 61 for Flux) or rules such as double_blocks.0-9=0.5,BASE=0. N: applies it to "
+         "source N only. Repeatable.")
+
 device_option = click.option("--device", default="auto", show_default=True, callback=check_device,
                              help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N.")
+
+compute_dtype_option = click.option("--compute-dtype", type=click.Choice(["fp32", "fp64"]), default="fp32",
+                                    show_default=True, help="Precision of the maths.")
+report_option = click.option("--report", "report_path", type=click.Path(dir_okay=False),
+                             help="Write per-module statistics as JSON.")
 
 READ_FORMATS = ("peft", "kohya", "lycoris", "comfyui", "diffusers")
 WRITE_FORMATS = ("peft", "kohya", "lycoris", "comfyui", "diffusers")
@@ -82,22 +104,40 @@ def _method_param_options() -> list[Decorator]:
     return options
 
 
+def _rank_options(rank_help: str) -> list[Decorator]:
+    return [
+        click.option("--rank", "-r", type=int, help=rank_help),
+        click.option("--energy", type=float, help="Keep the smallest rank holding this fraction of Σσ² per module."),
+        click.option("--max-error", type=float, help="Keep the smallest rank with relative Frobenius error at most this."),
+        click.option("--sv-ratio", type=float, metavar="R",
+                     help="Keep every singular value σ ≥ σ_max / R (kohya resize_lora's sv_ratio)."),
+        click.option("--sv-cumulative", type=float, metavar="F",
+                     help="Keep the smallest rank whose Σσ reaches F·Σσ (kohya's sv_cumulative)."),
+        click.option("--sv-fro", type=float, metavar="F",
+                     help="Keep the smallest rank whose Frobenius norm reaches F·‖ΔW‖ (kohya's sv_fro; = --energy F²)."),
+        click.option("--rank-max", type=int, help="Cap on the per-module rank under any policy."),
+    ]
+
+
+def rank_options(rank_help: str) -> Decorator:
+    """``--rank``, ``--energy``, ``--max-error``, ``--sv-ratio``, ``--sv-cumulative``, ``--sv-fro`` and ``--rank-max``."""
+    return _apply(_rank_options(rank_help))
+
 merge_options = _apply([
     click.option("--method", "-m", default="linear", show_default=True,
                  help="Merge method; see `loramerge methods`."),
     click.option("--weights", "-w", help="Comma-separated weight per source, e.g. 0.7,0.3 (negative allowed; default 1 each)."),
-    click.option("--rank", "-r", type=int, help="Output rank per module (re-ranks with a factored SVD)."),
-    click.option("--energy", type=float, help="Keep the smallest rank holding this fraction of Σσ² per module."),
-    click.option("--max-error", type=float, help="Keep the smallest rank with relative Frobenius error at most this."),
-    click.option("--rank-max", type=int, help="Cap on the per-module rank under any policy."),
+    *_rank_options("Output rank per module (re-ranks with a factored SVD)."),
     click.option("--seed", type=int, default=0, show_default=True, help="Seed for random methods (per-module)."),
     device_option,
-    click.option("--compute-dtype", type=click.Choice(["fp32", "fp64"]), default="fp32", show_default=True,
-                 help="Precision of the maths."),
+    compute_dtype_option,
     click.option("--ignore-base-mismatch", is_flag=True, help="Merge sources trained on different base models."),
-    click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write per-module statistics as JSON."),
+    report_option,
     *_method_param_options(),
 ])
+
+# A method's own parameters alone (``tune`` fixes the ones it does not search with them).
+method_param_options = _apply(_method_param_options())
 
 output_options = _apply([
     click.option("--output", "-o", required=True, type=click.Path(), help="Output folder (or file, for single-file formats)."),
@@ -106,6 +146,23 @@ output_options = _apply([
     click.option("--format", "out_format", type=click.Choice(WRITE_FORMATS),
                  help="Output format [default: the first source's format]."),
 ])
+
+
+def show_progress() -> bool:
+    """Progress bars only on a terminal: a log file or a pipe gets the result lines alone."""
+    return sys.stderr.isatty()
+
+
+def check_report(report_path: str | None, force: bool) -> None:
+    """Refuse a ``--report`` path that exists (without ``--force``) before any work is done."""
+    if report_path:
+        check_output(report_path, force=force, directory=False)
+
+
+def write_report(report_path: str | None, data: Any, force: bool) -> None:
+    """Write ``--report`` JSON (a report's ``to_dict()`` or a plain dict) through the output layer."""
+    if report_path:
+        write_file(report_path, json_text(data), force=force)
 
 
 def method_params_from(options: dict[str, Any]) -> dict[str, Any]:

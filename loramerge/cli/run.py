@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import click
 
-from loramerge.cli.options import device_option, push_options
+from loramerge.cli.options import check_report, device_option, push_options, show_progress, write_report
 from loramerge.core.adapter import Adapter
 from loramerge.io.hub import check_push
 from loramerge.recipe.plan import plan_recipe
@@ -41,7 +38,11 @@ def run(recipe_path: str, sets: tuple[str, ...], dry_run: bool, output: str | No
       loramerge run recipe.yaml -o merged --push-to-hub me/merged-lora
       loramerge run recipes/fold.yaml          # a recipe with base_model: folds into that model
     """
+    check_report(report_path, force)
     recipe = load_recipe(recipe_path, sets)
+    if recipe.translated_from == "mergekit":
+        click.echo(f"note: {recipe_path} is a mergekit config; running it as a LoRA merge with mergekit's semantics "
+                   f"({len(recipe.sources)} LoRA(s) folded into {recipe.base_model})")
     if dry_run:
         click.echo(plan_recipe(recipe).describe())
         return
@@ -51,16 +52,13 @@ def run(recipe_path: str, sets: tuple[str, ...], dry_run: bool, output: str | No
         raise click.UsageError("no output: give -o OUTPUT, set output.path in the recipe, or push with --push-to-hub")
     if repo:
         check_push(repo)
-    done = run_recipe(recipe, output=output, force=force, device=device, progress=True, push_to_hub=push_to_hub,
+    done = run_recipe(recipe, output=output, force=force, device=device, progress=show_progress(), push_to_hub=push_to_hub,
                       private=True if private else None, commit_message=commit_message)
     if not isinstance(done, Adapter):  # a fold recipe
         if done.merge_report is not None:
             click.echo(done.merge_report.summary())
-        if report_path:
-            if done.merge_report is not None:
-                done.merge_report.write_json(report_path)
-            else:
-                Path(report_path).write_text(json.dumps(done.recipe, indent=2) + "\n")
+        write_report(report_path, done.merge_report.to_dict() if done.merge_report is not None else done.recipe,
+                     force)
         for note in done.warnings:
             click.echo(f"note: {note}")
         if target:
@@ -70,8 +68,7 @@ def run(recipe_path: str, sets: tuple[str, ...], dry_run: bool, output: str | No
         return
     report = done.report
     assert report is not None
-    if report_path:
-        report.write_json(report_path)
+    write_report(report_path, report.to_dict(), force)
     click.echo(report.summary())
     if target:
         click.echo(f"wrote {target} ({report.method}, {len(done)} modules, {report.seconds:.2f}s)")

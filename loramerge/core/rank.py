@@ -1,7 +1,7 @@
 """Rank policies: how many singular directions a module keeps, and the truncation of dense updates.
 
-A policy is a fixed rank, an energy fraction or an error bound, with an optional cap
-(:class:`RankPolicy`). Factor-space results are truncated from their factored SVD
+A policy is a fixed rank, an energy fraction, an error bound or one of kohya's dynamic
+methods (a σ ratio, a σ sum), with an optional cap (:class:`RankPolicy`). Factor-space results are truncated from their factored SVD
 (:func:`~loramerge.core.linalg.factored_svd`); dense updates from per-entry methods and
 extraction are factored here (:func:`truncate_dense`), with the error measured, not assumed.
 
@@ -32,13 +32,23 @@ def host_spectrum(singular_values: torch.Tensor) -> torch.Tensor:
     return singular_values.detach().to(device="cpu", dtype=torch.float64)
 
 
+# The policies that choose a rank (at most one may be given), and every policy field with the cap.
+TARGET_FIELDS = ("rank", "energy", "max_error", "sv_ratio", "sv_cumulative")
+POLICY_FIELDS = (*TARGET_FIELDS, "rank_max")
+
+
 @dataclass(frozen=True)
 class RankPolicy:
     """How many singular directions a module keeps.
 
-    Exactly one of ``rank`` (a fixed rank), ``energy`` (the smallest rank keeping that fraction of
-    Σσ²) or ``max_error`` (the smallest rank whose relative Frobenius error is at most that) may be
-    set; ``rank_max`` caps whichever applies. An empty policy keeps everything (exact).
+    At most one target may be set: ``rank`` (a fixed rank), ``energy`` (the smallest rank keeping
+    that fraction of Σσ²), ``max_error`` (the smallest rank whose relative Frobenius error is at
+    most that), ``sv_ratio`` R (every σ ≥ σ₁/R) or ``sv_cumulative`` F (the smallest k with
+    Σᵢ≤ₖ σᵢ ≥ F·Σσ). ``rank_max`` caps whichever applies. An empty policy keeps everything (exact).
+
+    ``sv_ratio``, ``sv_cumulative`` and ``sv_fro`` (see :meth:`from_options`) are the dynamic
+    methods of kohya's ``resize_lora.py``; kohya keeps one direction more than each criterion asks
+    (it adds 1 to the index), this policy keeps exactly the smallest rank that meets it.
 
     Example:
         >>> import torch
@@ -46,15 +56,20 @@ class RankPolicy:
         1
         >>> RankPolicy(max_error=0.01).choose(torch.tensor([3.0, 1.0, 0.1]))
         3
+        >>> RankPolicy(sv_ratio=4).choose(torch.tensor([4.0, 2.0, 1.0, 0.5])), RankPolicy(sv_cumulative=0.8).choose(
+        ...     torch.tensor([4.0, 2.0, 1.0, 0.5]))
+        (3, 2)
     """
 
     rank: int | None = None
     energy: float | None = None
     max_error: float | None = None
     rank_max: int | None = None
+    sv_ratio: float | None = None
+    sv_cumulative: float | None = None
 
     def __post_init__(self) -> None:
-        chosen = [n for n in ("rank", "energy", "max_error") if getattr(self, n) is not None]
+        chosen = [n for n in TARGET_FIELDS if getattr(self, n) is not None]
         if len(chosen) > 1:
             raise InvalidParameter(f"choose one rank policy, not {' and '.join(chosen)}", parameter=chosen[1])
         if self.rank is not None and self.rank < 1:
@@ -65,15 +80,67 @@ class RankPolicy:
             raise InvalidParameter(f"energy must be in (0, 1], got {self.energy}", parameter="energy")
         if self.max_error is not None and not 0.0 <= self.max_error < 1.0:
             raise InvalidParameter(f"max_error must be in [0, 1), got {self.max_error}", parameter="max_error")
+        if self.sv_ratio is not None and not (math.isfinite(self.sv_ratio) and self.sv_ratio >= 1.0):
+            raise InvalidParameter(f"sv_ratio must be at least 1 (keep σ ≥ σ_max / sv_ratio), got {self.sv_ratio}",
+                                   parameter="sv_ratio")
+        if self.sv_cumulative is not None and not 0.0 < self.sv_cumulative <= 1.0:
+            raise InvalidParameter(f"sv_cumulative must be in (0, 1], got {self.sv_cumulative}",
+                                   parameter="sv_cumulative")
+
+    @classmethod
+    def from_options(cls, *, rank: int | None = None, energy: float | None = None, max_error: float | None = None,
+                     sv_ratio: float | None = None, sv_cumulative: float | None = None,
+                     sv_fro: float | None = None, rank_max: int | None = None) -> RankPolicy:
+        """The policy the rank options describe; ``sv_fro`` F is kohya's name for ``energy`` F².
+
+        kohya's ``sv_fro`` keeps the smallest rank whose retained Frobenius norm is at least F·‖ΔW‖_F,
+        that is Σσ² kept ≥ F²·Σσ²: the ``energy`` policy with F².
+
+        Example:
+            >>> RankPolicy.from_options(sv_fro=0.9, rank_max=8)
+            RankPolicy(rank=None, energy=0.81, max_error=None, rank_max=8, sv_ratio=None, sv_cumulative=None)
+            >>> RankPolicy.from_options(energy=0.9, sv_fro=0.9)
+            Traceback (most recent call last):
+            ...
+            loramerge.errors.InvalidParameter: choose one rank policy, not energy and sv_fro (sv_fro F is energy F²)
+        """
+        if sv_fro is not None:
+            if energy is not None:
+                raise InvalidParameter("choose one rank policy, not energy and sv_fro (sv_fro F is energy F²)",
+                                       parameter="sv_fro")
+            if not 0.0 < sv_fro <= 1.0:
+                raise InvalidParameter(f"sv_fro must be in (0, 1], got {sv_fro}", parameter="sv_fro")
+            energy = round(sv_fro * sv_fro, 15)
+        return cls(rank=rank, energy=energy, max_error=max_error, rank_max=rank_max, sv_ratio=sv_ratio,
+                   sv_cumulative=sv_cumulative)
+
+    def as_dict(self) -> dict[str, float | int]:
+        """The fields that are set, by name, in :data:`POLICY_FIELDS` order (for reports and recipes).
+
+        Example:
+            >>> RankPolicy(sv_ratio=4, rank_max=16).as_dict()
+            {'sv_ratio': 4, 'rank_max': 16}
+        """
+        return {k: getattr(self, k) for k in POLICY_FIELDS if getattr(self, k) is not None}
+
+    @property
+    def has_target(self) -> bool:
+        """True when one of the targets (rank, energy, error, σ ratio, σ sum) is set."""
+        return any(getattr(self, n) is not None for n in TARGET_FIELDS)
 
     @property
     def is_exact(self) -> bool:
         """True when nothing is truncated (no policy at all)."""
-        return self.rank is None and self.energy is None and self.max_error is None and self.rank_max is None
+        return not self.has_target and self.rank_max is None
+
+    @property
+    def needs_full_spectrum(self) -> bool:
+        """True when the rank depends on Σσ, which a partial (randomized) spectrum cannot give."""
+        return self.sv_cumulative is not None
 
     def with_default_rank(self, rank: int) -> RankPolicy:
-        """This policy, or a fixed ``rank`` when no rank, energy or error target was given."""
-        if self.rank is None and self.energy is None and self.max_error is None:
+        """This policy, or a fixed ``rank`` when no target was given."""
+        if not self.has_target:
             return RankPolicy(rank=rank, rank_max=self.rank_max)
         return self
 
@@ -82,21 +149,22 @@ class RankPolicy:
 
         ``total_energy`` is ‖D‖²_F when the spectrum is partial (a randomized SVD); by default
         it is Σσ². When a partial spectrum cannot reach the target, every given direction is kept.
+        ``sv_cumulative`` needs the whole spectrum (:attr:`needs_full_spectrum`).
         """
-        s2 = host_spectrum(singular_values).square()
+        s = host_spectrum(singular_values)
+        s2 = s.square()
         available = int(s2.numel())
         total = float(s2.sum()) if total_energy is None else float(total_energy)
         if available == 0:
             return 1
         if self.rank is not None:
             k = self.rank
+        elif self.sv_ratio is not None:
+            k = int((s >= float(s[0]) / self.sv_ratio).sum()) if float(s[0]) > 0.0 else 1
+        elif self.sv_cumulative is not None:
+            k = _first_reaching(torch.cumsum(s, 0), float(s.sum()), self.sv_cumulative)
         elif self.energy is not None or self.max_error is not None:
-            if total == 0.0:
-                k = 1
-            else:
-                kept = (torch.cumsum(s2, 0) / total).tolist()
-                # A small tolerance so an exact target (energy 1.0) is not missed by rounding.
-                k = bisect.bisect_left(kept, self.target - 1e-12) + 1
+            k = _first_reaching(torch.cumsum(s2, 0), total, self.target)
         else:
             k = available
         if self.rank_max is not None:
@@ -105,7 +173,7 @@ class RankPolicy:
 
     @property
     def target(self) -> float:
-        """The fraction of Σσ² to keep: ``energy``, or 1 − ``max_error``² (1.0 for a fixed rank or no policy)."""
+        """The fraction of Σσ² to keep: ``energy``, or 1 − ``max_error``² (1.0 for every other policy)."""
         if self.energy is not None:
             return self.energy
         if self.max_error is not None:
@@ -113,7 +181,7 @@ class RankPolicy:
         return 1.0
 
     def reached(self, singular_values: torch.Tensor, total_energy: float, k: int) -> bool:
-        """Whether keeping ``k`` of these directions meets the policy (its target or its cap).
+        """Whether keeping ``k`` of these (possibly partial) directions meets the policy (its target or its cap).
 
         Example:
             >>> import torch
@@ -121,15 +189,31 @@ class RankPolicy:
             True
             >>> RankPolicy(energy=0.95).reached(torch.tensor([3.0, 1.0]), 12.0, 2)
             False
+            >>> RankPolicy(sv_ratio=2).reached(torch.tensor([3.0, 2.0]), 13.0, 2)
+            False
         """
         if self.rank is not None or (self.rank_max is not None and k >= self.rank_max):
             return True
+        if self.sv_ratio is not None:
+            # Met once the spectrum shows a value below the threshold (so nothing unseen is above it).
+            return k < int(singular_values.numel())
+        if self.sv_cumulative is not None:
+            return False
         if self.energy is None and self.max_error is None:
             return True
         if total_energy == 0.0:
             return True
         kept = float(host_spectrum(singular_values[:k]).square().sum()) / total_energy
         return kept >= self.target - 1e-12
+
+
+def _first_reaching(cumulative: torch.Tensor, total: float, fraction: float) -> int:
+    """The smallest k whose cumulative sum reaches ``fraction`` of ``total`` (all of them if none does)."""
+    if total == 0.0:
+        return 1
+    kept = (cumulative / total).tolist()
+    # A small tolerance so an exact target (1.0) is not missed by rounding.
+    return bisect.bisect_left(kept, fraction - 1e-12) + 1
 
 
 @dataclass(frozen=True)
@@ -149,7 +233,8 @@ def truncate_dense(delta: torch.Tensor, policy: RankPolicy, *, seed: int = 0) ->
     iterations (within about 0.3 % of the optimal error on sparsified LoRA sums, where the spectrum
     decays slowly). An energy or error target grows a randomized sketch (64, 128, … directions,
     2 iterations) until the target is met or the cap is hit; past min(m, n)/6 directions the full
-    spectrum is cheaper (:func:`full_left_spectrum`). Either way the result is the orthogonal
+    spectrum is cheaper (:func:`full_left_spectrum`); ``sv_cumulative`` needs Σσ and always takes the
+    full spectrum. Either way the result is the orthogonal
     projection of ``delta`` onto the kept directions, and its relative error ‖D − BA‖_F/‖D‖_F is
     computed from the factors, not inferred from singular values. An empty policy keeps the
     numerical rank (relative error ≤ 1e-6).
@@ -184,6 +269,9 @@ def truncate_dense(delta: torch.Tensor, policy: RankPolicy, *, seed: int = 0) ->
     if policy.rank is not None:
         k = min(policy.rank, cap)
         U, S, _ = spectrum(k + max(10, k // 2), 4)
+    elif policy.needs_full_spectrum:
+        U, S = full_left_spectrum(delta)
+        k = min(policy.choose(S), cap)
     else:
         size = min(cap, 64)
         while True:
@@ -201,8 +289,6 @@ def truncate_dense(delta: torch.Tensor, policy: RankPolicy, *, seed: int = 0) ->
     residual = float(torch.linalg.vector_norm(delta - U @ projected)) ** 2
     kept = float(torch.linalg.vector_norm(projected)) ** 2 / total
     return Truncation(U * root, projected / root[:, None], min(1.0, kept), math.sqrt(min(1.0, residual / total)))
-
-
 
 
 def spectrum_stats(singular_values: torch.Tensor, k: int) -> tuple[float, float]:

@@ -80,7 +80,7 @@ class MergeReport:
     def write_json(self, path: str | Path) -> Path:
         """Write the report as JSON (non-finite numbers become null) and return the path."""
         path = Path(path)
-        path.write_text(json.dumps(json_safe(self.to_dict()), indent=2) + "\n")
+        path.write_text(json_text(self.to_dict()))
         return path
 
     def summary(self, worst: int = 5) -> str:
@@ -118,12 +118,22 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else "…" + text[-(width - 1):]
 
 
+def json_text(data: Any) -> str:
+    """``data`` as indented JSON text, non-finite numbers written as null (JSON has no NaN).
+
+    Example:
+        >>> json_text({"error": float("nan"), "rank": [4]})
+        '{\\n  "error": null,\\n  "rank": [\\n    4\\n  ]\\n}\\n'
+    """
+    return json.dumps(json_safe(data), indent=2) + "\n"
+
+
 def json_safe(value: Any) -> Any:
     """``value`` with NaN and infinities turned into None, for JSON."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
         return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
     return value

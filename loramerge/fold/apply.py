@@ -124,6 +124,39 @@ def _lora_rows(update: Update, factors: Factors, start: int, stop: int, shape: t
     return (B[start:stop] @ A).reshape(stop - start, *shape[1:])
 
 
+def may_overflow(updates: list[Update], prepared: list[Factors], compute: torch.dtype) -> bool:
+    """True when ``updates`` could push a finite weight to Inf in ``compute``: then every block is checked.
+
+    The bound is ``max_i Σ_k |B_ik| · max |A|`` per LoRA update (the largest entry B@A can have)
+    and ``max |value|`` for a bias or replacement, summed over the updates; folds of ordinary
+    weights stay far below the dtype's range and skip the per-block check. A factor that is
+    already non-finite (the weight times the scale overflowed) is refused here, naming the module.
+
+    Example:
+        >>> from loramerge.core.adapter import LowRank
+        >>> update = Update("lora", "a", "fc", 1e39, LowRank(torch.ones(1, 2), torch.ones(4, 1)))
+        >>> try:
+        ...     may_overflow([update], [prepare(update, torch.float32, torch.device("cpu"))], torch.float32)
+        ... except NonFiniteValues as e:
+        ...     print(e)
+        module fc of a: its weight 1e+39 times its scale 1 overflows float32
+    """
+    bound = 0.0
+    for update, factors in zip(updates, prepared):
+        if update.kind == "lora":
+            B, A = factors
+            if not (bool(torch.isfinite(B).all()) and bool(torch.isfinite(A).all())):
+                scale = update.lowrank.scale if update.lowrank is not None else 1.0
+                raise NonFiniteValues(f"module {update.module} of {update.source}: its weight {update.weight:g} times "
+                                      f"its scale {scale:g} overflows {str(compute).removeprefix('torch.')}")
+            bound += float(B.abs().double().sum(dim=1).max()) * float(A.abs().double().max())
+        elif update.kind == "dora":
+            return True  # its norms divide: checked as a whole tensor anyway
+        else:
+            bound += float(factors[0].abs().double().max()) * max(1.0, abs(update.weight)) if factors[0].numel() else 0.0
+    return not bound < torch.finfo(compute).max / 4
+
+
 def check_finite(tensor: torch.Tensor, name: str) -> None:
     """Refuse NaN/Inf in a folded tensor (``name`` is for the message).
 

@@ -67,12 +67,13 @@ from loramerge.fold.quant import (
 from loramerge.fold.record import RECIPE_NAME, base_info, fold_record, single_file_metadata, write_record
 from loramerge.fold.resolvers import default_resolver
 from loramerge.fold.writer import copy_plain_files, write_config, write_model
-from loramerge.io.checkpoint import Checkpoint
+from loramerge.io.checkpoint import Checkpoint, iter_plain_files
 from loramerge.io.formats.tensorfile import read_json_object
 from loramerge.io.names import Resolver
 from loramerge.io.output import atomic_output, check_output
 from loramerge.io.shards import parse_size
 from loramerge.io.sources import load, resolve_model
+from loramerge.merge.blocks import BlockWeighting, weigh_blocks
 from loramerge.merge.engine import merge
 
 Units = list[tuple[Adapter, float]]
@@ -89,6 +90,9 @@ def fold(
     energy: float | None = None,
     max_error: float | None = None,
     rank_max: int | None = None,
+    sv_ratio: float | None = None,
+    sv_cumulative: float | None = None,
+    sv_fro: float | None = None,
     seed: int = 0,
     dtype: str | torch.dtype | None = "keep",
     shard_size: str | int | None = None,
@@ -101,6 +105,8 @@ def fold(
     ignore_base_mismatch: bool = False,
     resolver: Resolver | None = None,
     progress: bool = False,
+    follow_symlinks: bool = False,
+    block_weights: BlockWeighting | str | Sequence[str] | None = None,
     base_quant: str | BaseQuant | None = None,
     keep_quant: bool = False,
     quantize: str | None = None,
@@ -122,7 +128,10 @@ def fold(
     re-shards. ``tied_embeddings_mode`` says what to do when an adapter changes one of two tied
     embeddings: ``refuse`` (default), ``untie`` (write both, set ``tie_word_embeddings: false``:
     the adapted model exactly) or ``shared`` (fold into the shared matrix, as PEFT does).
-    ``strict`` refuses an adapter trained on another base model instead of warning.
+    ``strict`` refuses an adapter trained on another base model instead of warning. The base
+    folder's other files are copied only when they are regular files inside it; a symbolic link
+    that leaves it is refused unless ``follow_symlinks`` (never one to ``/proc``, a FIFO or a device).
+    ``block_weights`` scales each adapter's modules by block first (see :mod:`loramerge.merge.blocks`).
 
     Quantized bases (:mod:`loramerge.fold.quant`): ``base_quant`` (``"nf4"``/``"fp4"``, or a
     :class:`~loramerge.io.quant.view.BaseQuant` for the block size, double quantization and skipped
@@ -148,17 +157,19 @@ def fold(
     """
     check_output(output, force=force)
     sources = _as_list(adapters)
+    weighting = BlockWeighting.parse(block_weights, sources=len(sources))
     quant = quant_plan(base_quant, keep_quant, quantize, double_quant)
     job = FoldJob(
         output=Path(output), force=force, weights=fold_weights(weights, len(sources)), method=method,
         tied_mode=tied_mode(tied_embeddings_mode), out_dtype=output_dtype(quant, fold_dtype(dtype)),
         compute=parse_dtype(compute_dtype) or torch.float32, shard_limit=parse_size(shard_size),
-        device=resolve_device(device), policy=RankPolicy(rank=rank, energy=energy, max_error=max_error,
-                                                          rank_max=rank_max),
-        seed=seed, params=params, progress=progress,
+        device=resolve_device(device),
+        policy=RankPolicy.from_options(rank=rank, energy=energy, max_error=max_error, sv_ratio=sv_ratio,
+                                       sv_cumulative=sv_cumulative, sv_fro=sv_fro, rank_max=rank_max),
+        seed=seed, params=params, progress=progress, follow_symlinks=follow_symlinks,
     )
     target = _open_base(base, job, resolver, allow_pickle, quant)
-    loaded = [load(s, allow_pickle=allow_pickle) for s in sources]
+    loaded = weigh_blocks([load(s, allow_pickle=allow_pickle) for s in sources], weighting)
     notes = _check_adapters(loaded, target, strict, ignore_base_mismatch)
     units = _units(loaded, job, ignore_base_mismatch)
     try:
@@ -224,12 +235,10 @@ def _units(loaded: Sequence[Adapter], job: FoldJob, ignore_base_mismatch: bool) 
     """What is folded: each adapter with its weight in turn, or their merge with weight 1."""
     if _sequential(job.method, job.policy, job.params):
         return list(zip(loaded, job.weights))
-    policy = job.policy
     try:
-        merged = merge(loaded, method=job.method, weights=job.weights, rank=policy.rank, energy=policy.energy,
-                       max_error=policy.max_error, rank_max=policy.rank_max, seed=job.seed, device=job.device,
-                       dtype=torch.float32, compute_dtype=job.compute, ignore_base_mismatch=ignore_base_mismatch,
-                       progress=job.progress, **job.params)
+        merged = merge(loaded, method=job.method, weights=job.weights, **job.policy.as_dict(), seed=job.seed,
+                       device=job.device, dtype=torch.float32, compute_dtype=job.compute,
+                       ignore_base_mismatch=ignore_base_mismatch, progress=job.progress, **job.params)
     except UnsupportedAdapter as exc:
         raise UnsupportedAdapter(f"{exc}; fold such adapters with --method linear and no rank option, "
                                  "which applies them one after another") from None
@@ -271,12 +280,15 @@ def _fold_folder(target: _Target, units: Units, loaded: Sequence[Adapter], job: 
     plan, layout = _plan(target, units, job)
     ckpt = target.ckpt
     assert ckpt is not None
+    # Listed (and every link checked) before any shard is written: a refusal costs nothing.
+    extras = list(iter_plain_files(target.path, ckpt.weight_files | {"config.json", RECIPE_NAME},
+                                   follow_symlinks=job.follow_symlinks))
     with atomic_output(job.output, force=job.force) as tmp:
         written = write_model(ckpt, plan, layout, tmp, job.compute, job.device, job.progress, job.shard_limit is None)
         config_changes = write_config(ckpt, tmp, job.out_dtype, plan.untie,
                                       drops_quantization_config(ckpt, target.quant))
         quantization = requantize(tmp, ckpt, target.quant, job.out_dtype)
-        copy_plain_files(target.path, tmp, ckpt.weight_files | {"config.json", RECIPE_NAME})
+        copy_plain_files(target.path, tmp, extras)
         record = fold_record(job, base_info(target.path, ckpt), loaded, sorted(plan.updates), plan.notes,
                              config_changes)
         if quantization:

@@ -60,6 +60,7 @@ class FoldJob:
     device: torch.device
     progress: bool
     merge_report: MergeReport | None = None
+    follow_symlinks: bool = False
     started: float = field(default_factory=time.perf_counter)
 
     def result(self, changed: list[str], modules: int, shards: int, bytes_written: int, warnings: list[str],

@@ -9,7 +9,6 @@ scheduler, tokenizer and other files are copied; ``loramerge.json`` sits at the 
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,8 +23,8 @@ from loramerge.fold.layout import OutShard, check_space, plan_layout
 from loramerge.fold.plan import FoldPlan, plan_fold
 from loramerge.fold.record import RECIPE_NAME, file_sha256, fold_record, write_record
 from loramerge.fold.resolvers import component_resolver
-from loramerge.fold.writer import write_config, write_model
-from loramerge.io.checkpoint import WEIGHT_SUFFIXES, Checkpoint, open_checkpoint
+from loramerge.fold.writer import copy_plain_files, write_config, write_model
+from loramerge.io.checkpoint import WEIGHT_SUFFIXES, Checkpoint, iter_folder_files, open_checkpoint
 from loramerge.io.names import Resolver
 from loramerge.io.output import atomic_output
 
@@ -125,6 +124,7 @@ def fold_pipeline(folder: Path, index: dict[str, Any], units: Sequence[tuple[Ada
         plan_notes = [f"{c}: {note}" for c, plan in parts.plans.items() for note in plan.notes]
         written = 0
         config_changes: dict[str, Any] = {}
+        extras = _pipeline_files(folder, parts.opened, plan_notes, job.follow_symlinks)
         with atomic_output(job.output, force=job.force) as tmp:
             for component, ckpt in parts.opened.items():
                 (tmp / component).mkdir()
@@ -134,7 +134,7 @@ def fold_pipeline(folder: Path, index: dict[str, Any], units: Sequence[tuple[Ada
                 change = write_config(ckpt, tmp / component, job.out_dtype, plan.untie)
                 if change:
                     config_changes[component] = change
-            _copy_pipeline_files(folder, tmp, parts.opened, plan_notes)
+            copy_plain_files(folder, tmp, extras)
             record = fold_record(job, _pipeline_info(folder, index, parts), loaded, changed, plan_notes, config_changes)
             write_record(tmp, record)
     finally:
@@ -176,21 +176,21 @@ def _open_components(folder: Path, components: Sequence[str], per_component: dic
     return parts
 
 
-def _copy_pipeline_files(folder: Path, tmp: Path, opened: dict[str, Checkpoint], plan_notes: list[str]) -> None:
-    """Copy every file but the folded components' weights, indexes and configs (already written)."""
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder)
-        if not path.is_file() or any(p.startswith(".") for p in rel.parts) or rel.as_posix() == RECIPE_NAME:
-            continue
+def _pipeline_files(folder: Path, opened: dict[str, Checkpoint], plan_notes: list[str],
+                    follow_symlinks: bool) -> list[Path]:
+    """Every file to copy: all but the folded components' weights, indexes and configs (written anew)."""
+    def wanted(rel: Path) -> bool:
+        if rel.as_posix() == RECIPE_NAME:
+            return False
         component = rel.parts[0] if len(rel.parts) > 1 else ""
-        if component in opened and (rel.parts[1:] == ("config.json",) or path.name.endswith(WEIGHT_SUFFIXES)
-                                    or path.name.endswith(".index.json")):
-            if path.name not in opened[component].weight_files and rel.parts[1:] != ("config.json",):
+        if component in opened and (rel.parts[1:] == ("config.json",) or rel.name.endswith(WEIGHT_SUFFIXES)
+                                    or rel.name.endswith(".index.json")):
+            if rel.name not in opened[component].weight_files and rel.parts[1:] != ("config.json",):
                 plan_notes.append(f"{rel}: left out (not the weights that were folded)")
-            continue
-        dest = tmp / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(path, dest)
+            return False
+        return True
+
+    return list(iter_folder_files(folder, wanted, follow_symlinks=follow_symlinks))
 
 
 def _pipeline_info(folder: Path, index: dict[str, Any], parts: _Components) -> dict[str, Any]:

@@ -18,8 +18,10 @@ from typing import Any
 from loramerge._version import __version__
 from loramerge.core.adapter import Adapter
 from loramerge.core.devices import dtype_name
+from loramerge.errors import LoramergeError
 from loramerge.fold.job import FoldJob
 from loramerge.io.checkpoint import Checkpoint
+from loramerge.io.structured import parse_json, read_json
 
 RECIPE_NAME = "loramerge.json"
 RECIPE_KEY = "loramerge"  # metadata key of the recipe in a folded single file
@@ -70,31 +72,29 @@ def base_info(folder: Path, ckpt: Checkpoint) -> dict[str, Any]:
     }
     previous = folder / RECIPE_NAME
     if previous.is_file():
-        with contextlib.suppress(ValueError, UnicodeDecodeError):
-            info["recipe"] = json.loads(previous.read_text())
+        with contextlib.suppress(LoramergeError):
+            info["recipe"] = read_json(previous)
     elif ckpt.file is not None and RECIPE_KEY in ckpt.shard_metadata.get(ckpt.file, {}):
-        with contextlib.suppress(ValueError):
-            info["recipe"] = json.loads(ckpt.shard_metadata[ckpt.file][RECIPE_KEY])
+        with contextlib.suppress(LoramergeError):
+            info["recipe"] = parse_json(ckpt.shard_metadata[ckpt.file][RECIPE_KEY], name=f"{ckpt.file}: {RECIPE_KEY}")
     return info
 
 
 def fold_record(job: FoldJob, base: dict[str, Any], adapters: Sequence[Adapter], changed: list[str],
                 notes: list[str], config_changes: dict[str, Any]) -> dict[str, Any]:
     """The whole record of a fold, as ``loramerge.json`` holds it."""
-    policy = job.policy
-    policy_fields = {"rank": policy.rank, "energy": policy.energy, "max_error": policy.max_error,
-                     "rank_max": policy.rank_max}
     record: dict[str, Any] = {
         "tool": "loramerge",
         "version": __version__,
         "command": "fold",
         "base": base,
         "adapters": [
-            {"source": a.source, "base_model": a.base_model, "weight": w, "modules": len(a), "files": source_fingerprint(a)}
+            {"source": a.source, "base_model": a.base_model, "weight": w, "modules": len(a), "files": source_fingerprint(a),
+             **({"block_weights": a.config["block_weights"]} if "block_weights" in a.config else {})}
             for a, w in zip(adapters, job.weights)
         ],
         "method": job.method,
-        "parameters": {**{k: v for k, v in policy_fields.items() if v is not None}, "seed": job.seed, **job.params},
+        "parameters": {**job.policy.as_dict(), "seed": job.seed, **job.params},
         "dtype": dtype_name(job.out_dtype) if job.out_dtype is not None else "keep",
         "shard_size": job.shard_limit,
         "tied_embeddings": job.tied_mode,

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import torch
 
-from loramerge.fold.apply import Factors, apply_rows, apply_whole, check_finite, prepare
+from loramerge.fold.apply import Factors, apply_rows, apply_whole, check_finite, may_overflow, prepare
 from loramerge.fold.plan import Update
 from loramerge.fold.transfer import Buffers, DeviceTransfer, Pending, TransferPlan, blocks
 from loramerge.io.checkpoint import Checkpoint, TensorInfo
@@ -93,6 +93,7 @@ def _mapped_blocks(ckpt: Checkpoint, source: TensorInfo, active: list[Update], p
                    out_dtype: torch.dtype, stream: BlockStream, name: str) -> Iterator[torch.Tensor]:
     """On the CPU: each block converted from the page cache into a work buffer, updated, converted out."""
     buffers = stream.buffers
+    checked = out_dtype == torch.float16 or may_overflow(active, prepared, stream.compute)
     with ckpt.mapped(source.name) as stored:
         for start, stop in blocks(source.shape, stream.plan.block_elements):
             shape = (stop - start, *source.shape[1:])
@@ -102,7 +103,7 @@ def _mapped_blocks(ckpt: Checkpoint, source: TensorInfo, active: list[Update], p
                 apply_rows(block, update, factors, start, stop)
             result = buffers.out(shape, out_dtype)
             result.copy_(block)
-            if out_dtype == torch.float16:  # the only cast of finite values that can overflow
+            if checked:  # a cast to fp16, or updates large enough to overflow: otherwise finite in, finite out
                 check_finite(result, name)
             yield result
 
@@ -111,11 +112,12 @@ def _staged_blocks(ckpt: Checkpoint, source: TensorInfo, active: list[Update], p
                    out_dtype: torch.dtype, transfer: DeviceTransfer, name: str) -> Iterator[torch.Tensor]:
     """On an accelerator: one block in flight, so block i+1 is read from disk while the device works on block i."""
     pending: Pending | None = None
+    checked = out_dtype == torch.float16 or may_overflow(active, prepared, transfer.compute)
     for start, stop in blocks(source.shape, transfer.plan.block_elements):
         block = transfer.upload(ckpt, source, start, stop)
         for update, factors in zip(active, prepared):
             apply_rows(block, update, factors, start, stop)
-        ready = transfer.download(block, out_dtype, check_finite=out_dtype == torch.float16)
+        ready = transfer.download(block, out_dtype, check_finite=checked)
         if pending is not None:
             yield _landed(transfer, pending, name)
         pending = ready

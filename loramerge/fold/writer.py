@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,9 @@ from loramerge.fold.layout import OutShard
 from loramerge.fold.plan import FoldPlan
 from loramerge.fold.streaming import BlockStream, folded_blocks
 from loramerge.fold.transfer import transfer_plan
-from loramerge.io.checkpoint import Checkpoint, code_dtype, iter_plain_files
+from loramerge.io.checkpoint import Checkpoint, code_dtype
 from loramerge.io.shards import ShardWriter
+from loramerge.io.structured import read_json
 
 
 def write_model(ckpt: Checkpoint, plan: FoldPlan, layout: list[OutShard], tmp: Path, compute: torch.dtype,
@@ -76,7 +78,7 @@ def write_config(ckpt: Checkpoint, tmp: Path, out_dtype: torch.dtype | None, unt
     source = ckpt.folder / "config.json"
     if not source.is_file():
         return {}
-    config = json.loads(source.read_text())
+    config = read_json(source)
     changes: dict[str, Any] = {}
     if drop_quantization and config.pop("quantization_config", None) is not None:
         changes["quantization_config"] = None
@@ -101,9 +103,10 @@ def write_config(ckpt: Checkpoint, tmp: Path, out_dtype: torch.dtype | None, unt
     return changes
 
 
-def copy_plain_files(folder: Path, tmp: Path, skip: set[str]) -> None:
-    """Copy the model folder's other files (tokenizer, generation config …) into ``tmp``, keeping subfolders."""
-    for path in iter_plain_files(folder, skip):
+def copy_plain_files(folder: Path, tmp: Path, files: Iterable[Path]) -> None:
+    """Copy ``files`` of the model folder (tokenizer, generation config …, listed and checked by
+    :func:`~loramerge.io.checkpoint.iter_plain_files` before the work) into ``tmp``, keeping subfolders."""
+    for path in files:
         dest = tmp / path.relative_to(folder)
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, dest)

@@ -161,11 +161,11 @@ def _card_for_existing(path: Path, repo_id: str, recipe: Mapping[str, Any] | Non
     from loramerge.io.sources import load
 
     if recipe is None and path.is_dir() and (path / RECIPE_FILENAME).is_file():
-        import yaml
+        from loramerge.io.structured import read_yaml
 
         try:
-            recipe = yaml.safe_load((path / RECIPE_FILENAME).read_text(encoding="utf-8"))
-        except yaml.YAMLError:
+            recipe = read_yaml(path / RECIPE_FILENAME)
+        except LoramergeError:
             recipe = None
     try:
         adapter = load(path)
@@ -202,13 +202,16 @@ def recipe_from_report(adapter: Adapter, out_dir: Path | None = None, **extra: A
     report = adapter.report
     if report is None:
         return None
+    params = dict(report.parameters)
+    block_weights = params.pop("block_weights", None) or []
     entries = []
     for i, name in enumerate(report.sources):
         origin = report.origins[i] if i < len(report.origins) else {}
         entry = source_location(origin, name, out_dir)
         entry["weight"] = report.weights[i] if i < len(report.weights) else 1.0
+        if i < len(block_weights) and block_weights[i] is not None:
+            entry["block_weights"] = block_weights[i]
         entries.append(entry)
-    params = dict(report.parameters)
     seed = params.pop("seed", 0)
     policy = {k: params.pop(k) for k in POLICY_KEYS if k in params}
     doc: dict[str, Any] = {"sources": entries, "method": report.method}
@@ -256,18 +259,18 @@ def read_record(path: str | Path) -> dict[str, Any] | None:
         >>> read_record(tempfile.mkdtemp()) is None
         True
     """
-    import json
-
     from loramerge.errors import LoramergeError
     from loramerge.io.formats.tensorfile import read_safetensors_header
+    from loramerge.io.structured import parse_json, read_json
 
     path = Path(path)
     try:
         if path.is_dir():
             file = path / RECORD_FILENAME
-            record = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else None
+            record = read_json(file) if file.is_file() else None
         elif path.suffix == ".safetensors" and path.is_file():
-            record = json.loads(read_safetensors_header(path)[1].get("loramerge", "null"))
+            raw = read_safetensors_header(path)[1].get("loramerge")
+            record = parse_json(raw, name=f"{path}: loramerge metadata") if raw else None
         else:
             record = None
     except (OSError, ValueError, LoramergeError):
@@ -308,10 +311,9 @@ def output_card(path: str | Path, repo_id: str | None, *, adapters: list[Adapter
                 record: Mapping[str, Any] | None = None) -> str | None:
     """The model card of a fold or extract output folder, built from its ``loramerge.json``; None
     for any other output. ``adapters`` (the loaded sources of a fold) add their resolved commits."""
-    import json
-
     from loramerge.errors import LoramergeError
     from loramerge.io.hub import model_origin
+    from loramerge.io.structured import read_json
 
     path = Path(path)
     record = record if record is not None else read_record(path)
@@ -327,8 +329,8 @@ def output_card(path: str | Path, repo_id: str | None, *, adapters: list[Adapter
         return extracted_adapter_card(record, adapter, repo_id=repo_id, description=description)
     folder = path if path.is_dir() else path.parent
     try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        config = read_json(folder / "config.json")
+    except LoramergeError:
         config = {}
     library = "diffusers" if path.is_file() or (folder / "model_index.json").exists() else "transformers"
     source = (record.get("base") or {}).get("source")
@@ -382,6 +384,8 @@ def recipe_from_fold(record: Mapping[str, Any], adapters: list[Adapter], out_dir
     for adapter, entry in zip(adapters, record.get("adapters") or []):
         location = source_location(adapter.origin, adapter.source, out_dir)
         location["weight"] = entry.get("weight", 1.0)
+        if entry.get("block_weights") is not None:
+            location["block_weights"] = entry["block_weights"]
         entries.append(location)
     doc: dict[str, Any] = {"base_model": model_location(model_origin(base), out_dir) if base else None,
                            "sources": entries, "method": record.get("method", "linear")}

@@ -11,12 +11,12 @@ the tensors in flight, not the shard. Writing shards is :mod:`loramerge.io.shard
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import mmap
+import os
 import struct
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +26,7 @@ import torch
 
 from loramerge.errors import CorruptFile, PickleRefused, SourceNotFound
 from loramerge.io.formats.tensorfile import read_json_object, read_safetensors_header
+from loramerge.io.structured import NULL, OBJECT, STRING, map_of, one_of, read_json, special_file_reason
 
 CONFIG_NAME = "config.json"
 SAFE_SINGLE = "model.safetensors"
@@ -212,13 +213,14 @@ class Checkpoint:
         begin = info.start - info.start % mmap.ALLOCATIONGRANULARITY
         with open(info.shard, "rb") as fh:
             view = mmap.mmap(fh.fileno(), info.end - begin, access=mmap.ACCESS_READ, offset=begin)
+        flat: torch.Tensor | None = None  # set before the try: Ctrl-C may land before the assignment
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable": we only read it
                 flat = torch.frombuffer(view, dtype=dtype, count=math.prod(info.shape), offset=info.start - begin)
             yield flat.view(info.shape)
         finally:
-            del flat
+            flat = None
             with contextlib.suppress(BufferError):  # a caller still holding a view keeps the map alive
                 view.close()
 
@@ -306,13 +308,10 @@ def _read_config(folder: Path) -> dict[str, Any]:
 
 
 def _read_index(path: Path) -> tuple[list[Path], dict[str, Any], dict[str, str]]:
-    try:
-        index = json.loads(path.read_text())
-        weight_map = index["weight_map"]
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise ValueError("weight_map must map names to file names")
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise CorruptFile(f"{path}: not a valid weight index ({exc})") from None
+    index = read_json(path, schema={"weight_map": map_of(STRING), "metadata": one_of(OBJECT, NULL)})
+    if "weight_map" not in index:
+        raise CorruptFile(f"{path}: not a valid weight index (no weight_map)")
+    weight_map = index["weight_map"]
     shards: list[Path] = []
     for file_name in dict.fromkeys(weight_map.values()):
         shard = path.parent / file_name
@@ -405,8 +404,9 @@ def _load_pickle(shard: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def iter_plain_files(folder: Path, skip: set[str]) -> Iterator[Path]:
-    """Files of ``folder`` (recursively) that are not weights, hidden, or named in ``skip``.
+def iter_plain_files(folder: Path, skip: set[str], *, follow_symlinks: bool = False) -> Iterator[Path]:
+    """Files of ``folder`` (recursively) that are not weights, hidden, or named in ``skip``: the files a
+    fold copies beside its shards, checked by :func:`iter_folder_files`.
 
     Example:
         >>> import tempfile
@@ -416,10 +416,80 @@ def iter_plain_files(folder: Path, skip: set[str]) -> Iterator[Path]:
         >>> [p.name for p in iter_plain_files(folder, {"config.json"})]
         ['tokenizer.json']
     """
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder)
-        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+    def wanted(rel: Path) -> bool:
+        name = rel.name
+        return not (rel.as_posix() in skip or name.endswith(WEIGHT_SUFFIXES) or name.endswith(".index.json"))
+
+    return iter_folder_files(folder, wanted, follow_symlinks=follow_symlinks)
+
+
+def iter_folder_files(folder: Path, wanted: Callable[[Path], bool] = lambda rel: True, *,
+                      follow_symlinks: bool = False) -> Iterator[Path]:
+    """The non-hidden files of ``folder`` (recursively, sorted) whose relative path ``wanted`` accepts,
+    each checked as a file that may be copied into an output.
+
+    Only regular files are accepted. A FIFO, device, socket, broken link or anything under
+    ``/proc``, ``/sys`` or ``/dev`` is refused, and so is a symbolic link that leaves the folder
+    (for a Hugging Face cache snapshot: the repository's cache folder, where its blobs live)
+    unless ``follow_symlinks``: a link such as ``tokenizer.json -> /proc/self/environ`` would
+    otherwise copy secrets into the output.
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> (folder / "vocab.txt").symlink_to("/proc/self/environ")
+        >>> try:
+        ...     list(iter_folder_files(folder))
+        ... except CorruptFile as e:
+        ...     print(str(e).split(": ", 1)[1])
+        is a device or kernel file (it leads to /proc/...), not a regular file; only regular files are copied from the base folder
+    """
+    boundary = copy_boundary(folder)
+    visited: set[str] = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real_root = os.path.realpath(root)
+        if real_root in visited:  # a link back up the tree
+            dirs[:] = []
             continue
-        if rel.as_posix() in skip or path.name.endswith(WEIGHT_SUFFIXES) or path.name.endswith(".index.json"):
-            continue
-        yield path
+        visited.add(real_root)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in dirs:
+            _check_link(Path(root) / name, boundary, follow_symlinks)
+        for name in sorted(files):
+            path = Path(root) / name
+            rel = path.relative_to(folder)
+            if any(part.startswith(".") for part in rel.parts) or not wanted(rel):
+                continue
+            if path.is_symlink() and not path.exists():
+                raise CorruptFile(f"{path}: is a broken symbolic link (to {os.readlink(path)})")
+            reason = special_file_reason(path)
+            if reason is not None:
+                raise CorruptFile(f"{path}: {reason}; only regular files are copied from the base folder")
+            _check_link(path, boundary, follow_symlinks)
+            yield path
+
+
+def copy_boundary(folder: Path) -> Path:
+    """The folder that links inside ``folder`` may point into: ``folder`` itself, or for a Hugging Face
+    cache snapshot (``models--org--name/snapshots/<commit>``) the repository's cache folder.
+
+    Example:
+        >>> copy_boundary(Path("/c/hub/models--org--m/snapshots/" + "a" * 40)).name
+        'models--org--m'
+    """
+    real = Path(os.path.realpath(folder))
+    for parent in (real, *real.parents):
+        if parent.parent.name == "snapshots" and parent.parent.parent.name.startswith("models--"):
+            return parent.parent.parent
+    return real
+
+
+def _check_link(path: Path, boundary: Path, follow: bool) -> None:
+    """Refuse ``path`` when it resolves outside ``boundary`` (a symlink somewhere on its way), unless ``follow``."""
+    real = Path(os.path.realpath(path))
+    if follow or real == boundary or boundary in real.parents:
+        return
+    raise CorruptFile(
+        f"{path}: is a symbolic link to {real}, outside the base folder; a fold copies only files inside it "
+        "(pass --follow-symlinks, follow_symlinks=True, to copy what it points to)"
+    )

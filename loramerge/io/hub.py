@@ -23,8 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import yaml
-
 from loramerge.errors import HubError, LoramergeError, SourceNotFound
 
 _NAME = r"[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9_])?"
@@ -55,6 +53,15 @@ class HubRef:
     revision: str | None = None
     subpath: str | None = None
 
+    def __post_init__(self) -> None:
+        problem = hub_ref_problem(self.repo_id, self.revision, self.subpath)
+        if problem is not None:
+            from loramerge.errors import InvalidParameter
+
+            raise InvalidParameter(f"{self.repo_id}{'/' + self.subpath if self.subpath else ''}"
+                                   f"{'@' + self.revision if self.revision else ''}: not a valid Hub reference "
+                                   f"({problem})")
+
     @property
     def is_file(self) -> bool:
         """True when ``subpath`` names a single weights file rather than a folder."""
@@ -79,9 +86,52 @@ def parse_hub_id(text: str) -> HubRef | None:
     if match is None:
         return None
     sub = match["sub"].strip("/") or None
-    if sub and any(part in (".", "..") for part in sub.split("/")):
+    if hub_ref_problem(match["repo"], match["revision"], sub) is not None:
         return None
     return HubRef(repo_id=match["repo"], revision=match["revision"], subpath=sub)
+
+
+def not_a_hub_id(text: str) -> str:
+    """The end of a "no such file" message for ``text``: why it is not a Hub id either, when it looks like one.
+
+    Example:
+        >>> not_a_hub_id("org/name@../../etc")
+        " (and not a valid Hub id: the revision '../../etc' is not a valid branch, tag or commit name)"
+        >>> not_a_hub_id("./local")
+        ''
+    """
+    match = _HUB_ID.fullmatch(str(text).strip())
+    if match is None:
+        return ""
+    problem = hub_ref_problem(match["repo"], match["revision"], match["sub"].strip("/") or None)
+    return f" (and not a valid Hub id: {problem})" if problem else ""
+
+
+_BAD_REVISION = re.compile(r"\.\.|//|@\{|[\x00-\x20\x7f~^:?*\[\\]|^[/.]|/\.|[/.]$|\.lock(?:/|$)")
+
+
+def hub_ref_problem(repo_id: str, revision: str | None, subpath: str | None) -> str | None:
+    """Why these parts cannot name something on the Hub (path traversal, bad names), or None.
+
+    Repository names follow the Hub's rules (no ``--`` or ``..``); a subfolder has no empty,
+    ``.`` or ``..`` parts and no backslashes; a revision follows git's ref-name rules, so none of
+    them can step outside the repository or the local cache.
+
+    Example:
+        >>> hub_ref_problem("org/name", "../../etc", None)
+        "the revision '../../etc' is not a valid branch, tag or commit name"
+        >>> hub_ref_problem("org/name", "refs/pr/3", "adapters/math") is None
+        True
+    """
+    if not re.fullmatch(rf"{_NAME}/{_NAME}", repo_id or "") or ".." in repo_id or "--" in repo_id:
+        return f"{repo_id!r} is not a repository id of the form org/name"
+    if subpath is not None:
+        parts = subpath.split("/")
+        if any(p in ("", ".", "..") for p in parts) or "\\" in subpath or any(ord(c) < 32 for c in subpath):
+            return f"the subfolder {subpath!r} may not have empty, '.' or '..' parts, backslashes or control characters"
+    if revision is not None and (not revision or len(revision) > 255 or _BAD_REVISION.search(revision)):
+        return f"the revision {revision!r} is not a valid branch, tag or commit name"
+    return None
 
 
 @dataclass(frozen=True)
@@ -254,16 +304,18 @@ def card_metadata(readme: Path) -> dict[str, Any]:
         >>> card_metadata(p)["license"]
         'mit'
     """
+    from loramerge.io.structured import parse_yaml, read_text
+
     try:
-        text = readme.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
+        text = read_text(readme)
+    except LoramergeError:
         return {}
     match = re.match(r"\A---\s*\n(.*?)\n---\s*(\n|\Z)", text, re.DOTALL)
     if not match:
         return {}
     try:
-        data = yaml.safe_load(match.group(1))
-    except yaml.YAMLError:
+        data = parse_yaml(match.group(1), name=str(readme))
+    except LoramergeError:
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -443,6 +495,12 @@ def push_to_hub(folder_or_file: str | Path, repo_id: str, *, private: bool = Fal
     path = Path(folder_or_file)
     if not path.exists():
         raise SourceNotFound(f"{path}: no such file or folder to push")
+    if path.is_dir():
+        from loramerge.io.checkpoint import iter_folder_files
+
+        # Only regular files inside the folder are published: never /proc, a device, or a link out of it.
+        for _ in iter_folder_files(path):
+            pass
     token = check_push(repo_id, token=token)
     message = commit_message or f"Upload {path.name} with loramerge"
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)

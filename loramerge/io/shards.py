@@ -9,6 +9,7 @@ split into files.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -28,6 +29,7 @@ from loramerge.errors import CorruptFile, InvalidParameter
 from loramerge.io.checkpoint import TensorInfo, code_itemsize, dtype_code
 
 _COPY_CHUNK = 64 << 20
+_ABORT_WAIT = 2.0  # seconds an abort waits for the writer thread before leaving it behind
 
 
 def parse_size(text: str | int | None) -> int | None:
@@ -107,6 +109,7 @@ class ShardWriter:
         self._fh.write(raw)
         self._next = 0
         self._error: BaseException | None = None
+        self._aborted = False
         self._queue: queue.Queue[Callable[[], None] | None] | None = None
         self._thread: threading.Thread | None = None
         if background:
@@ -176,7 +179,7 @@ class ShardWriter:
     def _work(self) -> None:
         assert self._queue is not None
         while (job := self._queue.get()) is not None:
-            if self._error is None:
+            if self._error is None and not self._aborted:
                 try:
                     job()
                 except BaseException as exc:  # re-raised in the caller's thread
@@ -200,10 +203,25 @@ class ShardWriter:
             self._fh.close()
 
     def abort(self) -> None:
-        try:
-            self._finish()
-        finally:
-            self._fh.close()
+        """Stop writing: queued parts are dropped and the thread gets a bounded wait, never an endless one.
+
+        A writer thread stuck in the kernel (a hung network file system, a full pipe) is left behind
+        as the daemon it is, with the file still open under it: closing a file another thread is
+        writing would block on its lock, and closing the descriptor could let a later file reuse it.
+        """
+        self._aborted = True
+        thread, jobs = self._thread, self._queue
+        if thread is not None and jobs is not None:
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    jobs.get_nowait()
+            with contextlib.suppress(queue.Full):
+                jobs.put_nowait(None)
+            thread.join(_ABORT_WAIT)
+            self._thread = None
+            if thread.is_alive():
+                return
+        self._fh.close()
 
     def __enter__(self) -> ShardWriter:
         return self

@@ -33,11 +33,11 @@ def locate_source(source: str | Path) -> tuple[Path, dict[str, Any]]:
         if license_:
             origin["license"] = license_
         return path, origin
-    from loramerge.io.hub import parse_hub_id
+    from loramerge.io.hub import not_a_hub_id, parse_hub_id
 
     ref = parse_hub_id(str(source)) if not isinstance(source, Path) else None
     if ref is None:
-        raise SourceNotFound(f"{source}: no such file or folder", path=str(source))
+        raise SourceNotFound(f"{source}: no such file or folder{not_a_hub_id(str(source))}", path=str(source))
     snapshot = fetch_adapter(ref)
     return snapshot.path, snapshot.origin()
 
@@ -107,9 +107,9 @@ def resolve_model(source: str | Path) -> Path:
     if path.exists():
         raise SourceNotFound(f"{source}: a base model must be a folder with config.json and its weights",
                              path=str(source))
-    from loramerge.io.hub import fetch_model, parse_hub_id
+    from loramerge.io.hub import fetch_model, not_a_hub_id, parse_hub_id
 
     ref = parse_hub_id(str(source)) if not isinstance(source, Path) else None
     if ref is None:
-        raise SourceNotFound(f"{source}: no such model folder", path=str(source))
+        raise SourceNotFound(f"{source}: no such model folder{not_a_hub_id(str(source))}", path=str(source))
     return fetch_model(ref).path

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,6 +23,7 @@ from loramerge.core.rank import RankPolicy, spectrum_stats, truncate_dense
 from loramerge.core.report import MergeReport, ModuleReport
 from loramerge.errors import InvalidParameter, NonFiniteValues
 from loramerge.io.sources import load
+from loramerge.merge.blocks import BlockWeighting, weigh_blocks
 from loramerge.merge.methods import MergeMethod, MethodOutput, ModuleInputs, get_method, module_seed
 from loramerge.merge.overrides import Overrides, module_settings
 from loramerge.merge.plan import MergePlan, plan_merge
@@ -44,6 +45,9 @@ def merge(
     energy: float | None = None,
     max_error: float | None = None,
     rank_max: int | None = None,
+    sv_ratio: float | None = None,
+    sv_cumulative: float | None = None,
+    sv_fro: float | None = None,
     seed: int = DEFAULT_SEED,
     device: str | torch.device = "auto",
     dtype: torch.dtype | str | None = None,
@@ -51,6 +55,7 @@ def merge(
     ignore_base_mismatch: bool = False,
     progress: bool = False,
     overrides: Overrides | None = None,
+    block_weights: BlockWeighting | str | Sequence[str] | None = None,
     statistics: InputStatistics | None = None,
     **params: Any,
 ) -> Adapter:
@@ -58,10 +63,14 @@ def merge(
 
     ``adapters`` are :class:`Adapter` objects or paths. ``weights`` (default 1 each, negative
     allowed) multiply each source's update. ``method`` is a registered name (see
-    ``loramerge methods``); ``params`` are its parameters. The rank policy is ``rank``, ``energy``
-    or ``max_error`` with an optional ``rank_max`` cap. The result carries a per-module
+    ``loramerge methods``); ``params`` are its parameters. The rank policy is ``rank``, ``energy``,
+    ``max_error``, ``sv_ratio``, ``sv_cumulative`` or ``sv_fro`` (= ``energy`` sv_fro²; see
+    :class:`~loramerge.core.rank.RankPolicy`) with an optional ``rank_max`` cap. The result carries a per-module
     :class:`~loramerge.core.report.MergeReport` in ``.report``. ``overrides(module)`` may return
     per-module parameters, ``weights`` and rank-policy keys (see :mod:`loramerge.merge.overrides`).
+    ``block_weights`` scales each source's modules by block before the merge, as the LoRA Block
+    Weight extension does (``"OUTALL"``, ``"2:INS"``, ``"double_blocks.0-9=0.5"``; see
+    :mod:`loramerge.merge.blocks`).
     A data-aware method (``regmean``) needs ``statistics``, the sources' input Grams; the
     facade :func:`loramerge.merge` collects them from a model and data.
 
@@ -84,7 +93,8 @@ def merge(
     context = execution_context(device, compute_dtype)
     adapters = list(adapters)
     requested_dtype = parse_dtype(dtype)
-    policy = RankPolicy(rank=rank, energy=energy, max_error=max_error, rank_max=rank_max)
+    policy = RankPolicy.from_options(rank=rank, energy=energy, max_error=max_error, sv_ratio=sv_ratio,
+                                     sv_cumulative=sv_cumulative, sv_fro=sv_fro, rank_max=rank_max)
     if not spec.accepts_rank and not policy.is_exact:
         raise InvalidParameter(f"method {spec.name!r} keeps rank Σ rᵢ and takes no rank option; use 'linear' or 'svd'",
                                parameter="rank")
@@ -99,7 +109,8 @@ def merge(
             )
         statistics.check_sources(len(adapters), spec.name)
     weight_list = _check_weights(weights, len(adapters))
-    sources = [load(a) for a in adapters]
+    weighting = BlockWeighting.parse(block_weights, sources=len(adapters))
+    sources = weigh_blocks([load(a) for a in adapters], weighting)
     resolved = spec.resolve(params, sources=len(sources))
     plan = plan_merge(sources, ignore_base_mismatch=ignore_base_mismatch)
     compute = context.compute_dtype
@@ -141,7 +152,8 @@ def merge(
     report = MergeReport(
         method=spec.name,
         weights=weight_list,
-        parameters={**{p.key: _plain(given[p.name]) for p in spec.params}, **_policy_dict(policy), "seed": seed},
+        parameters={**{p.key: _plain(given[p.name]) for p in spec.params}, **policy.as_dict(), "seed": seed,
+                    **_block_weights_record(sources)},
         modules=reports,
         sources=[s.source or f"source {i + 1}" for i, s in enumerate(sources)],
         origins=[dict(s.origin) for s in sources],
@@ -252,9 +264,10 @@ def _common_dtype(sources: Sequence[Adapter]) -> torch.dtype:
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
-def _policy_dict(policy: RankPolicy) -> Mapping[str, Any]:
-    fields = {"rank": policy.rank, "energy": policy.energy, "max_error": policy.max_error, "rank_max": policy.rank_max}
-    return {k: v for k, v in fields.items() if v is not None}
+def _block_weights_record(sources: Sequence[Adapter]) -> dict[str, Any]:
+    """``{"block_weights": [each source's weighting or None]}`` when a source was weighted by block."""
+    recorded = [s.config.get("block_weights") for s in sources]
+    return {"block_weights": recorded} if any(r is not None for r in recorded) else {}
 
 
 def _plain(value: Any) -> Any:

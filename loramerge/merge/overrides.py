@@ -3,8 +3,9 @@
 :func:`loramerge.merge.engine` takes ``overrides``, a function of the module path that returns the
 settings that differ for that module (recipes build it from filters and per-layer gradients).
 Keys are method parameter names, ``weights`` (one per source), and the rank-policy keys
-``rank``, ``energy``, ``max_error`` and ``rank_max``. What is not returned keeps the merge-wide
-value. Setting any of ``rank``/``energy``/``max_error`` replaces the merge-wide choice among them.
+``rank``, ``energy``, ``max_error``, ``sv_ratio``, ``sv_cumulative`` and ``rank_max``. What is not
+returned keeps the merge-wide value. Setting any target (all but ``rank_max``) replaces the
+merge-wide choice among them.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from loramerge.core.rank import RankPolicy
+from loramerge.core.rank import POLICY_FIELDS, TARGET_FIELDS, RankPolicy
 from loramerge.errors import InvalidParameter, LoramergeError
 from loramerge.merge.methods import MergeMethod
 
 Overrides = Callable[[str], Mapping[str, Any]]
-POLICY_KEYS = ("rank", "energy", "max_error", "rank_max")
+POLICY_KEYS = POLICY_FIELDS
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ def module_settings(spec: MergeMethod, given: Mapping[str, Any], weights: Sequen
         >>> s = module_settings(get_method("svd"), {}, [1.0, 1.0], RankPolicy(rank=8),
         ...                     {"weights": [0.5, 2], "energy": 0.9}, "m")
         >>> s.weights, s.policy
-        ([0.5, 2.0], RankPolicy(rank=None, energy=0.9, max_error=None, rank_max=None))
+        ([0.5, 2.0], RankPolicy(rank=None, energy=0.9, max_error=None, rank_max=None, sv_ratio=None, sv_cumulative=None))
     """
     try:
         params = {k: v for k, v in override.items() if k != "weights" and k not in POLICY_KEYS}
@@ -53,7 +54,7 @@ def module_settings(spec: MergeMethod, given: Mapping[str, Any], weights: Sequen
         new_policy = policy
         chosen = {k: override[k] for k in POLICY_KEYS if override.get(k) is not None}
         if chosen:
-            if {"rank", "energy", "max_error"} & chosen.keys():
+            if set(TARGET_FIELDS) & chosen.keys():
                 new_policy = RankPolicy(rank_max=policy.rank_max)
             new_policy = replace(new_policy, **chosen)
             if not spec.accepts_rank and not new_policy.is_exact:

@@ -74,7 +74,14 @@ def _refuse_unmergeable(adapter: Adapter) -> None:
 
 
 def _common_architectures(adapters: Sequence[Adapter], ignore_mismatch: bool) -> list[str] | None:
-    """The model architectures (``sd1``, ``sdxl``, ``flux`` …) every source fits, from what readers recorded."""
+    """The model architectures (``sd1``, ``sdxl``, ``flux`` …) every source fits, from what readers recorded.
+
+    A source that recorded none (a PEFT adapter of a language model, say) must still fit the
+    others' architecture by its module names, or the merge is refused: the union of an SD 1.x
+    LoRA and a Llama LoRA is no model's adapter.
+    """
+    from loramerge.io.formats.sd_names import ARCHITECTURES, identify
+
     common: list[str] | None = None
     seen: list[tuple[str, list[str]]] = []
     for a in adapters:
@@ -89,6 +96,19 @@ def _common_architectures(adapters: Sequence[Adapter], ignore_mismatch: bool) ->
             f"sources are LoRAs for different model architectures ({listed}); pass --ignore-base-mismatch "
             "(ignore_base_mismatch=True) to merge them anyway"
         )
+    if common and not ignore_mismatch:
+        for a in adapters:
+            if a.config.get("architectures"):
+                continue
+            fits = identify({m: tuple(lr.delta_shape) for m, lr in a.layers.items()})
+            if not set(fits) & set(common):
+                label = "/".join(ARCHITECTURES[x].label if x in ARCHITECTURES else x for x in common)
+                example = next(iter(a.layers), "")
+                raise IncompatibleAdapters(
+                    f"{a.source or 'adapter'} is not a LoRA for {label} like {seen[0][0]} (its module {example} is "
+                    "not part of that model); adapters for different architectures cannot be merged; pass "
+                    "--ignore-base-mismatch (ignore_base_mismatch=True) to merge them anyway"
+                )
     return common or None
 
 

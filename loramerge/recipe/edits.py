@@ -7,11 +7,11 @@ missing mappings are created. The value is YAML. Every node the edit adds is mar
 
 from __future__ import annotations
 
-from yaml import SafeLoader, YAMLError, compose
 from yaml.error import Mark
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from loramerge.errors import RecipeError
+from loramerge.io.structured import MAX_DEPTH, compose_yaml
 
 _MAP, _STR, _NULL = "tag:yaml.org,2002:map", "tag:yaml.org,2002:str", "tag:yaml.org,2002:null"
 
@@ -30,10 +30,9 @@ def apply_set(root: Node | None, assignment: str) -> Node:
     label = f"--set {key}"
     if not sep or not key:
         raise RecipeError(f"--set {assignment}: expected key=value, e.g. --set sources.0.weight=0.7")
-    try:
-        value_node = compose(value, Loader=SafeLoader) if value.strip() else None
-    except YAMLError as exc:
-        raise RecipeError(f"{label}: the value is not valid YAML ({exc})") from None
+    if key.count(".") >= MAX_DEPTH:
+        raise RecipeError(f"{label}: the key has more than {MAX_DEPTH} parts")
+    value_node = compose_yaml(value, name=label, error=RecipeError) if value.strip() else None
     mark = Mark(label, 0, 0, 0, None, None)
     if value_node is None:
         value_node = ScalarNode(_NULL, "", mark, mark)

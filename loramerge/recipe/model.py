@@ -19,9 +19,10 @@ import yaml
 
 from loramerge.core.adapter import Adapter
 from loramerge.io.hub import HubRef
+from loramerge.merge.blocks import BlockWeights
 from loramerge.merge.methods import MergeMethod, get_method
 from loramerge.merge.overrides import POLICY_KEYS
-from loramerge.recipe.schedule import Schedule
+from loramerge.merge.schedule import Schedule
 
 RECIPE_FILENAME = "loramerge_recipe.yaml"
 
@@ -40,6 +41,7 @@ class SourceSpec:
     weight: Schedule | None = None
     parameters: dict[str, Schedule] = field(default_factory=dict)
     format: str | None = None
+    block_weights: BlockWeights | None = None
     where: str = ""
     data: Path | None = None
 
@@ -75,6 +77,7 @@ class Recipe:
     method: str = "linear"
     parameters: dict[str, Schedule] = field(default_factory=dict)
     policy: dict[str, Schedule] = field(default_factory=dict)
+    block_weights: BlockWeights | None = None
     seed: int = 0
     compute_dtype: str = "fp32"
     ignore_base_mismatch: bool = False
@@ -88,6 +91,8 @@ class Recipe:
     locations: dict[str, str] = field(default_factory=dict)
     model: str | None = None
     stats: Path | None = None
+    semantics: str = "loramerge"
+    translated_from: str | None = None  # "mergekit" when the file was a mergekit config
 
     @property
     def spec(self) -> MergeMethod:
@@ -104,6 +109,8 @@ class Recipe:
             doc["model"] = self.model
         if self.stats:
             doc["stats"] = str(self.stats)
+        if self.semantics != "loramerge":
+            doc["semantics"] = self.semantics
         doc["sources"] = list(sources) if sources is not None else [source_dict(s) for s in self.sources]
         doc["method"] = self.method
         if self.parameters:
@@ -111,6 +118,8 @@ class Recipe:
         for key in POLICY_KEYS:
             if key in self.policy:
                 doc[key] = self.policy[key].to_plain()
+        if self.block_weights is not None:
+            doc["block_weights"] = self.block_weights.to_plain()
         doc["seed"] = self.seed
         if self.compute_dtype != "fp32":
             doc["compute_dtype"] = self.compute_dtype
@@ -151,6 +160,8 @@ def source_dict(s: SourceSpec) -> dict[str, Any]:
         entry["weight"] = s.weight.to_plain()
     if s.parameters:
         entry["parameters"] = {k: v.to_plain() for k, v in s.parameters.items()}
+    if s.block_weights is not None:
+        entry["block_weights"] = s.block_weights.to_plain()
     if s.data is not None:
         entry["data"] = str(s.data)
     return entry

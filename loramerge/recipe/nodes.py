@@ -19,7 +19,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from loramerge.errors import LoramergeError, RecipeError
 from loramerge.io.hub import parse_hub_id
-from loramerge.recipe.schedule import Rule, Schedule
+from loramerge.merge.schedule import Rule, Schedule
 
 Entry = dict[str, tuple[Node, Node]]  # key → (key node, value node)
 Coerce = Callable[[Any], Any]

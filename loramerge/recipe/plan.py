@@ -16,8 +16,8 @@ from typing import Any
 from loramerge.core.adapter import Adapter
 from loramerge.errors import LoramergeError, UnsupportedAdapter
 from loramerge.merge.overrides import module_settings
+from loramerge.merge.schedule import NO_VALUE, depths
 from loramerge.recipe.model import Recipe
-from loramerge.recipe.schedule import NO_VALUE, depths
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,9 @@ class RecipePlan:
                 resolved = f"Hub {origin['repo_id']} at commit {origin.get('commit', '?')}"
             else:
                 resolved = origin.get("path", adapter.source or "")
-            lines.append(f"  {i}. {spec.spelling} -> {resolved} ({len(adapter)} modules, {adapter.source_format})")
+            weighted = spec.block_weights or r.block_weights
+            shown = f", block weights {weighted.describe()}" if weighted is not None else ""
+            lines.append(f"  {i}. {spec.spelling} -> {resolved} ({len(adapter)} modules, {adapter.source_format}{shown})")
         lines += self.fold
         out = r.output
         target = str(out.path) if out.path else "(not written)"
@@ -85,8 +87,10 @@ def _show(value: Any) -> str:
 
 
 def load_sources(recipe: Recipe) -> list[Adapter]:
-    """Load every source of ``recipe`` (downloading Hub sources), naming the recipe line on failure."""
+    """Load every source of ``recipe`` (downloading Hub sources), naming the recipe line on failure, and
+    weight each by block (``block_weights``, a source's own or the recipe's)."""
     from loramerge.io.sources import load
+    from loramerge.merge.blocks import BlockWeighting, weigh_blocks
 
     adapters = []
     for i, s in enumerate(recipe.sources):
@@ -95,7 +99,15 @@ def load_sources(recipe: Recipe) -> list[Adapter]:
             adapters.append(load(target, format=s.format, allow_pickle=recipe.allow_pickle))
         except LoramergeError as exc:
             raise type(exc)(f"{s.where}: sources[{i}]: {exc}") from None
-    return adapters
+    weighting = BlockWeighting(recipe.block_weights, {i: s.block_weights for i, s in enumerate(recipe.sources)
+                                                      if s.block_weights is not None})
+    try:
+        return weigh_blocks(adapters, weighting)
+    except LoramergeError as exc:
+        keys = ["block_weights", *(f"sources[{i}].block_weights" for i in weighting.sources)]
+        given = [k for k in keys if k in recipe.locations]
+        where = f"{recipe.locations[given[0]]}: {given[0]}" if given else "block_weights"
+        raise exc.with_context(f"{where}: {exc}") from None
 
 
 def plan_recipe(recipe: Recipe, adapters: Sequence[Adapter] | None = None) -> RecipePlan:

@@ -24,7 +24,7 @@ per-source parameters), the method and its parameters, the rank policy, the seed
       push: org/merged-lora          # or {repo, private, commit_message}
 
 Any setting that takes a number may be a constant, a per-layer gradient or a list of
-``{filter, value}`` rules (see :mod:`loramerge.recipe.schedule`). ``base_model`` (a local model folder
+``{filter, value}`` rules (see :mod:`loramerge.merge.schedule`). ``base_model`` (a local model folder
 or a Hub id) makes a fold recipe: ``output.path`` is then the model folder, ``output.dtype`` may
 also be ``keep``, ``output.shard_size`` (``5GB``) re-shards it and ``tied_embeddings`` (``refuse``,
 ``untie``, ``shared``) is fold's choice for tied embeddings; see :mod:`loramerge.recipe.fold`.
@@ -40,26 +40,32 @@ error gives the file, the line and the key (:mod:`loramerge.recipe.nodes`). The 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from loramerge.core.rank import TARGET_FIELDS
 from loramerge.errors import LoramergeError, RecipeError
 from loramerge.io.hub import HubRef, parse_hub_id
+from loramerge.io.structured import compose_yaml, read_text
+from loramerge.merge.blocks import BlockWeights, block_rule
 from loramerge.merge.methods import MergeMethod, Param, get_method
 from loramerge.merge.overrides import POLICY_KEYS
+from loramerge.merge.schedule import Schedule
 from loramerge.recipe.edits import apply_set
-from loramerge.recipe.model import OutputSpec, PushSpec, Recipe, SourceSpec
+from loramerge.recipe.mergekit import is_mergekit_config, semantics_defaults, translate
+from loramerge.recipe.model import OutputSpec, PushSpec, Recipe, SourceSpec, dump_recipe
 from loramerge.recipe.nodes import Entry, NodeReader, kind_of
-from loramerge.recipe.schedule import Schedule
 
-_TOP_KEYS = ("base_dir", "description", "sources", "method", "parameters", *POLICY_KEYS, "seed",
-             "compute_dtype", "ignore_base_mismatch", "allow_pickle", "output", "base_model", "tied_embeddings",
-             "model", "stats")
-_SOURCE_KEYS = ("path", "repo", "revision", "subfolder", "format", "weight", "parameters", "data")
+_TOP_KEYS = ("base_dir", "description", "sources", "method", "parameters", *POLICY_KEYS, "sv_fro", "block_weights",
+             "seed", "compute_dtype", "ignore_base_mismatch", "allow_pickle", "output", "base_model", "tied_embeddings",
+             "model", "stats", "semantics")
+SEMANTICS = ("loramerge", "mergekit")
+_SOURCE_KEYS = ("path", "repo", "revision", "subfolder", "format", "weight", "parameters", "data", "block_weights")
 _OUTPUT_KEYS = ("path", "format", "dtype", "push", "card", "shard_size")
 # Keys that only mean something when the recipe folds into a base model.
 _FOLD_ONLY = ("output.shard_size", "tied_embeddings")
@@ -83,12 +89,7 @@ def load_recipe(path: str | Path, sets: Sequence[str] = ()) -> Recipe:
         loramerge.errors.RecipeError: ...r.yaml:2: methd: unknown key (did you mean 'method'?); valid keys: ...
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise RecipeError(f"{path}: no such recipe file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError(f"{path}: cannot read the recipe ({exc})") from None
+    text = read_text(path, error=RecipeError, missing=RecipeError, what="recipe file")
     return parse_recipe(text, name=str(path), sets=sets, base=path.resolve().parent)
 
 
@@ -99,19 +100,20 @@ def parse_recipe(text: str, *, name: str = "<recipe>", sets: Sequence[str] = (),
         >>> parse_recipe("sources: [a, b]\\nenergy: 0.9\\n", sets=["method=ties"]).policy["energy"].spec
         0.9
     """
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise RecipeError(f"{name}{line}: invalid YAML ({exc.problem or exc.context})") from None
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{name}: invalid YAML ({exc})") from None
+    root = compose_yaml(text, name=name, error=RecipeError)
     for assignment in sets:
         root = apply_set(root, assignment)
     if root is None:
         raise RecipeError(f"{name}:1: the recipe is empty; it needs at least `sources`")
-    return _read_recipe(NodeReader(name), root, base if base is not None else Path.cwd())
+    anchor = base if base is not None else Path.cwd()
+    if is_mergekit_config(root):
+        # Read as the loramerge recipe it stands for; messages about it name the original file.
+        translated = compose_yaml(dump_recipe(translate(root, name, base_dir=anchor)), name=name, error=RecipeError)
+        assert translated is not None
+        recipe = _read_recipe(NodeReader(name), translated, anchor)
+        recipe.translated_from = "mergekit"
+        return recipe
+    return _read_recipe(NodeReader(name), root, anchor)
 
 
 def _read_recipe(reader: NodeReader, root: Node, base: Path) -> Recipe:
@@ -120,13 +122,16 @@ def _read_recipe(reader: NodeReader, root: Node, base: Path) -> Recipe:
     if "sources" not in top:
         raise RecipeError(f"{reader.where(root)}: sources: missing; a recipe needs a list of sources")
     base_dir = _base_dir(reader, top, base)
-    spec = _method(reader, top)
-    params = _method_parameters(reader, top, spec)
-    policy = _rank_policy(reader, top, spec)
+    semantics = reader.choice(top, "semantics", SEMANTICS, "loramerge")
+    spec, defaults = _method(reader, top, semantics)
+    params = _method_parameters(reader, top, spec, defaults)
+    policy = _rank_policy(reader, top, spec, semantics)
+    block_weights = _block_weights(reader, top["block_weights"][1], "block_weights") if "block_weights" in top else None
     sources = _sources(reader, top["sources"][1], spec, base_dir)
     seed = reader.optional(top, "seed", "integer")
     recipe = Recipe(
-        sources=sources, method=spec.name, parameters=params, policy=policy, seed=0 if seed is None else seed,
+        sources=sources, method=spec.name, parameters=params, policy=policy, block_weights=block_weights,
+        seed=0 if seed is None else seed,
         compute_dtype=reader.choice(top, "compute_dtype", ("fp32", "fp64"), "fp32"),
         ignore_base_mismatch=reader.flag(top, "ignore_base_mismatch"),
         allow_pickle=reader.flag(top, "allow_pickle"),
@@ -134,6 +139,7 @@ def _read_recipe(reader: NodeReader, root: Node, base: Path) -> Recipe:
         base_model=_base_model(reader, top["base_model"][1], base_dir) if "base_model" in top else None,
         tied_embeddings=reader.choice(top, "tied_embeddings", _tied_modes(), "refuse"),
         description=reader.optional(top, "description", "string"),
+        semantics=semantics,
         file=Path(reader.name) if not reader.name.startswith("<") else None,
         base_dir=base_dir,
         locations=reader.locations,
@@ -165,20 +171,21 @@ def _base_model(reader: NodeReader, node: Node, base_dir: Path, key: str = "base
 # ------------------------------------------------------------------ method, parameters, rank policy
 
 
-def _method(reader: NodeReader, top: Entry) -> MergeMethod:
-    if "method" not in top:
-        return get_method("linear")
-    mnode = top["method"][1]
-    name = reader.scalar(mnode, "method", "string")
+def _method(reader: NodeReader, top: Entry, semantics: str = "loramerge") -> tuple[MergeMethod, dict[str, Any]]:
+    """The method, and the parameter defaults ``semantics: mergekit`` gives it (mergekit's own)."""
+    name = reader.scalar(top["method"][1], "method", "string") if "method" in top else "linear"
+    name, defaults = semantics_defaults(semantics, name)
     try:
-        return get_method(name)
+        return get_method(name), defaults
     except LoramergeError as exc:
-        raise reader.fail(mnode, "method", str(exc)) from None
+        raise reader.fail(top["method"][1], "method", str(exc)) from None
 
 
-def _method_parameters(reader: NodeReader, top: Entry, spec: MergeMethod) -> dict[str, Schedule]:
+def _method_parameters(reader: NodeReader, top: Entry, spec: MergeMethod,
+                       defaults: dict[str, Any] | None = None) -> dict[str, Schedule]:
     """The top-level ``parameters``, checked together by the method where they are the same everywhere."""
     params = _parameters(reader, top["parameters"][1], "parameters", spec) if "parameters" in top else {}
+    params = {k: Schedule(v) for k, v in (defaults or {}).items() if k not in params} | params
     try:
         spec.resolve({k: v.spec for k, v in params.items() if v.is_constant})
     except LoramergeError as exc:
@@ -211,17 +218,29 @@ def _parameters(reader: NodeReader, node: Node, key: str, spec: MergeMethod, *,
     return out
 
 
-def _rank_policy(reader: NodeReader, top: Entry, spec: MergeMethod) -> dict[str, Schedule]:
-    """``rank``, ``energy``, ``max_error`` and ``rank_max``: one policy, for a method that takes one."""
+def _rank_policy(reader: NodeReader, top: Entry, spec: MergeMethod, semantics: str = "loramerge") -> dict[str, Schedule]:
+    """``rank``, ``energy``, ``max_error``, ``sv_ratio``, ``sv_cumulative`` and ``rank_max``: one
+    policy, for a method that takes one. ``sv_fro`` F is read as ``energy`` F² (each value).
+
+    Under ``semantics: mergekit`` a dense method keeps its whole result by default (its numerical
+    rank), as mergekit keeps the whole tensor.
+    """
     policy = {k: reader.schedule(top[k][1], k, _POLICY_COERCE[k], numeric=True, integer=k in ("rank", "rank_max"))
               for k in POLICY_KEYS if k in top}
+    if "sv_fro" in top:
+        if "energy" in top:
+            raise reader.fail(top["sv_fro"][0], "sv_fro", "choose one rank policy, not energy and sv_fro "
+                                                          "(sv_fro F is energy F²)")
+        policy["energy"] = reader.schedule(top["sv_fro"][1], "sv_fro", _sv_fro, numeric=True)
+    if semantics == "mergekit" and spec.dense and not policy:
+        policy = {"max_error": Schedule(1e-6)}
     if not spec.accepts_rank and policy:
-        key = next(iter(policy))
+        key = next(k for k in (*POLICY_KEYS, "sv_fro") if k in top)
         raise reader.fail(top[key][0], key, f"method {spec.name!r} keeps rank Σ rᵢ and takes no rank option")
-    if sum(k in policy for k in ("rank", "energy", "max_error")) > 1 and all(
+    if sum(k in policy for k in TARGET_FIELDS) > 1 and all(
         policy[k].is_constant for k in policy if k != "rank_max"
     ):
-        chosen = [k for k in ("rank", "energy", "max_error") if k in policy]
+        chosen = [k for k in (*TARGET_FIELDS, "sv_fro") if k in top]
         raise reader.fail(top[chosen[1]][0], chosen[1], f"choose one rank policy, not {' and '.join(chosen)}")
     return policy
 
@@ -255,6 +274,8 @@ def _source(reader: NodeReader, node: Node, key: str, spec: MergeMethod, base_di
         source.data = base_dir / Path(reader.scalar(entry["data"][1], f"{key}.data", "string")).expanduser()
     if "weight" in entry:
         source.weight = reader.schedule(entry["weight"][1], f"{key}.weight", _weight, numeric=True)
+    if "block_weights" in entry:
+        source.block_weights = _block_weights(reader, entry["block_weights"][1], f"{key}.block_weights")
     if "parameters" in entry:
         params = _parameters(reader, entry["parameters"][1], f"{key}.parameters", spec, allow_weight=True)
         if "weight" in params:
@@ -304,6 +325,46 @@ def _check_per_source(reader: NodeReader, spec: MergeMethod, sources: list[Sourc
                     f"{loc}: sources[{i}].parameters.{name}: method {spec.name!r} takes one {name!r} for all "
                     "sources, not one per source; give it under the top-level `parameters`"
                 ) from None
+
+
+def _block_weights(reader: NodeReader, node: Node, key: str) -> BlockWeights:
+    """Block weights (:mod:`loramerge.merge.blocks`): a preset name, a block vector (a list of numbers), rules
+    (``{filter, value}`` mappings, as for any per-module setting), or a list of a preset or vector spelling
+    followed by rules."""
+    items = node.value if isinstance(node, SequenceNode) else [node]
+    if isinstance(node, SequenceNode) and node.value and all(
+            isinstance(i, ScalarNode) and not isinstance(reader.value(i), str) for i in node.value):
+        values = [reader.scalar(i, f"{key}[{n}]", "number") for n, i in enumerate(node.value)]
+        return _checked(reader, node, key, lambda: BlockWeights(vector=tuple(float(v) for v in values)))
+    if not items:
+        raise reader.fail(node, key, "must be a preset name, a list of block weights or a list of rules")
+    spellings: list[str] = []
+    rules: list[tuple[str, float]] = []
+    for n, item in enumerate(items):
+        label = key if item is node else f"{key}[{n}]"
+        if isinstance(item, MappingNode):
+            rule = reader.rule(item, label, _weight, numeric=False)
+            rules.append((rule.pattern.pattern if rule.pattern is not None else "*", float(rule.value)))
+            continue
+        text = reader.scalar(item, label, "string")
+        if re.match(r"\s*\d+\s*:", text):
+            raise reader.fail(item, label, f"{text!r}: give a source its own block weights under "
+                                           "sources[i].block_weights")
+        spellings.append(text)
+
+    def build() -> BlockWeights:
+        parsed = BlockWeights.parse(spellings)
+        extra = [block_rule(text, value) for text, value in rules]
+        return replace(parsed, rules=parsed.rules + tuple(extra), filters=parsed.filters + tuple(t for t, _ in rules))
+
+    return _checked(reader, node, key, build)
+
+
+def _checked(reader: NodeReader, node: Node, key: str, build: Callable[[], BlockWeights]) -> BlockWeights:
+    try:
+        return build()
+    except LoramergeError as exc:
+        raise reader.fail(node, key, str(exc).replace("--block-weights ", "")) from None
 
 
 def _format_name(reader: NodeReader, node: Node, key: str) -> str:
@@ -450,3 +511,8 @@ def _policy_coercer(key: str) -> Callable[[Any], Any]:
 
 
 _POLICY_COERCE = {key: _policy_coercer(key) for key in POLICY_KEYS}
+
+
+def _sv_fro(value: Any) -> float:
+    fraction = _POLICY_COERCE["energy"](value)  # in (0, 1], as F² must be
+    return round(float(fraction) ** 2, 15)

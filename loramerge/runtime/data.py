@@ -15,13 +15,13 @@ stand alone), so that a task has one metric.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from loramerge.errors import DataError, SourceNotFound
+from loramerge.io.structured import parse_json, special_file_reason
 
 RowKind = Literal["completion", "text", "choice", "chat"]
 TaskKind = Literal["completion", "text", "choice", "custom"]
@@ -130,6 +130,9 @@ def read_rows(path: str | Path, *, limit: int | None = None, validate: bool = Tr
     a user's own scoring function.
     """
     file = Path(path)
+    reason = special_file_reason(file)
+    if reason is not None:
+        raise DataError(f"{path}: {reason}")
     if not file.is_file():
         raise SourceNotFound(f"{path}: no such data file")
     rows: list[Row] = []
@@ -139,10 +142,8 @@ def read_rows(path: str | Path, *, limit: int | None = None, validate: bool = Tr
                 break
             if not raw.strip():
                 continue
-            try:
-                obj = json.loads(raw)
-            except ValueError as exc:
-                raise DataError(f"{path}: row {number}: not valid JSON ({exc.args[0] if exc.args else exc})") from None
+            # One bounded parse per row (nesting, integer size): a hostile row is one error line.
+            obj = parse_json(raw, name=f"{path}: row {number}", error=DataError, want_object=False, lines=False)
             if validate:
                 rows.append(parse_row(obj, str(path), number))
             elif not isinstance(obj, dict):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from torch import nn
 from loramerge.core.devices import parse_dtype, resolve_device
 from loramerge.errors import UnsupportedModel
 from loramerge.io.sources import resolve_model
+from loramerge.io.structured import read_json
 from loramerge.runtime.extra import require
 
 ModelKind = Literal["causal", "seq2seq", "encoder"]
@@ -65,10 +65,7 @@ def load_model(base: str | Path, *, device: str | torch.device = "auto", dtype: 
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise UnsupportedModel(f"{folder}: no config.json; the runtime loads transformers model folders")
-    try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
-    except ValueError as exc:
-        raise UnsupportedModel(f"{config_file}: not valid JSON ({exc})") from None
+    model_type = read_json(config_file, error=UnsupportedModel).get("model_type")
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
     if model_type not in CONFIG_MAPPING_NAMES:

@@ -28,6 +28,7 @@ from loramerge.errors import CorruptFile, InvalidParameter
 from loramerge.io.formats.tensorfile import read_json_object, read_safetensors, write_safetensors
 from loramerge.io.output import atomic_output
 from loramerge.io.sources import resolve_model
+from loramerge.io.structured import read_text
 from loramerge.merge.statistics import InputStatistics
 from loramerge.runtime.data import DataSpec, Task, load_task
 from loramerge.runtime.encoding import Encoded, encode_task
@@ -110,7 +111,7 @@ def base_fingerprint(folder: Path) -> str:
     """A hash of a model folder's file names, sizes and modification times, and its config."""
     files = sorted(p for p in folder.iterdir() if p.is_file())
     listing = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    config = (folder / "config.json").read_text() if (folder / "config.json").is_file() else ""
+    config = read_text(folder / "config.json") if (folder / "config.json").is_file() else ""
     return _digest({"files": listing, "config": config})
 
 

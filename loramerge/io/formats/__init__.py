@@ -99,6 +99,9 @@ def write_adapter(adapter: Adapter, path: str | Path, *, format: str | None = No
         raise InvalidParameter(f"format {fmt.name!r} can be read but not written")
     out_dtype = parse_dtype(dtype) or adapter.dtype or torch.float32
     path = Path(path)
+    if fmt.single_file and path.suffix != ".safetensors":
+        raise InvalidParameter(f"{path}: a {fmt.name} LoRA is one safetensors file and loramerge reads it back by its "
+                               f".safetensors suffix; name the output {path.name}.safetensors")
     with atomic_output(path, force=force, directory=not fmt.single_file) as tmp:
         fmt.write(adapter, tmp, dtype=out_dtype)
     return path

@@ -17,12 +17,12 @@ Example:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from loramerge.errors import SourceNotFound, UnknownFormat
 from loramerge.io.formats.sd_names import KOHYA_PREFIXES, Shape, flatten
 from loramerge.io.formats.tensorfile import read_safetensors_header
+from loramerge.io.structured import read_json
 
 _DENOISER = ("lora_unet_", "lora_transformer_", "lycoris_")
 # Where each kohya prefix's modules live in the checkpoints people use as a base.
@@ -68,7 +68,7 @@ class BaseNames:
         if path.is_file():
             modules.update(_weights(path))
         elif (path / "model_index.json").is_file():
-            index = json.loads((path / "model_index.json").read_text())
+            index = read_json(path / "model_index.json")
             for component in index:
                 folder = path / component
                 if folder.is_dir():

@@ -31,6 +31,7 @@ import torch
 
 from loramerge.core.adapter import Adapter
 from loramerge.errors import UnsupportedAdapter
+from loramerge.io.factors import checked_tensors
 from loramerge.io.formats import lycoris
 from loramerge.io.formats.converted import ProbeModule
 from loramerge.io.formats.families import require_diffusers
@@ -91,6 +92,7 @@ def read(path: Path, *, allow_pickle: bool = False, base: str | Path | None = No
     if base is None:
         require_diffusers()  # the family converters name these modules
     tensors, metadata = read_tensor_file(path, allow_pickle=allow_pickle)
+    tensors = checked_tensors(tensors, path)
     groups: dict[str, dict[str, torch.Tensor]] = {}
     spelled: dict[str, dict[str, str]] = {}
     unknown = []

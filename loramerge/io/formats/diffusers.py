@@ -43,6 +43,7 @@ import torch
 
 from loramerge.core.adapter import Adapter, LowRank
 from loramerge.errors import CorruptFile, UnknownFormat, UnsupportedAdapter
+from loramerge.io.factors import checked_tensors, factor, scalar
 from loramerge.io.formats import peft
 from loramerge.io.formats.families import architectures_of
 from loramerge.io.formats.sd_names import COMPONENTS
@@ -52,6 +53,7 @@ from loramerge.io.formats.tensorfile import (
     read_tensor_file,
     write_safetensors,
 )
+from loramerge.io.structured import parse_json
 
 NAME = "diffusers"
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -144,6 +146,7 @@ def read(path: Path, *, allow_pickle: bool = False, base: str | Path | None = No
     del base  # diffusers keys are already module paths
     file = _weights_file(path)
     tensors, header_meta = read_tensor_file(file, allow_pickle=allow_pickle)
+    tensors = checked_tensors(tensors, file)
     adapter_meta = _adapter_metadata(header_meta, file)
     by_component: dict[str, dict[str, torch.Tensor]] = {}
     alphas: dict[str, dict[str, float]] = {}
@@ -155,7 +158,8 @@ def read(path: Path, *, allow_pickle: bool = False, base: str | Path | None = No
             continue
         component, body = normal.split(".", 1)
         if body.endswith(".alpha"):
-            alphas.setdefault(component, {})[body[: -len(".alpha")]] = float(tensor.item())
+            module = body[: -len(".alpha")]
+            alphas.setdefault(component, {})[module] = scalar(tensor, file, module, "alpha")
             continue
         if body in by_component.get(component, {}):
             raise CorruptFile(f"{file}: key {key} duplicates another spelling of the same tensor")
@@ -182,13 +186,7 @@ def _adapter_metadata(header: dict[str, str], origin: Path) -> dict[str, Any]:
     raw = header.get(METADATA_KEY)
     if not raw:
         return {}
-    try:
-        parsed = json.loads(raw)
-    except ValueError as exc:
-        raise CorruptFile(f"{origin}: {METADATA_KEY} is not valid JSON ({exc})") from None
-    if not isinstance(parsed, dict):
-        raise CorruptFile(f"{origin}: {METADATA_KEY} must be a JSON object")
-    return parsed
+    return parse_json(raw, name=f"{origin}: {METADATA_KEY}")
 
 
 def _component_config(component: str, parts: dict[str, torch.Tensor], adapter_meta: dict[str, Any],
@@ -204,7 +202,7 @@ def _component_config(component: str, parts: dict[str, torch.Tensor], adapter_me
     for key, tensor in parts.items():
         parsed = peft.split_key(key, key_prefix="")
         if parsed is not None and parsed[1] in ("lora_A", "lora_embedding_A"):
-            ranks[parsed[0]] = int(tensor.shape[0])
+            ranks[parsed[0]] = int(factor(tensor, origin, f"{component}.{parsed[0]}", parsed[1]).shape[0])
     if not ranks:
         return {"peft_type": "LORA"}
     values = {m: alphas.get(m, float(r)) for m, r in ranks.items()}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -21,11 +20,24 @@ import torch
 from loramerge.core.adapter import Adapter, LowRank
 from loramerge.errors import ConfigNotFound, CorruptFile, UnsupportedAdapter
 from loramerge.io.experts import expert_name, join_fused, nesting_order, parse_expert_name, split_fused
+from loramerge.io.factors import checked_tensors, factor, low_rank
 from loramerge.io.formats.tensorfile import (
-    check_finite,
     read_json_object,
     read_tensor_file,
     write_safetensors,
+)
+from loramerge.io.patterns import PatternError, check_pattern, suffix_match
+from loramerge.io.structured import (
+    BOOL,
+    NULL,
+    NUMBER,
+    POSITIVE,
+    POSITIVE_INT,
+    STRING,
+    check_schema,
+    list_of,
+    map_of,
+    one_of,
 )
 
 NAME = "peft"
@@ -59,6 +71,25 @@ _UNSUPPORTED_FIELDS = {
 }
 
 
+# The types of the adapter_config.json fields loramerge reads (PEFT's own LoraConfig types).
+CONFIG_SCHEMA = {
+    "peft_type": STRING,
+    "task_type": one_of(STRING, NULL),
+    "base_model_name_or_path": one_of(STRING, NULL),
+    "revision": one_of(STRING, NULL),
+    "r": POSITIVE_INT,
+    "lora_alpha": POSITIVE,
+    "rank_pattern": one_of(map_of(POSITIVE_INT), NULL),
+    "alpha_pattern": one_of(map_of(NUMBER), NULL),
+    "target_modules": one_of(STRING, list_of(STRING), NULL),
+    "modules_to_save": one_of(list_of(STRING), NULL),
+    "use_rslora": one_of(BOOL, NULL),  # null, as PEFT reads it: false
+    "use_dora": one_of(BOOL, NULL),
+    "fan_in_fan_out": one_of(BOOL, NULL),
+    "init_lora_weights": one_of(BOOL, STRING),
+}
+
+
 def detect(path: Path) -> bool:
     """True for a folder with ``adapter_config.json``, or an adapter file beside one."""
     if path.is_dir():
@@ -79,7 +110,7 @@ def pattern_key(patterns: dict[str, Any], module: str) -> str | None:
         True
     """
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
+        if suffix_match(key, module):
             return key
     return module if module in patterns else None
 
@@ -98,7 +129,7 @@ def read(path: Path, *, allow_pickle: bool = False) -> Adapter:
     config = read_config(folder)
     weights_file = _weights_file(path, folder)
     tensors, _ = read_tensor_file(weights_file, allow_pickle=allow_pickle)
-    return adapter_from_tensors(tensors, config, origin=weights_file, source=str(path))
+    return adapter_from_tensors(checked_tensors(tensors, weights_file), config, origin=weights_file, source=str(path))
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -106,13 +137,14 @@ def read_config(folder: Path) -> dict[str, Any]:
     config_path = folder / CONFIG_NAME
     if not config_path.is_file():
         raise ConfigNotFound(f"{folder}: no {CONFIG_NAME}; it gives the rank and alpha the weights need")
-    config = read_json_object(config_path)
+    config = read_json_object(config_path, CONFIG_SCHEMA)
     check_config(config, config_path)
     return config
 
 
 def check_config(config: dict[str, Any], origin: Path | str) -> None:
     """Refuse configs whose update loramerge cannot represent faithfully, saying why."""
+    check_schema(config, CONFIG_SCHEMA, name=str(origin))
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type != "LORA":
         raise UnsupportedAdapter(f"{origin}: peft_type {config.get('peft_type')!r} is not LoRA")
@@ -137,9 +169,9 @@ def check_config(config: dict[str, Any], origin: Path | str) -> None:
             raise CorruptFile(f"{origin}: {name} must be an object")
         for key in patterns:
             try:
-                re.compile(key)
-            except re.error as exc:
-                raise CorruptFile(f"{origin}: {name} key {key!r} is not a valid regex ({exc})") from None
+                check_pattern(key)
+            except PatternError as exc:
+                raise CorruptFile(f"{origin}: {name} key {key!r} is not a pattern loramerge can match ({exc})") from None
 
 
 def adapter_from_tensors(tensors: dict[str, torch.Tensor], config: dict[str, Any], *, origin: Path | str,
@@ -171,9 +203,7 @@ def adapter_from_tensors(tensors: dict[str, torch.Tensor], config: dict[str, Any
         if "A" not in found or "B" not in found:
             missing = "lora_A" if "A" not in found else "lora_B"
             raise CorruptFile(f"{origin}: module {module} has no {missing} tensor")
-        A, B = found["A"], found["B"]
-        for what, tensor in (("lora_A", A), ("lora_B", B)):
-            check_finite(tensor, path=origin, what=f"module {module} {what}")
+        A, B = factor(found["A"], origin, module, "lora_A"), factor(found["B"], origin, module, "lora_B")
         rank_key = pattern_key(rank_pattern, module)
         alpha_key = pattern_key(alpha_pattern, module)
         r = rank_pattern[rank_key] if rank_key is not None else config.get("r", 8)
@@ -187,13 +217,11 @@ def adapter_from_tensors(tensors: dict[str, torch.Tensor], config: dict[str, Any
         magnitude = found.get("magnitude")
         if use_dora and magnitude is None:
             raise CorruptFile(f"{origin}: module {module} uses DoRA but has no lora_magnitude_vector")
-        try:
-            layers[module] = LowRank(
-                A=A, B=B, scale=float(scale), kind=kind, fan_in_fan_out=fan_in_fan_out and kind == "linear",
-                alpha=float(alpha), magnitude=magnitude, bias=found.get("bias"),
-            )
-        except (ValueError, UnsupportedAdapter) as exc:
-            raise UnsupportedAdapter(f"{origin}: module {module}: {exc}") from None
+        layers[module] = low_rank(
+            origin, module, A=A, B=B, scale=float(scale), kind=kind, checked=True,
+            fan_in_fan_out=fan_in_fan_out and kind == "linear", alpha=float(alpha), magnitude=magnitude,
+            bias=found.get("bias"),
+        )
     if not layers:
         raise CorruptFile(f"{origin}: no LoRA tensors (lora_A/lora_B) found")
     return Adapter(
@@ -242,18 +270,18 @@ def _parameter_targets(parts: dict[str, dict[str, torch.Tensor]], config: dict[s
         if "A" not in found or "B" not in found or set(found) - {"A", "B"}:
             raise CorruptFile(f"{origin}: parameter {base}.{param} needs exactly lora_A and lora_B (no bias, DoRA)")
         rank, alpha, scale = _module_scale(config, f"{base}.{param}")
-        A, B = found["A"], found["B"]
-        for what, tensor in (("lora_A", A), ("lora_B", B)):
-            check_finite(tensor, path=origin, what=f"parameter {base}.{param} {what}")
+        A = factor(found["A"], origin, f"{base}.{param}", "lora_A", ndims=(2,))
+        B = factor(found["B"], origin, f"{base}.{param}", "lora_B", ndims=(2,))
         if A.ndim != 2 or B.ndim != 2 or A.shape[0] % rank or B.shape[1] != A.shape[0]:
             raise CorruptFile(f"{origin}: parameter {base}.{param} has lora_A {tuple(A.shape)} and lora_B "
                               f"{tuple(B.shape)}, which are not r={rank} per expert")
         experts = A.shape[0] // rank
         if param == "weight" and experts == 1:
-            layers[base] = LowRank(A=A, B=B, scale=scale, alpha=alpha)
+            layers[base] = low_rank(origin, base, A=A, B=B, scale=scale, alpha=alpha, checked=True)
             continue
         for e, (a, b) in enumerate(split_fused(A, B, experts)):
-            layers[expert_name(base, param, e)] = LowRank(A=a, B=b, scale=scale, alpha=alpha)
+            name = expert_name(base, param, e)
+            layers[name] = low_rank(origin, name, A=a, B=b, scale=scale, alpha=alpha, checked=True)
     return plain
 
 
@@ -425,7 +453,7 @@ def _fused_parameters(layers: dict[str, LowRank]) -> dict[tuple[str, str], tuple
 
 
 def _peft_matches(key: str, module: str) -> bool:
-    return re.match(rf"(.*\.)?({key})$", module) is not None
+    return suffix_match(key, module)
 
 
 def _weights_file(path: Path, folder: Path) -> Path:

@@ -5,15 +5,19 @@ Every failure becomes a :mod:`loramerge.errors` exception that names the file.
 
 from __future__ import annotations
 
-import json
+import math
+import os
 import struct
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from loramerge.errors import CorruptFile, NonFiniteValues, PickleRefused, SourceNotFound, UnknownFormat
+from loramerge.io.structured import Spec, parse_json, read_json, special_file_reason
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -39,24 +43,93 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     return tensors, metadata
 
 
+# Bits per element of every safetensors dtype code (sub-byte float formats included).
+SAFETENSORS_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16, "U16": 16, "F16": 16,
+    "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64, "C64": 64,
+    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+}
+_MAX_HEADER = 100_000_000
+
+
 def read_safetensors_header(path: Path) -> tuple[dict[str, dict], dict[str, str]]:
-    """The tensor index (name → dtype, shape, offsets) and metadata of a safetensors file, reading only its header."""
+    """The tensor index (name → dtype, shape, offsets) and metadata of a safetensors file, reading only its header.
+
+    The header is validated as safetensors itself does before anything is built from it: known
+    dtypes, non-negative integer shapes, byte ranges that match the shapes and tile the data
+    exactly, string-to-string metadata.
+
+    Example:
+        >>> import tempfile, torch
+        >>> p = Path(tempfile.mkdtemp()) / "t.safetensors"
+        >>> write_safetensors({"x": torch.zeros(2, 3)}, p)
+        >>> read_safetensors_header(p)[0]["x"]["shape"]
+        [2, 3]
+    """
     _require_file(path)
+    reason = special_file_reason(path)
+    if reason is not None:
+        raise CorruptFile(f"{path}: {reason}")
     try:
         with open(path, "rb") as fh:
             size_bytes = fh.read(8)
             if len(size_bytes) < 8:
-                raise ValueError("header too small")
+                raise ValueError("file too small")
             (size,) = struct.unpack("<Q", size_bytes)
-            if size > 100_000_000:
-                raise ValueError("header too large")
-            header = json.loads(fh.read(size))
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
+            file_size = os.fstat(fh.fileno()).st_size
+            if size > _MAX_HEADER or 8 + size > file_size:
+                raise ValueError("header too large" if size > _MAX_HEADER else "header longer than the file")
+            raw = fh.read(size)
+    except (OSError, ValueError) as exc:
         raise CorruptFile(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
-    if not isinstance(header, dict):
-        raise CorruptFile(f"{path}: not a readable safetensors file (header is not an object)")
+    if not raw.lstrip().startswith(b"{"):
+        raise CorruptFile(f"{path}: not a readable safetensors file (the header is not a JSON object)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CorruptFile(f"{path}: not a readable safetensors file (the header is not UTF-8)") from None
+    header = parse_json(text, name=f"{path}: safetensors header", want_object=True)
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CorruptFile(f"{path}: not a readable safetensors file (__metadata__ must map strings to strings)")
+    _check_entries(path, header, file_size - 8 - size)
     return header, metadata
+
+
+def _check_entries(path: Path, header: dict[str, Any], data_size: int) -> None:
+    """Every entry as safetensors requires: dtype, shape and offsets agree, and the ranges tile the data."""
+    ranges = []
+    for name, entry in header.items():
+        def bad(what: str, name: str = name) -> CorruptFile:
+            return CorruptFile(f"{path}: not a readable safetensors file (tensor {name} {what})")
+
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+            raise bad("has a malformed header entry")
+        code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if code not in SAFETENSORS_BITS:
+            raise bad(f"has unknown dtype {code!r}")
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise bad(f"has an invalid shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise bad(f"has invalid data offsets {offsets!r}")
+        bits = math.prod(shape) * SAFETENSORS_BITS[code]
+        if bits % 8 or offsets[1] - offsets[0] != bits // 8:
+            raise bad("has a byte range that does not match its shape and dtype")
+        ranges.append((offsets[0], offsets[1], name))
+    end = 0
+    for start, stop, name in sorted(ranges):
+        if start != end:
+            raise CorruptFile(f"{path}: not a readable safetensors file (tensor {name} overlaps another or "
+                              "leaves a gap)")
+        end = stop
+    if end != data_size:
+        what = "is truncated" if end > data_size else "has bytes that belong to no tensor"
+        raise CorruptFile(f"{path}: not a readable safetensors file (the data {what})")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def read_pickle(path: Path, *, allow_pickle: bool) -> dict[str, torch.Tensor]:
@@ -85,8 +158,8 @@ def read_tensor_file(path: Path, *, allow_pickle: bool = False) -> tuple[dict[st
     return read_safetensors(path)
 
 
-def read_json_object(path: Path) -> dict:
-    """The JSON object stored in ``path``, or :class:`CorruptFile` naming the file.
+def read_json_object(path: Path, schema: Mapping[str, Spec] | None = None) -> dict:
+    """The JSON object stored in ``path``, or :class:`CorruptFile` naming the file (see :mod:`loramerge.io.structured`).
 
     Example:
         >>> import tempfile
@@ -96,23 +169,22 @@ def read_json_object(path: Path) -> dict:
         >>> read_json_object(p)
         {'r': 8}
     """
-    try:
-        value = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CorruptFile(f"{path}: invalid JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise CorruptFile(f"{path}: expected a JSON object")
-    return value
+    return read_json(path, schema=schema)
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Write contiguous, unaliased CPU copies of ``tensors`` with ``{"format": "pt"}`` plus ``metadata``."""
     prepared = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    save_file(prepared, str(path), metadata={"format": "pt", **(metadata or {})})
+    # Serialised in memory and written by Python, so a full disk is an OSError the output layer translates.
+    data = save(prepared, metadata={"format": "pt", **(metadata or {})})
+    with open(path, "wb") as fh:
+        fh.write(data)
 
 
 def check_finite(tensor: torch.Tensor, *, path: object, what: str) -> None:
     """Raise :class:`NonFiniteValues` naming ``path`` and ``what`` when ``tensor`` holds NaN or Inf."""
+    if tensor.is_floating_point() and tensor.element_size() == 1:
+        tensor = tensor.float()  # float8: torch has no reductions for it
     # A finite sum proves every entry finite, at a sixth of the cost of isfinite; only then scan.
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor.sum())) and not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())

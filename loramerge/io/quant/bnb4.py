@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from loramerge.io.quant import lookup
+from loramerge.io.structured import INT, NUMBER, POSITIVE_INT, STRING, list_of, parse_json
 
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -459,9 +460,11 @@ def state_from_tensors(tensors: dict[str, torch.Tensor], prefix: str) -> QuantSt
     if len(packed_keys) != 1:
         raise ValueError(f"expected one {prefix}.quant_state.bitsandbytes__<type> tensor, found {len(packed_keys)}")
     try:
-        fields = json.loads(bytes(tensors[packed_keys[0]].to(torch.uint8).tolist()).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+        text = bytes(tensors[packed_keys[0]].to(torch.uint8).tolist()).decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise ValueError(f"{packed_keys[0]} does not hold bitsandbytes' JSON quant state ({exc})") from None
+    # Bounded parse and field types (a CorruptFile is a ValueError): int() of a list never runs.
+    fields = parse_json(text, name=f"{packed_keys[0]} (bitsandbytes quant state)", schema=_STATE_SCHEMA)
     quant_type = str(fields.get("quant_type"))
     blocksize = int(fields.get("blocksize", 64))
     check_settings(quant_type, blocksize)
@@ -476,6 +479,9 @@ def state_from_tensors(tensors: dict[str, torch.Tensor], prefix: str) -> QuantSt
     return QuantState4bit(quant_type, blocksize, dtype, tuple(int(d) for d in fields["shape"]),
                           tensors[f"{prefix}.absmax"], tensors[f"{prefix}.quant_map"].float(), nested)
 
+
+_STATE_SCHEMA = {"quant_type": STRING, "blocksize": POSITIVE_INT, "dtype": STRING, "shape": list_of(INT),
+                 "nested_offset": NUMBER, "nested_blocksize": POSITIVE_INT}
 
 STATE_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map",
                   "quant_state.bitsandbytes__nf4", "quant_state.bitsandbytes__fp4")

@@ -22,18 +22,29 @@ but LoRA merges in the KnOTS and Core Space experiments drop 10–50 %.
 from __future__ import annotations
 
 from loramerge.merge.methods.base import MergeMethod, MethodOutput, ModuleInputs
-from loramerge.merge.methods.gta import LAMBDA, MAJORITY_SIGN, RECIPES, density_param, run_entry_method
+from loramerge.merge.methods.gta import (
+    DIVIDE_BY,
+    LAMBDA,
+    MAJORITY_SIGN,
+    RECIPES,
+    RESCALES,
+    density_param,
+    rescale_param,
+    run_entry_method,
+)
 
 
-def dare_linear(inputs: ModuleInputs, *, density: tuple[float, ...], lambda_: float) -> MethodOutput:
+def dare_linear(inputs: ModuleInputs, *, density: tuple[float, ...], lambda_: float,
+                rescale: str = "inverse") -> MethodOutput:
     """Random drop with 1/d rescale of each weighted update, then sum (dense result)."""
-    return run_entry_method(inputs, RECIPES["dare_linear"], density=density, lambda_=lambda_)
+    return run_entry_method(inputs, RECIPES["dare_linear"], density=density, lambda_=lambda_, rescale=rescale)
 
 
-def dare_ties(inputs: ModuleInputs, *, density: tuple[float, ...], majority_sign: str, lambda_: float) -> MethodOutput:
+def dare_ties(inputs: ModuleInputs, *, density: tuple[float, ...], majority_sign: str, lambda_: float,
+              divide_by: str = "count", rescale: str = "inverse") -> MethodOutput:
     """Random drop with 1/d rescale, then TIES's sign election and disjoint mean (dense result)."""
     return run_entry_method(inputs, RECIPES["dare_ties"], density=density, majority_sign=majority_sign,
-                            lambda_=lambda_)
+                            lambda_=lambda_, divide_by=divide_by, rescale=rescale)
 
 
 DARE_LINEAR = MergeMethod(
@@ -42,7 +53,7 @@ DARE_LINEAR = MergeMethod(
     summary="DARE: drop entries at random (keep d), rescale by 1/d, sum.",
     formula="ΔW = λ·Σᵢ mᵢ⊙wᵢΔWᵢ/d,  mᵢ ~ Bernoulli(d)",
     paper="Yu et al., Language Models are Super Mario (DARE), ICML 2024",
-    params=(density_param(0.5), LAMBDA),
+    params=(density_param(0.5), LAMBDA, rescale_param("inverse", RESCALES)),
     default_rank="max_source_rank",
     dense=True,
     uses_accelerator=True,
@@ -54,7 +65,7 @@ DARE_TIES = MergeMethod(
     summary="DARE's random drop and 1/d rescale, then TIES's sign election and disjoint mean.",
     formula="ũᵢ = mᵢ⊙wᵢΔWᵢ/d;  ΔW = λ·mean{ ũᵢ : sign agrees with sgn Σᵢ ũᵢ }",
     paper="Yu et al., ICML 2024 (DARE) with Yadav et al., NeurIPS 2023 (TIES)",
-    params=(density_param(0.5), MAJORITY_SIGN, LAMBDA),
+    params=(density_param(0.5), MAJORITY_SIGN, LAMBDA, DIVIDE_BY, rescale_param("inverse", RESCALES)),
     default_rank="max_source_rank",
     dense=True,
     uses_accelerator=True,

@@ -16,6 +16,16 @@ both agree when every weight is positive and equal (e.g. all 1). mergekit also e
 weighted tensors, but divides by Σ wᵢ over the agreeing sources rather than by their count, and
 its ``dare_ties`` does not divide at all.
 
+Two parameters select mergekit's semantics where they differ (a recipe's ``semantics: mergekit``
+sets them, so a mergekit config gives the same model in both tools):
+
+* ``divide_by`` — the disjoint mean divides by the number of agreeing sources (``count``, the
+  TIES paper), by the sum of their weights (``weights``, mergekit's ``normalize: true``), or not
+  at all (``none``, mergekit's ``normalize: false``, its ``dare_ties`` default);
+* ``rescale`` — DARE's survivors are divided by d (``inverse``, the paper), scaled so the
+  update keeps its L1 norm (``l1``, mergekit's ``rescale: true``), or left as they are
+  (``none``); TIES's trim takes ``none`` (the paper) or ``l1``.
+
 Zero entries never vote and never count as agreeing. Every sparsifier acts on one module's
 tensor (or row) at a time: the TIES reference code ranks magnitudes over the whole model, which a
 module-at-a-time merge cannot do (PEFT and mergekit trim per tensor too).
@@ -33,6 +43,8 @@ from loramerge.merge.methods import sparsify
 from loramerge.merge.methods.base import MethodOutput, ModuleInputs, Param, per_source, unit_interval
 
 MAJORITY_SIGNS = ("total", "frequency")
+DIVISORS = ("count", "weights", "none")
+RESCALES = ("inverse", "l1", "none")
 
 
 @dataclass(frozen=True)
@@ -62,14 +74,23 @@ RECIPES: dict[str, EntryRecipe] = {
 
 
 def sparsify_one(tensor: torch.Tensor, recipe: EntryRecipe, *, density: float, gamma: float, epsilon: float,
-                 generator: Callable[[], torch.Generator]) -> torch.Tensor:
-    """One update through the recipe's sparsifier (2-D ``(rows, cols)``), overwriting ``tensor``."""
+                 generator: Callable[[], torch.Generator], rescale: str = "inverse") -> torch.Tensor:
+    """One update through the recipe's sparsifier (2-D ``(rows, cols)``), overwriting ``tensor``.
+
+    ``rescale`` applies to the magnitude and random sparsifiers (see the module docstring).
+    """
     if recipe.sparsifier is None:
         return tensor
+    if recipe.sparsifier in ("magnitude", "random") and rescale == "l1":
+        before = float(tensor.abs().sum())
+        kept = sparsify_one(tensor, recipe, density=density, gamma=gamma, epsilon=epsilon, generator=generator,
+                            rescale="none")
+        return sparsify.match_l1(kept, before)
     if recipe.sparsifier == "magnitude":
         return sparsify.magnitude(tensor, density, inplace=True)
     if recipe.sparsifier == "random":
-        return sparsify.random_drop(tensor, density, generator(), inplace=True)
+        kept = sparsify.random_drop(tensor, density, generator(), inplace=True)
+        return kept.mul_(density) if rescale == "none" and density < 1.0 else kept
     if recipe.sparsifier == "outliers":
         return sparsify.outliers(tensor, density, gamma, inplace=True)
     if recipe.sparsifier == "magprune":
@@ -87,11 +108,15 @@ def merge_entries(
     epsilon: Sequence[float] | float = 0.0,
     majority_sign: str = "total",
     lambda_: float = 1.0,
+    divide_by: str = "count",
+    rescale: str = "inverse",
+    weights: Sequence[float] = (),
 ) -> tuple[torch.Tensor | None, dict[str, float]]:
     """Sparsify, elect and fuse ``(source index, weighted update)`` pairs; ``None`` when there are none.
 
     The updates are consumed: they are sparsified in place, to keep one m×n buffer per source.
-    Per-source parameters are indexed by the source index. ``generator(i)`` gives source i's
+    Per-source parameters (and ``weights``, needed by ``divide_by="weights"``) are indexed by the
+    source index. ``generator(i)`` gives source i's
     random generator. The statistics are the mean fraction of entries each sparsified update
     keeps (``density_kept``) and, with consensus, the fraction of entries where kept updates
     disagree in sign (``sign_conflicts``).
@@ -106,10 +131,13 @@ def merge_entries(
         return param[index] if isinstance(param, Sequence) else param
 
     kept: list[torch.Tensor] = []
+    indices: list[int] = []
     fractions = []
     for index, tensor in terms:
         kept.append(sparsify_one(tensor, recipe, density=value(density, index), gamma=value(gamma, index),
-                                 epsilon=value(epsilon, index), generator=lambda i=index: generator(i)))
+                                 epsilon=value(epsilon, index), generator=lambda i=index: generator(i),
+                                 rescale=rescale))
+        indices.append(index)
         del tensor  # the loop variable would otherwise keep it alive while the next update is built
         if recipe.sparsifier is not None:
             fractions.append(float(torch.count_nonzero(kept[-1])) / max(1, kept[-1].numel()))
@@ -123,14 +151,16 @@ def merge_entries(
         for other in kept[1:]:
             merged += other
     else:
-        merged, stats["sign_conflicts"] = _disjoint_mean(kept, majority_sign)
+        agreeing_weights = [float(weights[i]) for i in indices] if divide_by == "weights" else None
+        merged, stats["sign_conflicts"] = _disjoint_mean(kept, majority_sign, divide_by, agreeing_weights)
     del kept
     if lambda_ != 1.0:
         merged *= lambda_
     return merged, stats
 
 
-def _disjoint_mean(kept: list[torch.Tensor], majority_sign: str) -> tuple[torch.Tensor, float]:
+def _disjoint_mean(kept: list[torch.Tensor], majority_sign: str, divide_by: str = "count",
+                   weights: Sequence[float] | None = None) -> tuple[torch.Tensor, float]:
     # Row block by row block, writing the result into the first update's buffer: the peak memory
     # stays at the T sparsified updates plus a few block-sized buffers, whatever T is. Each source
     # is folded into running totals rather than stacked, because reductions over a stacked
@@ -148,18 +178,26 @@ def _disjoint_mean(kept: list[torch.Tensor], majority_sign: str) -> tuple[torch.
         del vote
         total = torch.zeros_like(elected)
         count = torch.zeros(elected.shape, dtype=counter, device=elected.device)
+        weight_sum = torch.zeros_like(elected) if weights is not None else None
         # An entry holding a value that opposes the vote holds values of both signs (the vote
         # follows the only sign present otherwise): these are the entries whose signs conflict.
         conflict = torch.zeros(elected.shape, dtype=torch.bool, device=elected.device)
         # Temporaries are reused across sources (fresh block-sized buffers cost page faults).
         aligned, flags = torch.empty_like(elected), torch.empty_like(conflict)
-        for part in parts:
+        for source, part in enumerate(parts):
             torch.mul(part, elected, out=aligned)  # > 0 where the update agrees with the elected sign, < 0 where it opposes it
             count += torch.gt(aligned, 0, out=flags)
+            if weight_sum is not None and weights is not None:
+                weight_sum += flags.to(weight_sum.dtype) * weights[source]
             conflict |= torch.lt(aligned, 0, out=flags)
             total += aligned.clamp_min_(0.0)
         conflicting += int(torch.count_nonzero(conflict))
-        out[rows] = total.mul_(elected).div_(count.clamp_min_(1))
+        total.mul_(elected)
+        if divide_by == "count":
+            total.div_(count.clamp_min_(1))
+        elif weight_sum is not None:  # mergekit's normalize: Σ wᵢ over the agreeing sources, 0 → 1
+            total.div_(torch.where(weight_sum == 0, torch.ones_like(weight_sum), weight_sum))
+        out[rows] = total
     return out, conflicting / max(1, out.numel())
 
 
@@ -169,7 +207,7 @@ def run_entry_method(inputs: ModuleInputs, recipe: EntryRecipe, **params: Any) -
     The dense updates are built one source at a time as the core consumes them.
     """
     terms = ((index, B @ A) for index, B, A in inputs.weighted_factors())
-    merged, stats = merge_entries(terms, recipe, generator=inputs.generator, **params)
+    merged, stats = merge_entries(terms, recipe, generator=inputs.generator, weights=inputs.weights, **params)
     if merged is None:
         template = inputs.template
         B0, _ = template.matrices(template.dtype)
@@ -196,6 +234,13 @@ def epsilon_param(default: float) -> Param:
 LAMBDA = Param("lambda_", 1.0, float, "Scale applied to the merged update.", check=lambda v: _finite(v))
 MAJORITY_SIGN = Param("majority_sign", "total", str, "Sign election: total (sign of the sum) or frequency "
                       "(majority of signs).", choices=MAJORITY_SIGNS)
+DIVIDE_BY = Param("divide_by", "count", str, "Disjoint mean divisor: count of agreeing sources (TIES), their "
+                  "weights' sum (mergekit normalize: true) or none (mergekit normalize: false).", choices=DIVISORS)
+
+
+def rescale_param(default: str, choices: tuple[str, ...]) -> Param:
+    return Param("rescale", default, str, "Rescale of the kept entries: inverse (1/d, DARE), l1 (keep the L1 norm, "
+                 "mergekit rescale: true) or none.", choices=choices)
 
 
 def check_entry_params(values: dict[str, Any]) -> str | None:

@@ -121,6 +121,19 @@ def magnitude(delta: torch.Tensor, density: float, *, inplace: bool = False) -> 
     return delta.mul_(keep) if inplace else delta * keep
 
 
+def match_l1(kept: torch.Tensor, before: float, eps: float = 1e-7) -> torch.Tensor:
+    """``kept`` scaled in place so its L1 norm is ``before`` (mergekit's ``rescale``), unless either is below ``eps``.
+
+    Example:
+        >>> match_l1(torch.tensor([[2.0, 0.0, -2.0]]), 8.0).tolist()
+        [[4.0, 0.0, -4.0]]
+    """
+    after = float(kept.abs().sum())
+    if before < eps or after < eps:
+        return kept
+    return kept.mul_(before / after)
+
+
 def random_drop(delta: torch.Tensor, density: float, generator: torch.Generator, *,
                 inplace: bool = False) -> torch.Tensor:
     """Keep each entry with probability ``density`` and divide the survivors by ``density`` (DARE).

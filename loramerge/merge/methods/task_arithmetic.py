@@ -15,13 +15,17 @@ from __future__ import annotations
 from dataclasses import replace
 
 from loramerge.core.adapter import LowRank
-from loramerge.merge.methods.base import MergeMethod, ModuleInputs
+from loramerge.merge.methods.base import MergeMethod, ModuleInputs, Param
 from loramerge.merge.methods.gta import LAMBDA
 from loramerge.merge.methods.linear import concatenate
 
 
-def task_arithmetic(inputs: ModuleInputs, *, lambda_: float) -> LowRank:
-    """λ·Σ wᵢ·ΔWᵢ, exact, as a concatenated LoRA of rank Σ rᵢ.
+def task_arithmetic(inputs: ModuleInputs, *, lambda_: float, normalize: bool = False) -> LowRank:
+    """λ·Σ wᵢ·ΔWᵢ, exact, as a concatenated LoRA of rank Σ rᵢ; with ``normalize``, divided by Σ wᵢ.
+
+    ``normalize`` is mergekit's (its ``linear`` default): the sum of every source's weight at this
+    module, including sources without it, as mergekit sums the weights of all its models (a sum
+    below 1e-8 in magnitude counts as 1).
 
     Example:
         >>> import torch
@@ -31,7 +35,9 @@ def task_arithmetic(inputs: ModuleInputs, *, lambda_: float) -> LowRank:
         [1.0, 1.0]
     """
     summed = concatenate(inputs)
-    return replace(summed, scale=summed.scale * lambda_)
+    total = sum(inputs.weights)
+    divisor = total if normalize and abs(total) >= 1e-8 else 1.0
+    return replace(summed, scale=summed.scale * lambda_ / divisor)
 
 
 TASK_ARITHMETIC = MergeMethod(
@@ -40,7 +46,7 @@ TASK_ARITHMETIC = MergeMethod(
     summary="λ times the exact weighted sum (linear with a scale); stored exactly unless re-ranked.",
     formula="ΔW = λ·Σ wᵢ·ΔWᵢ",
     paper="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023",
-    params=(LAMBDA,),
+    params=(LAMBDA, Param("normalize", False, bool, "Divide by the sum of the weights (mergekit's normalize).")),
 )
 
 METHODS = (TASK_ARITHMETIC,)

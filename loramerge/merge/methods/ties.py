@@ -24,12 +24,22 @@ rank, as PEFT's ``ties_svd`` does; the report gives the energy that truncation k
 from __future__ import annotations
 
 from loramerge.merge.methods.base import MergeMethod, MethodOutput, ModuleInputs
-from loramerge.merge.methods.gta import LAMBDA, MAJORITY_SIGN, RECIPES, density_param, run_entry_method
+from loramerge.merge.methods.gta import (
+    DIVIDE_BY,
+    LAMBDA,
+    MAJORITY_SIGN,
+    RECIPES,
+    density_param,
+    rescale_param,
+    run_entry_method,
+)
 
 
-def ties(inputs: ModuleInputs, *, density: tuple[float, ...], majority_sign: str, lambda_: float) -> MethodOutput:
+def ties(inputs: ModuleInputs, *, density: tuple[float, ...], majority_sign: str, lambda_: float,
+         divide_by: str = "count", rescale: str = "none") -> MethodOutput:
     """Trim, elect sign, disjoint mean of the weighted updates (dense result)."""
-    return run_entry_method(inputs, RECIPES["ties"], density=density, majority_sign=majority_sign, lambda_=lambda_)
+    return run_entry_method(inputs, RECIPES["ties"], density=density, majority_sign=majority_sign, lambda_=lambda_,
+                            divide_by=divide_by, rescale=rescale)
 
 
 def magnitude_prune(inputs: ModuleInputs, *, density: tuple[float, ...], lambda_: float) -> MethodOutput:
@@ -43,7 +53,7 @@ TIES = MergeMethod(
     summary="TIES: keep each update's largest entries, elect a sign per entry, average the agreeing ones.",
     formula="ΔW = λ·mean{ trim_d(wᵢΔWᵢ) : sign agrees with sgn Σᵢ trim_d(wᵢΔWᵢ) }",
     paper="Yadav et al., TIES-Merging: Resolving Interference When Merging Models, NeurIPS 2023",
-    params=(density_param(0.2), MAJORITY_SIGN, LAMBDA),
+    params=(density_param(0.2), MAJORITY_SIGN, LAMBDA, DIVIDE_BY, rescale_param("none", ("none", "l1"))),
     default_rank="max_source_rank",
     dense=True,
     uses_accelerator=True,

@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 
 from loramerge.errors import CorruptFile, UnknownFormat, UnsupportedAdapter
+from loramerge.io.factors import check_parts as check_module_parts
 from loramerge.io.formats import lycoris
 from loramerge.io.formats.sd_names import KOHYA_PREFIXES, Shape
-from loramerge.io.formats.tensorfile import check_finite, read_safetensors_header
+from loramerge.io.formats.tensorfile import read_safetensors_header
 
 _COMMON = ("alpha", "scale", "dora_scale")
 _LORA = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")
@@ -121,28 +122,10 @@ def algorithm_of(parts: Mapping[str, torch.Tensor]) -> str:
     return ""
 
 
-_REQUIRED = {
-    "lora": ("lora_down.weight", "lora_up.weight"),
-    "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
-    "full": ("diff",),
-}
-
-
 def check_parts(name: str, parts: Mapping[str, torch.Tensor], origin: Path | str) -> str:
-    algorithm = algorithm_of(parts)
-    if not algorithm:
-        raise CorruptFile(f"{origin}: module {name} has {', '.join(sorted(parts))} but no LoRA factors")
-    missing = [k for k in _REQUIRED.get(algorithm, ()) if k not in parts]
-    if algorithm == "lokr":
-        if "lokr_w1" not in parts and not {"lokr_w1_a", "lokr_w1_b"} <= set(parts):
-            missing.append("lokr_w1")
-        if "lokr_w2" not in parts and not {"lokr_w2_a", "lokr_w2_b"} <= set(parts):
-            missing.append("lokr_w2")
-    if missing:
-        raise CorruptFile(f"{origin}: module {name} ({algorithm}) has no {', '.join(missing)} tensor")
-    for key, tensor in parts.items():
-        check_finite(tensor, path=origin, what=f"module {name} {key}")
-    return algorithm
+    """The module's algorithm, after :func:`loramerge.io.factors.check_parts`: every factor present, of
+    fitting shape and finite, and no mix of two algorithms."""
+    return check_module_parts(name, parts, origin)
 
 
 def flat_shape(name: str, parts: Mapping[str, torch.Tensor], origin: Path | str) -> Shape:

@@ -22,10 +22,10 @@ def build_metadata(adapter: Adapter, ranks: Mapping[str, int], alphas: Mapping[s
     """Minimal ``ss_*`` metadata (training metadata of a single source is kept) plus the ``loramerge`` recipe."""
     arch = choose_architecture(adapter)
     source_meta = adapter.config.get("metadata") or {}
-    # A converted file keeps its training metadata; hashes of the old bytes would be stale.
+    # A converted (or resized: one source) file keeps its training metadata; hashes of the old bytes would be stale.
+    one_source = adapter.report is None or len(adapter.report.sources) == 1
     metadata = {k: v for k, v in source_meta.items()
-                if adapter.report is None and k.startswith(("ss_", "modelspec.")) and "hash" not in k
-                and isinstance(v, str)}
+                if one_source and k.startswith(("ss_", "modelspec.")) and "hash" not in k and isinstance(v, str)}
     linear = [n for n in ranks if ndims[n] == 2]
     conv = [n for n in ranks if ndims[n] > 2]
     metadata["ss_network_module"] = arch.network_module if arch else "networks.lora"
@@ -50,6 +50,8 @@ def recipe(adapter: Adapter) -> dict[str, Any]:
         info.update(method=report.method, weights=report.weights, parameters=report.parameters, sources=report.sources)
     else:
         info.update(converted_from=adapter.source, source_format=adapter.source_format)
+        if adapter.config.get("block_weights") is not None:  # converted with --block-weights
+            info["block_weights"] = adapter.config["block_weights"]
     return info
 
 

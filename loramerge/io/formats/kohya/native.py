@@ -61,3 +61,27 @@ def write(adapter: Adapter, path: Path, *, dtype: torch.dtype) -> None:
     metadata["ss_network_module"] = "lycoris.kohya"
     metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = kohya_hashes(tensors, metadata)
     write_safetensors(tensors, path, metadata)
+
+
+# The stored tensor of each algorithm that its update is linear in: scaling it scales ΔW exactly.
+_LINEAR_PARTS = (("hada_w1_a",), ("lokr_w1",), ("lokr_w1_a",), ("diff", "diff_b"), ("lora_up.weight",))
+
+
+def scaled_native(record: NativeModule, factor: float, update: LowRank) -> NativeModule | None:
+    """``record`` with its update times ``factor`` (one linear factor scaled), standing for ``update``.
+
+    Used by block weights, so that a scaled LoHa or LoKr module is still written in its own
+    factors. None when the record has no part its update is linear in.
+
+    Example:
+        >>> import torch
+        >>> lr = LowRank(torch.ones(1, 2), torch.ones(2, 1))
+        >>> rec = NativeModule(lr, None, {"hada_w1_a": torch.ones(2, 1), "hada_w1_b": torch.ones(1, 2)})
+        >>> scaled_native(rec, 0.5, lr).parts["hada_w1_a"].tolist()
+        [[0.5], [0.5]]
+    """
+    for names in _LINEAR_PARTS:
+        if names[0] in record.parts:
+            parts = {k: v * factor if k in names else v for k, v in record.parts.items()}
+            return NativeModule(update, record.name, parts)
+    return None

@@ -14,6 +14,7 @@ import torch
 
 from loramerge.core.adapter import Adapter, LowRank
 from loramerge.errors import CorruptFile, IncompatibleAdapters, UnknownFormat
+from loramerge.io.factors import checked_tensors
 from loramerge.io.formats.base_names import BaseNames
 from loramerge.io.formats.converted import ProbeModule
 from loramerge.io.formats.families import FAMILIES, architectures_of, family_modules
@@ -39,6 +40,7 @@ def read(path: Path, *, allow_pickle: bool = False, base: str | Path | None = No
     """
     path = single_file(path)
     tensors, metadata = read_tensor_file(path, allow_pickle=allow_pickle)
+    tensors = checked_tensors(tensors, path)
     groups = group_keys(tensors, origin=path)
     probes = {name: ProbeModule(name, flat_shape(name, parts, path), f"{name}.lora_down.weight",
                                 f"{name}.lora_up.weight", f"{name}.alpha" if "alpha" in parts else None)

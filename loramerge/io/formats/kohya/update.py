@@ -17,7 +17,8 @@ from typing import Literal
 import torch
 
 from loramerge.core.adapter import LowRank
-from loramerge.errors import CorruptFile, UnsupportedAdapter
+from loramerge.errors import CorruptFile
+from loramerge.io.factors import low_rank
 from loramerge.io.formats import lycoris
 from loramerge.io.formats.kohya.keys import check_parts, flat_shape, matrix_shape
 from loramerge.io.formats.sd_names import Shape
@@ -86,11 +87,8 @@ def module_update(name: str, parts: Mapping[str, torch.Tensor], *, origin: Path 
         if scale == 0.0:
             raise CorruptFile(f"{origin}: module {name} has a diff_b bias but a zero scale")
         bias = bias.float() / scale
-    try:
-        update = LowRank(A=A, B=B, scale=scale, kind="conv" if A.ndim > 2 else "linear", alpha=alpha,
-                         magnitude=magnitude, magnitude_axis=axis, bias=bias)
-    except (ValueError, UnsupportedAdapter) as exc:
-        raise CorruptFile(f"{origin}: module {name}: {exc}") from None
+    update = low_rank(origin, name, A=A, B=B, scale=scale, names=("lora_down", "lora_up"), alpha=alpha,
+                      magnitude=magnitude, magnitude_axis=axis, bias=bias)
     if tuple(update.delta_shape) != tuple(shape):
         raise CorruptFile(f"{origin}: module {name}: factors give shape {tuple(update.delta_shape)}, expected {tuple(shape)}")
     return update, algorithm if "lora_mid.weight" not in parts else "lora-tucker"
