@@ -255,7 +255,7 @@ def test_xlabs_flux_layout_reads_like_diffusers(tmp_path):
             tensors[f"{key}.up.weight"] = torch.randn(rows, 4, generator=g) * 0.3
     save_file(tensors, str(tmp_path / "xlabs.safetensors"))
     ours = load(tmp_path / "xlabs.safetensors")
-    assert ours.source_format == "comfyui" and ours.config["architectures"] == ["flux"]
+    assert ours.source_format == "comfyui" and ours.config["architectures"][0] == "flux"
     assert "transformer.transformer_blocks.0.attn.add_k_proj" in ours.layers
     folder = save("flux", model, tmp_path / "base")
     expected = forward("flux", load_with_diffusers("flux", tmp_path / "xlabs.safetensors", build("flux")))
@@ -349,3 +349,93 @@ def test_without_diffusers_the_error_says_how_to_install_it(tmp_path, monkeypatc
                         tmp_path / "lora.safetensors")
     monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers now fails
     assert_clean_failure(run_cli("inspect", file), "pip install 'loramerge[diffusion]'")
+
+
+# Flux.1's original (BFL) module names, from BFL's flux model code, with the diffusers module whose shape each has
+# and how many of its rows it stacks (fused q, k, v). ``single_blocks.N.linear1`` is left out: diffusers' Flux.1
+# converter splits it at Flux.1-dev's widths only (3072·3 + 12288 rows), so no tiny model can load it.
+FLUX1_ORIGINAL = [
+    ("double_blocks.0.img_mod.lin", "transformer_blocks.0.norm1.linear", 1),
+    ("double_blocks.0.txt_mod.lin", "transformer_blocks.0.norm1_context.linear", 1),
+    ("double_blocks.0.img_attn.qkv", "transformer_blocks.0.attn.to_q", 3),
+    ("double_blocks.0.img_attn.proj", "transformer_blocks.0.attn.to_out.0", 1),
+    ("double_blocks.0.txt_attn.qkv", "transformer_blocks.0.attn.add_q_proj", 3),
+    ("double_blocks.0.txt_attn.proj", "transformer_blocks.0.attn.to_add_out", 1),
+    ("double_blocks.0.img_mlp.0", "transformer_blocks.0.ff.net.0.proj", 1),
+    ("double_blocks.0.img_mlp.2", "transformer_blocks.0.ff.net.2", 1),
+    ("double_blocks.0.txt_mlp.0", "transformer_blocks.0.ff_context.net.0.proj", 1),
+    ("double_blocks.0.txt_mlp.2", "transformer_blocks.0.ff_context.net.2", 1),
+    ("single_blocks.0.linear2", "single_transformer_blocks.0.proj_out", 1),
+    ("single_blocks.0.modulation.lin", "single_transformer_blocks.0.norm.linear", 1),
+    ("img_in", "x_embedder", 1), ("txt_in", "context_embedder", 1),
+    ("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1", 1),
+    ("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2", 1),
+    ("vector_in.in_layer", "time_text_embed.text_embedder.linear_1", 1),
+    ("vector_in.out_layer", "time_text_embed.text_embedder.linear_2", 1),
+    ("final_layer.linear", "proj_out", 1), ("final_layer.adaLN_modulation.1", "norm_out.linear", 1),
+]
+
+
+def original_file(family, modules, file, *, a="lora_A.weight", b="lora_B.weight", seed=13, rank=3):
+    """A LoRA on original module names behind ``diffusion_model.`` (ComfyUI / AI-Toolkit), factors spelled a/b."""
+    shapes = linear_modules(build(family))
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for original, diffusers_module, fused in modules:
+        out, inp = shapes[f"transformer.{diffusers_module}"]
+        tensors[f"diffusion_model.{original}.{a}"] = torch.randn(rank, inp, generator=g) / math.sqrt(inp)
+        tensors[f"diffusion_model.{original}.{b}"] = torch.randn(fused * out, rank, generator=g) * 0.3
+    save_file(tensors, str(file))
+    return file
+
+
+def test_flux1_comfyui_file_with_peft_suffixes_reads_as_flux1(tmp_path):
+    """AI-Toolkit writes Flux.1 LoRAs as ``diffusion_model.<BFL name>.lora_A/lora_B``; diffusers' Flux.1 loader
+    reads that layout only with kohya's ``lora_down``/``lora_up`` (what ComfyUI saves), so the oracle is that twin."""
+    peft_file = original_file("flux", FLUX1_ORIGINAL, tmp_path / "peft.safetensors")
+    twin = original_file("flux", FLUX1_ORIGINAL, tmp_path / "kohya.safetensors", a="lora_down.weight",
+                         b="lora_up.weight")
+    ours = load(peft_file)
+    assert ours.config["architectures"] == ["flux"]
+    assert "transformer.transformer_blocks.0.norm1.linear" in ours.layers
+    model = build("flux")
+    # diffusers' Flux.1 converter names the top-level modules (img_in, time_in, final_layer …) without their
+    # ``transformer.`` prefix, so its loader drops them; the oracle gives them the prefix back.
+    import diffusers
+
+    converted_twin = diffusers.FluxPipeline.lora_state_dict(str(twin))
+    converted_twin = converted_twin[0] if isinstance(converted_twin, tuple) else converted_twin
+    assert "x_embedder.lora_A.weight" in converted_twin
+    oracle = {k if k.startswith("transformer.") else f"transformer.{k}": v for k, v in converted_twin.items()}
+    expected = forward("flux", load_with_diffusers("flux", oracle, build("flux")))
+    assert relative_error(expected, forward("flux", model)) > 1e-3
+    fold(save("flux", model, tmp_path / "base"), peft_file, output=tmp_path / "folded", device="cpu")
+    assert relative_error(forward("flux", load_folded("flux", tmp_path / "folded")), expected) < 1e-4
+    assert run_cli("convert", peft_file, "-o", tmp_path / "conv", "--to", "diffusers").exit_code == 0
+    converted = load_with_diffusers("flux", tmp_path / "conv" / "pytorch_lora_weights.safetensors", build("flux"))
+    assert relative_error(forward("flux", converted), expected) < 1e-4
+
+
+def test_flux_original_names_both_families_share_are_told_apart_by_shape():
+    """Attention and MLP names are the same in Flux.1 and Flux.2; the MLP's aspect ratio is not (Flux.1 h→4h,
+    Flux.2 h→6h, SwiGLU), at any width. Attention alone fits both, and both are recorded."""
+    from loramerge.io.formats.converted import ProbeModule, resolve
+
+    def probes(modules):
+        return [ProbeModule(f"diffusion_model.{n}", s, f"diffusion_model.{n}.lora_A.weight",
+                            f"diffusion_model.{n}.lora_B.weight") for n, s in modules]
+
+    flux1 = resolve(probes([("double_blocks.0.img_attn.qkv", (96, 32)), ("double_blocks.0.img_mlp.0", (128, 32)),
+                            ("double_blocks.0.img_mlp.2", (32, 128))]), origin="probe")
+    flux2 = resolve(probes([("double_blocks.0.img_attn.qkv", (96, 32)), ("double_blocks.0.img_mlp.0", (192, 32)),
+                            ("double_blocks.0.img_mlp.2", (32, 96))]), origin="probe")
+    attention = resolve(probes([("double_blocks.0.img_attn.qkv", (96, 32))]), origin="probe")
+    assert flux1.family == "flux" and flux2.family == "flux2"
+    assert flux2.targets["diffusion_model.double_blocks.0.img_mlp.0"].pieces[0].module == \
+        "transformer.transformer_blocks.0.ff.linear_in"
+    assert attention.family == "flux" and "flux2" in attention.also
+    # linear1 at Flux.1-dev's width: diffusers' converter splits it into q, k, v and the MLP input
+    linear1 = resolve(probes([("single_blocks.0.linear1", (21504, 3072)), ("single_blocks.0.modulation.lin", (9216, 3072))]),
+                      origin="probe").targets["diffusion_model.single_blocks.0.linear1"]
+    assert [(p.module.rsplit(".", 1)[1], p.src, p.size) for p in linear1.pieces] == [
+        ("to_q", 0, 3072), ("to_k", 3072, 3072), ("to_v", 6144, 3072), ("proj_mlp", 9216, 12288)]

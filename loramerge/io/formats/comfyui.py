@@ -33,6 +33,7 @@ from loramerge.core.adapter import Adapter
 from loramerge.errors import UnsupportedAdapter
 from loramerge.io.factors import checked_tensors
 from loramerge.io.formats import lycoris
+from loramerge.io.formats.component import COMPONENT_KEY, denoiser_component
 from loramerge.io.formats.converted import ProbeModule
 from loramerge.io.formats.families import require_diffusers
 from loramerge.io.formats.kohya.keys import flat_shape, header_keys
@@ -167,7 +168,10 @@ def write(adapter: Adapter, path: Path, *, dtype: torch.dtype) -> None:
         tensors[f"{name}.lora_B.weight"] = baked.B.to(dtype)
         if lr.bias is not None:
             tensors[f"{name}.lora_B.bias"] = lr.bias.to(dtype)
-    write_safetensors(tensors, path, {"format": "pt"})
+    header = {"format": "pt"}
+    if denoiser_component(adapter) == "transformer_2":  # the file cannot say which expert it is for
+        header[COMPONENT_KEY] = "transformer_2"
+    write_safetensors(tensors, path, header)
 
 
 def _family_of(adapter: Adapter) -> str:

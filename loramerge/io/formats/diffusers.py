@@ -45,6 +45,7 @@ from loramerge.core.adapter import Adapter, LowRank
 from loramerge.errors import CorruptFile, UnknownFormat, UnsupportedAdapter
 from loramerge.io.factors import checked_tensors, factor, scalar
 from loramerge.io.formats import peft
+from loramerge.io.formats.component import COMPONENT_KEY, DENOISERS
 from loramerge.io.formats.families import architectures_of
 from loramerge.io.formats.sd_names import COMPONENTS
 from loramerge.io.formats.tensorfile import (
@@ -218,7 +219,23 @@ def _component_config(component: str, parts: dict[str, torch.Tensor], adapter_me
 
 
 def write(adapter: Adapter, folder: Path, *, dtype: torch.dtype) -> None:
-    """Write ``adapter`` as a diffusers LoRA folder (``pytorch_lora_weights.safetensors``)."""
+    """Write ``adapter`` as a diffusers LoRA folder (``pytorch_lora_weights.safetensors``).
+
+    diffusers loads a file's ``transformer.`` keys into one denoiser, the second one of Wan 2.2
+    when asked (``load_into_transformer_2=True``), so an adapter for ``transformer_2`` alone is
+    written under ``transformer.`` with its component recorded in the header; one for both
+    denoisers is refused (one file per expert).
+    """
+    experts = sorted({m.split(".", 1)[0] for m in adapter.layers} & set(DENOISERS))
+    if len(experts) > 1:
+        raise UnsupportedAdapter(
+            f"{adapter.source or 'adapter'}: modules for both {' and '.join(experts)}; diffusers loads one denoiser "
+            "per LoRA file (load_lora_weights(..., load_into_transformer_2=True) for the second): write each expert "
+            "to its own file, or use --to peft to keep both in one"
+        )
+    header: dict[str, str] = {}
+    if experts == ["transformer_2"]:
+        header[COMPONENT_KEY] = "transformer_2"
     components: dict[str, dict[str, LowRank]] = {}
     for module, lr in adapter.layers.items():
         component, _, rest = module.partition(".")
@@ -227,7 +244,7 @@ def write(adapter: Adapter, folder: Path, *, dtype: torch.dtype) -> None:
                 f"module {module}: diffusers files name modules by pipeline component ({', '.join(COMPONENTS)}); "
                 "this name has none (read kohya files without --base, or with a diffusers pipeline folder as --base)"
             )
-        components.setdefault(component, {})[rest] = lr.baked()
+        components.setdefault("transformer" if component in DENOISERS else component, {})[rest] = lr.baked()
     tensors: dict[str, torch.Tensor] = {}
     metadata: dict[str, Any] = {}
     for component, layers in components.items():
@@ -248,4 +265,4 @@ def write(adapter: Adapter, folder: Path, *, dtype: torch.dtype) -> None:
         config["use_dora"] = peft.uses_dora(sub)
         config["lora_bias"] = any(lr.bias is not None for lr in short.values())
         metadata.update({f"{component}.{k}": v for k, v in config.items()})
-    write_safetensors(tensors, folder / WEIGHTS_NAME, {METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+    write_safetensors(tensors, folder / WEIGHTS_NAME, {METADATA_KEY: json.dumps(metadata, sort_keys=True), **header})
