@@ -51,7 +51,22 @@ def same_name(path: str) -> str:
     return path
 
 
-ORIGINAL = {"wan": wan_original, "qwen_image": same_name, "hidream": same_name, "ltx_video": same_name}
+# LTX-2's original names (Lightricks' LTX-2 model code) where they are not diffusers' own.
+LTX2_RENAMED = {"proj_in": "patchify_proj", "audio_proj_in": "audio_patchify_proj", "time_embed": "adaln_single",
+                "audio_time_embed": "audio_adaln_single",
+                "av_cross_attn_video_scale_shift": "av_ca_video_scale_shift_adaln_single",
+                "av_cross_attn_audio_scale_shift": "av_ca_audio_scale_shift_adaln_single",
+                "av_cross_attn_video_a2v_gate": "av_ca_a2v_gate_adaln_single",
+                "av_cross_attn_audio_v2a_gate": "av_ca_v2a_gate_adaln_single"}
+
+
+def ltx2_original(path: str) -> str:
+    head, _, rest = path.partition(".")
+    return ".".join(filter(None, (LTX2_RENAMED.get(head, head), rest)))
+
+
+ORIGINAL = {"wan": wan_original, "qwen_image": same_name, "hidream": same_name, "ltx_video": same_name,
+            "ltx2": ltx2_original}
 
 
 def write_layout(adapter, layout: str, family: str, file, *, alpha_factor: float = 2.0, blocks_only=False):
@@ -79,9 +94,9 @@ def write_layout(adapter, layout: str, family: str, file, *, alpha_factor: float
         else:
             raise ValueError(layout)
         # diffusers' Wan converter takes alphas on block modules only, so the oracle file bakes the rest.
-        # diffusers' LTX-Video loader ignores ``.alpha`` keys (scale 1), so its oracle file bakes every scale.
+        # diffusers' LTX-Video and LTX-2 loaders ignore ``.alpha`` keys (scale 1), so their oracle files bake every scale.
         baked = layout == "diffsynth" or (layout == "comfyui" and not path.startswith(("blocks.", "transformer_blocks."))) \
-            or family == "ltx_video"
+            or family in ("ltx_video", "ltx2")
         if baked:
             tensors[f"{key}.{a}"] = (lr.A * lr.scale).contiguous()
             tensors[f"{key}.{b}"] = lr.B.contiguous()
@@ -96,11 +111,12 @@ def write_layout(adapter, layout: str, family: str, file, *, alpha_factor: float
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
     root = tmp_path_factory.mktemp("layout-bases")
-    return {name: save(name, build(name), root / name) for name in ("wan", "qwen_image", "hidream", "ltx_video", "sd3")}
+    return {name: save(name, build(name), root / name) for name in ("wan", "qwen_image", "hidream", "ltx_video", "ltx2", "sd3")}
 
 
 CASES = [("wan", "comfyui"), ("wan", "musubi"), ("wan", "diffsynth"), ("qwen_image", "comfyui"),
-         ("qwen_image", "musubi"), ("qwen_image", "diffsynth"), ("hidream", "comfyui"), ("ltx_video", "comfyui")]
+         ("qwen_image", "musubi"), ("qwen_image", "diffsynth"), ("hidream", "comfyui"), ("ltx_video", "comfyui"),
+         ("ltx2", "comfyui")]
 
 
 @pytest.mark.parametrize(("family", "layout"), CASES)
