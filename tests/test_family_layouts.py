@@ -455,3 +455,113 @@ def test_flux_original_names_both_families_share_are_told_apart_by_shape():
                       origin="probe").targets["diffusion_model.single_blocks.0.linear1"]
     assert [(p.module.rsplit(".", 1)[1], p.src, p.size) for p in linear1.pieces] == [
         ("to_q", 0, 3072), ("to_k", 3072, 3072), ("to_v", 6144, 3072), ("proj_mlp", 9216, 12288)]
+
+
+def test_control_norm_names_are_those_of_diffusers_bfl_converter():
+    """diffusers' BFL control converter only takes a whole Flux.1-dev file, so it checks loramerge's names for
+    the norm scales on a skeleton of one (every module BFL's control LoRAs train, 1-wide factors, numbered scales)."""
+    import diffusers
+
+    from loramerge.io.formats.comfyui import control_norm
+
+    rows = {"img_attn.qkv": 3, "txt_attn.qkv": 3, "linear1": 21504, "adaLN_modulation.1": 2}
+    modules = [f"double_blocks.{i}.{m}" for i in range(19) for m in (
+        "img_mod.lin", "txt_mod.lin", "img_attn.qkv", "txt_attn.qkv", "img_attn.proj", "txt_attn.proj",
+        "img_mlp.0", "img_mlp.2", "txt_mlp.0", "txt_mlp.2")]
+    modules += [f"single_blocks.{i}.{m}" for i in range(38) for m in ("linear1", "linear2", "modulation.lin")]
+    modules += ["time_in.in_layer", "time_in.out_layer", "vector_in.in_layer", "vector_in.out_layer",
+                "guidance_in.in_layer", "guidance_in.out_layer", "txt_in", "img_in", "final_layer.linear",
+                "final_layer.adaLN_modulation.1"]
+    skeleton = {}
+    for m in modules:
+        rank = 2 if m.endswith("adaLN_modulation.1") else 1  # diffusers swaps the halves of A too
+        skeleton[f"{m}.lora_A.weight"] = torch.ones(rank, 1)
+        skeleton[f"{m}.lora_B.weight"] = torch.ones(next((r for k, r in rows.items() if m.endswith(k)), 1), rank)
+    norms = [f"double_blocks.{i}.{s}_attn.norm.{q}_norm.scale" for i in range(19) for s in ("img", "txt")
+             for q in ("query", "key")] + [f"single_blocks.{i}.norm.{q}_norm.scale" for i in range(38)
+                                           for q in ("query", "key")]
+    skeleton.update({n: torch.tensor([float(i)]) for i, n in enumerate(norms)})
+    converted = diffusers.FluxPipeline.lora_state_dict(skeleton)
+    converted = converted[0] if isinstance(converted, tuple) else converted
+    for i, name in enumerate(norms):
+        assert converted[control_norm(name)].item() == i, name
+
+
+def control_file(model, file, *, seed=17, rank=3):
+    """A BFL Flux control LoRA for ``model`` (BFL's flux-*-lora layout: bare BFL names, lora_A/lora_B, a
+    widened ``img_in`` taking the control latents beside the image latents, and new q/k norm scales), and the
+    same LoRA in diffusers' names (their mapping: diffusers' BFL converter, see the test above)."""
+    shapes = linear_modules(model)
+    g = torch.Generator().manual_seed(seed)
+    bfl, ours = {}, {}
+    kohya_twin = {}
+    for original, diffusers_module, fused in FLUX1_ORIGINAL:
+        out, inp = shapes[f"transformer.{diffusers_module}"]
+        if original == "img_in":
+            inp *= 2
+        A = torch.randn(rank, inp, generator=g) / math.sqrt(inp)
+        B = torch.randn(fused * out, rank, generator=g) * 0.3
+        bfl[f"{original}.lora_A.weight"], bfl[f"{original}.lora_B.weight"] = A, B
+        kohya_twin[f"diffusion_model.{original}.lora_down.weight"] = A
+        kohya_twin[f"diffusion_model.{original}.lora_up.weight"] = B
+    head = model.config.attention_head_dim
+    norms = {"double_blocks.0.img_attn.norm.query_norm.scale": "transformer_blocks.0.attn.norm_q.weight",
+             "double_blocks.0.img_attn.norm.key_norm.scale": "transformer_blocks.0.attn.norm_k.weight",
+             "double_blocks.0.txt_attn.norm.query_norm.scale": "transformer_blocks.0.attn.norm_added_q.weight",
+             "double_blocks.0.txt_attn.norm.key_norm.scale": "transformer_blocks.0.attn.norm_added_k.weight",
+             "single_blocks.0.norm.query_norm.scale": "single_transformer_blocks.0.attn.norm_q.weight",
+             "single_blocks.0.norm.key_norm.scale": "single_transformer_blocks.0.attn.norm_k.weight"}
+    for original, name in norms.items():
+        bfl[original] = 1 + 0.5 * torch.randn(head, generator=g)
+        ours[f"transformer.{name}"] = bfl[original]
+    save_file(bfl, str(file))
+    import diffusers
+
+    converted = diffusers.FluxPipeline.lora_state_dict(kohya_twin)
+    converted = converted[0] if isinstance(converted, tuple) else converted
+    ours.update({k if k.startswith("transformer.") else f"transformer.{k}": v for k, v in converted.items()})
+    return file, ours
+
+
+def flux_control_forward(model):
+    """The tiny Flux model's forward on image latents with control latents beside them (twice the channels)."""
+    g = torch.Generator().manual_seed(1)
+    channels = model.config.in_channels
+    inputs = dict(hidden_states=torch.randn(1, 16, channels, generator=g), encoder_hidden_states=torch.randn(1, 8, 32, generator=g),
+                  pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([1.0]),
+                  img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3))
+    with torch.no_grad():
+        return model(**inputs, return_dict=False)[0]
+
+
+def flux_pipeline_with(lora):
+    import diffusers
+
+    pipe = diffusers.FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                                  tokenizer_2=None, transformer=build("flux"))
+    pipe.load_lora_weights(lora)
+    return pipe.transformer
+
+
+def test_bfl_flux_control_lora_reads_converts_and_is_refused_by_fold_and_merge(tmp_path):
+    model = build("flux")
+    file, diffusers_named = control_file(model, tmp_path / "canny.safetensors")
+    ours = load(file)
+    assert ours.config["architectures"][0] == "flux"
+    assert ours.layers["transformer.x_embedder"].A.shape[1] == 2 * model.config.in_channels
+    assert sorted(ours.full_weights) == sorted(k for k in diffusers_named if k.endswith("norm_q.weight")
+                                               or k.endswith("norm_k.weight") or "norm_added" in k)
+    expected = flux_control_forward(flux_pipeline_with(dict(diffusers_named)))
+    assert expected.shape[-1] == model.config.in_channels  # the widened model still predicts image latents
+
+    assert run_cli("convert", file, "-o", tmp_path / "conv", "--to", "diffusers").exit_code == 0
+    converted = flux_pipeline_with(str(tmp_path / "conv" / "pytorch_lora_weights.safetensors"))
+    assert converted.config.in_channels == 2 * model.config.in_channels
+    assert relative_error(flux_control_forward(converted), expected) < 1e-4
+
+    base = save("flux", model, tmp_path / "base")
+    assert_clean_failure(run_cli("fold", base, file, "-o", tmp_path / "out"), "canny.safetensors", "x_embedder",
+                         "FluxControlPipeline")
+    assert not (tmp_path / "out").exists()
+    other = write_adapter(random_adapter(linear_modules(model), seed=1), tmp_path / "style", format="diffusers")
+    assert_clean_failure(run_cli("combine", file, other, "-o", tmp_path / "merged"), "canny.safetensors", "norm")

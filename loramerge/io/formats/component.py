@@ -86,4 +86,5 @@ def for_component(adapter: Adapter, component: str) -> Adapter:
         config["keys"] = {k: [moved(m) for m in v] if isinstance(v, list) else moved(v)
                           for k, v in config["keys"].items()}
     config["component"] = component
-    return adapter.with_layers({moved(m): lr for m, lr in adapter.layers.items()}, config=config)
+    return adapter.with_layers({moved(m): lr for m, lr in adapter.layers.items()}, config=config,
+                               full_weights={moved(k): v for k, v in adapter.full_weights.items()})

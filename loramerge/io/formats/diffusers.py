@@ -69,6 +69,9 @@ _BARE = {
     "text_encoder": ("text_model",),
 }
 _OLD_FACTORS = {"down": "lora_A", "up": "lora_B"}
+# The full tensors diffusers' LoRA loaders take beside LoRA factors: a Flux control LoRA's attention
+# norm scales (FluxLoraLoaderMixin._control_lora_supported_norm_keys).
+_CONTROL_NORM = re.compile(r"^transformer\.(?:.+\.)?attn\.norm_(?:added_)?[qk]\.weight$")
 _CLIP_TOP = ("encoder.layers.", "embeddings.", "final_layer_norm.")
 _PROCESSOR_UNET = {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"}
 _PROCESSOR_TEXT = {"to_q_lora": "q_proj", "to_k_lora": "k_proj", "to_v_lora": "v_proj", "to_out_lora": "out_proj"}
@@ -152,7 +155,11 @@ def read(path: Path, *, allow_pickle: bool = False, base: str | Path | None = No
     by_component: dict[str, dict[str, torch.Tensor]] = {}
     alphas: dict[str, dict[str, float]] = {}
     unknown = []
+    replaced = {}
     for key, tensor in tensors.items():
+        if _CONTROL_NORM.match(key):
+            replaced[key] = tensor
+            continue
         normal = normalize_key(key)
         if normal is None:
             unknown.append(key)
@@ -180,7 +187,7 @@ def read(path: Path, *, allow_pickle: bool = False, base: str | Path | None = No
     if architectures:
         config["architectures"] = architectures
     return Adapter(layers, source_format=NAME, dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32,
-                   source=str(path), config=config)
+                   source=str(path), config=config, full_weights=replaced)
 
 
 def _adapter_metadata(header: dict[str, str], origin: Path) -> dict[str, Any]:
@@ -233,6 +240,12 @@ def write(adapter: Adapter, folder: Path, *, dtype: torch.dtype) -> None:
             "per LoRA file (load_lora_weights(..., load_into_transformer_2=True) for the second): write each expert "
             "to its own file, or use --to peft to keep both in one"
         )
+    others = sorted(k for k in adapter.full_weights if not _CONTROL_NORM.match(k))
+    if others:
+        raise UnsupportedAdapter(
+            f"{adapter.source or 'adapter'}: full weights {', '.join(others[:3])} have no place in a diffusers LoRA "
+            "file (it holds LoRA factors and Flux control norms only); write --to peft"
+        )
     header: dict[str, str] = {}
     if experts == ["transformer_2"]:
         header[COMPONENT_KEY] = "transformer_2"
@@ -245,7 +258,7 @@ def write(adapter: Adapter, folder: Path, *, dtype: torch.dtype) -> None:
                 "this name has none (read kohya files without --base, or with a diffusers pipeline folder as --base)"
             )
         components.setdefault("transformer" if component in DENOISERS else component, {})[rest] = lr.baked()
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor] = {k: v.to(dtype) for k, v in adapter.full_weights.items()}
     metadata: dict[str, Any] = {}
     for component, layers in components.items():
         for name, lr in layers.items():
