@@ -66,7 +66,7 @@ def ltx2_original(path: str) -> str:
 
 
 ORIGINAL = {"wan": wan_original, "qwen_image": same_name, "hidream": same_name, "ltx_video": same_name,
-            "ltx2": ltx2_original}
+            "ltx2": ltx2_original, "z_image": same_name}
 
 
 def write_layout(adapter, layout: str, family: str, file, *, alpha_factor: float = 2.0, blocks_only=False):
@@ -111,12 +111,12 @@ def write_layout(adapter, layout: str, family: str, file, *, alpha_factor: float
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
     root = tmp_path_factory.mktemp("layout-bases")
-    return {name: save(name, build(name), root / name) for name in ("wan", "qwen_image", "hidream", "ltx_video", "ltx2", "sd3")}
+    return {name: save(name, build(name), root / name) for name in ("wan", "qwen_image", "hidream", "ltx_video", "ltx2", "z_image", "sd3")}
 
 
 CASES = [("wan", "comfyui"), ("wan", "musubi"), ("wan", "diffsynth"), ("qwen_image", "comfyui"),
          ("qwen_image", "musubi"), ("qwen_image", "diffsynth"), ("hidream", "comfyui"), ("ltx_video", "comfyui"),
-         ("ltx2", "comfyui")]
+         ("ltx2", "comfyui"), ("z_image", "comfyui")]
 
 
 @pytest.mark.parametrize(("family", "layout"), CASES)
@@ -565,3 +565,40 @@ def test_bfl_flux_control_lora_reads_converts_and_is_refused_by_fold_and_merge(t
     assert not (tmp_path / "out").exists()
     other = write_adapter(random_adapter(linear_modules(model), seed=1), tmp_path / "style", format="diffusers")
     assert_clean_failure(run_cli("combine", file, other, "-o", tmp_path / "merged"), "canny.safetensors", "norm")
+
+
+# Chroma's original modules are Flux.1's without the per-block modulation (a distilled guidance layer replaces it).
+CHROMA_ORIGINAL = [m for m in FLUX1_ORIGINAL if "mod" not in m[0] and not m[0].startswith(("time_in", "vector_in"))]
+
+
+def test_chroma_kohya_file_reads_like_the_chroma_loader_and_folds(tmp_path):
+    """kohya's sd-scripts trains Chroma with its Flux.1 network: ``lora_unet_<BFL name, dots as _>`` with alphas."""
+    model = build("chroma")
+    shapes = linear_modules(model)
+    g = torch.Generator().manual_seed(19)
+    tensors = {}
+    for original, diffusers_module, fused in CHROMA_ORIGINAL:
+        out, inp = shapes[f"transformer.{diffusers_module}"]
+        name = "lora_unet_" + original.replace(".", "_")
+        tensors[f"{name}.lora_down.weight"] = torch.randn(4, inp, generator=g) / math.sqrt(inp)
+        tensors[f"{name}.lora_up.weight"] = torch.randn(fused * out, 4, generator=g) * 0.3
+        # diffusers' converter ignores the alpha of final_layer modules (kohya applies alpha / rank to every
+        # module): there the oracle file has alpha = rank.
+        tensors[f"{name}.alpha"] = torch.tensor(4.0 if original.startswith("final_layer") else 2.0)
+    file = tmp_path / "chroma.safetensors"
+    save_file(tensors, str(file))
+    assert "chroma" in load(file).config["architectures"]
+    import diffusers
+
+    # diffusers' kohya Flux converter (Chroma's too) names the top-level modules without ``transformer.``, so its
+    # loader drops them; the oracle gives them the prefix back.
+    converted = diffusers.ChromaPipeline.lora_state_dict(str(file))
+    converted = converted[0] if isinstance(converted, tuple) else converted
+    oracle = {k if k.startswith("transformer.") else f"transformer.{k}": v for k, v in converted.items()}
+    expected = forward("chroma", load_with_diffusers("chroma", oracle, build("chroma")))
+    assert relative_error(expected, forward("chroma", model)) > 1e-3
+    fold(save("chroma", model, tmp_path / "base"), file, output=tmp_path / "folded", device="cpu")
+    assert relative_error(forward("chroma", load_folded("chroma", tmp_path / "folded")), expected) < 1e-4
+    assert run_cli("convert", file, "-o", tmp_path / "conv", "--to", "diffusers").exit_code == 0
+    converted = load_with_diffusers("chroma", tmp_path / "conv" / "pytorch_lora_weights.safetensors", build("chroma"))
+    assert relative_error(forward("chroma", converted), expected) < 1e-4
