@@ -11,6 +11,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # An unexpected exception in a CLI test is re-raised with its traceback, never hidden behind one line.
 os.environ.setdefault("LORAMERGE_DEBUG", "1")
+# The on-disk cache (loramerge/io/cache.py) goes to a folder of this run's own, never the user's.
+if "LORAMERGE_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["LORAMERGE_CACHE"] = tempfile.mkdtemp(prefix="loramerge-test-cache-")
 
 from tests.peft_fixtures import make_peft_adapter, tiny_gpt2, tiny_llama, toy_conv_net
 

@@ -226,3 +226,44 @@ def test_keep_quant_writes_the_bitsandbytes_format_again(llama, tmp_path, kind):
         else:
             expected = bnb4.fake_quantize_4bit(weight, "nf4", 64, double_quant=True)
         assert torch.equal(value, expected), name
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def _rows_in_steps(view, name: str, step: int) -> torch.Tensor:
+    """Tensor ``name`` of a base view, read as the fold reads it: ``step`` rows at a time through ``mapped``."""
+    with view.mapped(name) as rows:
+        return torch.cat([rows[s:s + step].clone() for s in range(0, view.tensors[name].shape[0], step)])
+
+
+@pytest.mark.parametrize("quant_type", bnb4.QUANT_TYPES)
+def test_base_quant_rows_are_bitsandbytes_bits_whatever_the_row_blocks(llama, quant_type):
+    from loramerge.io.quant.view import BaseQuant, open_base
+
+    root = llama[0]
+    base = open_checkpoint(root / "base")
+    for blocksize, double in [(64, False), (128, True), (256, False)]:  # 128 and 256: blocks straddle rows
+        view = open_base(root / "base", base_quant=BaseQuant(quant_type, blocksize, double))
+        assert len(view.decoders) == 14
+        for name in view.decoders:
+            weight = base.read(name)
+            expected = bnb4.fake_quantize_4bit(weight, quant_type, blocksize, double)
+            if not double:
+                packed, state = bnb_functional.quantize_4bit(weight, blocksize=blocksize, quant_type=quant_type)
+                assert torch.equal(_bits(bnb_functional.dequantize_4bit(packed, state)), _bits(expected)), name
+            for step in (3, 64, weight.shape[0]):
+                assert torch.equal(_bits(_rows_in_steps(view, name, step)), _bits(expected)), (name, step)
+
+
+@pytest.mark.parametrize("kind", ["nf4_double", "fp4"])
+def test_prequantized_rows_are_bitsandbytes_bits_whatever_the_row_blocks(llama, tmp_path, kind):
+    from loramerge.io.quant.view import open_base
+
+    quantized = bnb_checkpoint(llama[0] / "base", tmp_path / "q", **BNB[kind])
+    reference = _bnb_dequantized(quantized)
+    view = open_base(quantized)
+    for name, expected in reference.items():
+        for step in (3, 64, expected.shape[0]):
+            assert torch.equal(_bits(_rows_in_steps(view, name, step)), _bits(expected)), (name, step)

@@ -307,15 +307,7 @@ class _ShapeCheck:
             other = "hada_t2" if tucker[0] == "hada_t1" else "hada_t1"
             raise CorruptFile(f"{self.origin}: module {self.name} has {tucker[0]} but no {other} tensor")
         for side in ("1", "2"):
-            a, b = self.get(f"hada_w{side}_a", (2,)), self.get(f"hada_w{side}_b", (2,))
-            if tucker:
-                t = self.get(f"hada_t{side}", (3, 4, 5))
-                if tuple(t.shape[:2]) != (a.shape[0], b.shape[0]):
-                    raise CorruptFile(f"{self.origin}: module {self.name}: hada_t{side} of shape {tuple(t.shape)} does "
-                                      f"not fit hada_w{side}_a {tuple(a.shape)} and hada_w{side}_b {tuple(b.shape)}")
-            elif a.shape[1] != b.shape[0]:
-                raise CorruptFile(f"{self.origin}: module {self.name}: hada_w{side}_a has rank {a.shape[1]} but "
-                                  f"hada_w{side}_b has rank {b.shape[0]}")
+            self._factor_pair(f"hada_w{side}_a", f"hada_w{side}_b", f"hada_t{side}" if tucker else None)
         out_axis = 1 if tucker else 0
         self._agree(("hada_w1_a", out_axis), ("hada_w2_a", out_axis), "outputs")
         self._agree(("hada_w1_b", 1), ("hada_w2_b", 1), "inputs")
@@ -328,15 +320,8 @@ class _ShapeCheck:
             if whole in self.parts:
                 self.get(whole, full_dims)
                 continue
-            a, b = self.get(f"lokr_w{side}_a", (2,)), self.get(f"lokr_w{side}_b", (2,))
-            if side == "2" and "lokr_t2" in self.parts:
-                t = self.get("lokr_t2", (3, 4, 5))
-                if tuple(t.shape[:2]) != (a.shape[0], b.shape[0]):
-                    raise CorruptFile(f"{self.origin}: module {self.name}: lokr_t2 of shape {tuple(t.shape)} does not "
-                                      f"fit lokr_w2_a {tuple(a.shape)} and lokr_w2_b {tuple(b.shape)}")
-            elif a.shape[1] != b.shape[0]:
-                raise CorruptFile(f"{self.origin}: module {self.name}: lokr_w{side}_a has rank {a.shape[1]} but "
-                                  f"lokr_w{side}_b has rank {b.shape[0]}")
+            core = "lokr_t2" if side == "2" and "lokr_t2" in self.parts else None
+            self._factor_pair(f"lokr_w{side}_a", f"lokr_w{side}_b", core)
         if "lokr_t2" in self.parts and "lokr_w2" in self.parts:
             raise CorruptFile(f"{self.origin}: module {self.name} has both lokr_w2 and lokr_t2")
 
@@ -350,6 +335,18 @@ class _ShapeCheck:
             if bias.shape[0] != diff.shape[0]:
                 raise CorruptFile(f"{self.origin}: module {self.name}: diff_b has {bias.shape[0]} entries but diff has "
                                   f"{diff.shape[0]} outputs")
+
+    def _factor_pair(self, a_name: str, b_name: str, core_name: str | None) -> None:
+        """Check a LyCORIS factor pair: ``a`` (rows × rank) and ``b`` (rank × cols), or a Tucker ``core`` between them."""
+        a, b = self.get(a_name, (2,)), self.get(b_name, (2,))
+        if core_name is not None:
+            core = self.get(core_name, (3, 4, 5))
+            if tuple(core.shape[:2]) != (a.shape[0], b.shape[0]):
+                raise CorruptFile(f"{self.origin}: module {self.name}: {core_name} of shape {tuple(core.shape)} does "
+                                  f"not fit {a_name} {tuple(a.shape)} and {b_name} {tuple(b.shape)}")
+        elif a.shape[1] != b.shape[0]:
+            raise CorruptFile(f"{self.origin}: module {self.name}: {a_name} has rank {a.shape[1]} but "
+                              f"{b_name} has rank {b.shape[0]}")
 
     def _agree(self, a: tuple[str, int], b: tuple[str, int], what: str) -> None:
         x, y = self.parts[a[0]].shape[a[1]], self.parts[b[0]].shape[b[1]]

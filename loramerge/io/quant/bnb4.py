@@ -31,12 +31,13 @@ from typing import Any
 
 import torch
 
+from loramerge.io.quant import lookup
 from loramerge.io.structured import INT, NUMBER, POSITIVE_INT, STRING, list_of, parse_json
 
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
-_TINY = 1e-38  # bitsandbytes' floor for the scale of an all-zero block
+TINY = 1e-38  # bitsandbytes' floor for the scale of an all-zero block
 
 # The code tables as bitsandbytes defines them (``get_4bit_type``): NF4 values are normal-distribution
 # quantiles; FP4 entries are listed in bit-pattern order and divided by their largest magnitude, 12.
@@ -53,9 +54,14 @@ _FP4_PATTERNS = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0
 def code_table(quant_type: str) -> torch.Tensor:
     """The 16 dequantized values of ``quant_type`` (``nf4``/``fp4``), indexed by the 4-bit code, float32.
 
+    These are the values bitsandbytes' dequantization kernels (CUDA, and the native CPU one) give:
+    FP4's code 8 is -0.0. The table bitsandbytes stores as ``quant_map`` has +0.0 there
+    (:func:`stored_map`), and its Python reference kernel, which looks values up in that table,
+    gives +0.0.
+
     Example:
-        >>> code_table("nf4")[7].item(), code_table("fp4")[3].item()
-        (0.0, 1.0)
+        >>> code_table("nf4")[7].item(), code_table("fp4")[3].item(), code_table("fp4")[8].item()
+        (0.0, 1.0, -0.0)
     """
     if quant_type == "nf4":
         return torch.tensor(_NF4, dtype=torch.float32)
@@ -63,6 +69,30 @@ def code_table(quant_type: str) -> torch.Tensor:
         table = torch.tensor(_FP4_PATTERNS, dtype=torch.float32)
         return table / table.abs().max()
     raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+
+
+def stored_map(quant_type: str) -> torch.Tensor:
+    """The ``quant_map`` bitsandbytes serializes (``get_4bit_type``): :func:`code_table` with +0.0 for -0.0.
+
+    Example:
+        >>> stored_map("fp4")[8].item()
+        0.0
+    """
+    return code_table(quant_type) + 0.0
+
+
+def kernel_map(quant_map: torch.Tensor, quant_type: str) -> torch.Tensor:
+    """The values a stored ``quant_map`` dequantizes to: :func:`code_table` where the map holds its values (the
+    kernels use their built-in table), else the map itself (float32).
+
+    Example:
+        >>> kernel_map(stored_map("fp4"), "fp4")[8].item()
+        -0.0
+    """
+    table = code_table(quant_type) if quant_type in QUANT_TYPES else None
+    if table is not None and quant_map.numel() == 16 and torch.equal(quant_map.float().cpu(), table):
+        return table.to(quant_map.device)
+    return quant_map.float()
 
 
 @cache
@@ -105,11 +135,33 @@ def block_absmax(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
     """
     flat = flat.reshape(-1)
     full = flat.numel() - flat.numel() % blocksize
-    absmax = flat[:full].float().reshape(-1, blocksize).abs().amax(dim=1)
+    absmax = rows_absmax(flat[:full].reshape(-1, blocksize))
     if full < flat.numel():
-        tail = flat[full:].float().abs().amax().clamp(min=_TINY)
+        tail = flat[full:].float().abs().amax().clamp(min=TINY)
         absmax = torch.cat([absmax, tail.reshape(1)])
     return absmax
+
+
+# Floats of these dtypes order like their bit patterns once the sign bit is cleared (NaN above inf).
+_MAGNITUDE_BITS = {torch.bfloat16: (torch.int16, 0x7FFF), torch.float16: (torch.int16, 0x7FFF),
+                   torch.float32: (torch.int32, 0x7FFFFFFF)}
+
+
+def rows_absmax(blocks: torch.Tensor) -> torch.Tensor:
+    """``blocks.float().abs().amax(dim=1)`` of a 2-D float tensor, as a max over integer magnitudes: one pass.
+
+    Exact: clearing the sign bit gives |x|, and non-negative floats order like their bits (a NaN
+    anywhere gives a NaN).
+
+    Example:
+        >>> rows_absmax(torch.tensor([[1.0, -3.0], [-0.0, 0.5]], dtype=torch.bfloat16)).tolist()
+        [3.0, 0.5]
+    """
+    kind = _MAGNITUDE_BITS.get(blocks.dtype)
+    if kind is None or blocks.numel() == 0 or blocks.stride(-1) != 1:
+        return blocks.float().abs().amax(dim=1)
+    ints, mask = kind
+    return torch.bitwise_and(blocks.view(ints), mask).amax(dim=1).view(blocks.dtype).float()
 
 
 def _scaled(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
@@ -117,27 +169,11 @@ def _scaled(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.T
     flat = flat.reshape(-1).float()
     full = flat.numel() - flat.numel() % blocksize
     blocks = full // blocksize
-    scaled = (flat[:full].reshape(blocks, blocksize) * (1.0 / absmax[:blocks].clamp(min=_TINY)).unsqueeze(1))
+    scaled = (flat[:full].reshape(blocks, blocksize) * (1.0 / absmax[:blocks].clamp(min=TINY)).unsqueeze(1))
     scaled = scaled.clamp_(-1, 1).reshape(-1)
     if full < flat.numel():
         scaled = torch.cat([scaled, (flat[full:] / absmax[blocks]).clamp_(-1, 1)])
     return scaled
-
-
-def bucket(scaled: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
-    """``torch.bucketize(scaled, bounds)`` (uint8) for a short ``bounds``: the count of bounds below each value.
-
-    Fifteen vectorized comparisons run several times faster than bucketize's per-element binary
-    search, and give the same index for every finite value.
-
-    Example:
-        >>> bucket(torch.tensor([-2.0, 0.0, 0.5, 3.0]), torch.tensor([-1.0, 0.0, 1.0])).tolist()
-        [0, 1, 2, 3]
-    """
-    index = torch.zeros(scaled.shape, dtype=torch.uint8, device=scaled.device)
-    for bound in bounds.tolist():
-        index += torch.gt(scaled, bound)
-    return index
 
 
 def quantize_codes(flat: torch.Tensor, absmax: torch.Tensor, quant_type: str, blocksize: int) -> torch.Tensor:
@@ -147,9 +183,74 @@ def quantize_codes(flat: torch.Tensor, absmax: torch.Tensor, quant_type: str, bl
         >>> quantize_codes(torch.tensor([1.0, -1.0, 0.0, 0.5]), torch.tensor([1.0, 1.0]), "nf4", 2).tolist()
         [15, 0, 7, 12]
     """
+    return nearest_codes(_scaled(flat, absmax, blocksize), quant_type, finite=all_finite(absmax))
+
+
+@cache
+def nearest_table(quant_type: str) -> lookup.NearestTable:
+    """The cell table of ``quant_type`` (see :mod:`loramerge.io.quant.lookup`), on the CPU.
+
+    Example:
+        >>> int(torch.isfinite(nearest_table("nf4").threshold).sum())  # one cell per midpoint
+        15
+    """
     bounds, order = _bounds(quant_type)
-    index = bucket(_scaled(flat, absmax, blocksize), bounds)
-    return order.to(index.device)[index.long()] if quant_type != "nf4" else index
+    return lookup.build_table(bounds, code_table(quant_type)[order.long()], order)
+
+
+@cache
+def coarse_table(quant_type: str) -> lookup.CoarseTable:
+    """The one-gather table of ``quant_type`` (see :mod:`loramerge.io.quant.lookup`), on the CPU.
+
+    Example:
+        >>> int((coarse_table("nf4").values == 4.0).sum()) < 64  # a few cells per midpoint are undecided
+        True
+    """
+    bounds, order = _bounds(quant_type)
+    return lookup.build_coarse(bounds, code_table(quant_type)[order.long()])
+
+
+def all_finite(absmax: torch.Tensor) -> bool:
+    """Whether the table lookups apply: on the CPU, every block's absmax (hence every scaled value) finite."""
+    return absmax.device.type == "cpu" and bool(torch.isfinite(absmax).all())
+
+
+def nearest_codes(scaled: torch.Tensor, quant_type: str, finite: bool) -> torch.Tensor:
+    """bitsandbytes' 4-bit code (uint8) of each scaled value: ``bucketize`` on the midpoints, mapped to the code.
+
+    ``finite`` says every value is finite and on the CPU, where a table lookup gives the same codes
+    (:mod:`~loramerge.io.quant.lookup`); otherwise bitsandbytes' own ``bucketize`` runs.
+
+    Example:
+        >>> nearest_codes(torch.tensor([-1.0, 0.0, 0.5, 2.0]), "fp4", finite=True).tolist()
+        [11, 0, 5, 3]
+    """
+    flat = scaled.reshape(-1)
+    if finite:
+        return lookup.lookup_codes(flat, nearest_table(quant_type))
+    bounds, order = _bounds(quant_type)
+    return order.to(flat.device)[lookup.nearest_positions(flat, bounds)]
+
+
+def nearest_values(scaled: torch.Tensor, quant_type: str, finite: bool, out: torch.Tensor | None = None,
+                   work: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The float32 code value bitsandbytes' quantization picks for each scaled value (flat); see :func:`nearest_codes`.
+
+    ``out`` receives the values; ``work`` is a pair of work buffers (int32 and float32, as many
+    elements as ``scaled``) for the table lookup.
+
+    Example:
+        >>> midpoint = 0.03979014977812767  # between the codes 0.0 and 0.0796: a tie goes to the lower one
+        >>> nearest_values(torch.tensor([0.5, midpoint, 0.0398]), "nf4", finite=True).tolist()
+        [0.44070982933044434, 0.0, 0.07958029955625534]
+    """
+    flat = scaled.reshape(-1)
+    if finite:
+        return lookup.lookup_values(flat, nearest_table(quant_type), out=out, work=work)
+    bounds, order = _bounds(quant_type)
+    sorted_values = code_table(quant_type)[order.long()].to(flat.device)
+    result = sorted_values[lookup.nearest_positions(flat, bounds)]
+    return out.copy_(result) if out is not None else result
 
 
 def pack(codes: torch.Tensor) -> torch.Tensor:
@@ -184,9 +285,8 @@ def byte_values(raw: torch.Tensor, quant_map: torch.Tensor) -> torch.Tensor:
         >>> byte_values(torch.tensor([0xF0], dtype=torch.uint8), code_table("nf4")).tolist()
         [1.0, -1.0]
     """
-    table = quant_map.float().to(raw.device)
-    pairs = torch.stack([table.repeat_interleave(16), table.repeat(16)], dim=1)  # byte → (high, low)
-    return pairs[raw.reshape(-1).to(torch.int64)].reshape(-1)
+    raw = raw.reshape(-1).contiguous().view(torch.uint8)
+    return lookup.decode_bytes(raw, lookup.pair_table(quant_map.to(raw.device)))
 
 
 def scale_blocks(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
@@ -322,7 +422,7 @@ def quantize_4bit(weight: torch.Tensor, quant_type: str = "nf4", blocksize: int 
     packed = pack(codes).unsqueeze(1)
     nested = double_quantize(absmax) if double_quant else None
     state = QuantState4bit(quant_type, blocksize, weight.dtype, tuple(weight.shape),
-                           nested.codes if nested is not None else absmax, code_table(quant_type).clone(), nested)
+                           nested.codes if nested is not None else absmax, stored_map(quant_type), nested)
     return packed, state
 
 
@@ -334,14 +434,8 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState4bit, dtype: torch.dt
         >>> dequantize_4bit(*quantize_4bit(w, "fp4", 32)).tolist()
         [[1.0, 0.0, -1.0]]
     """
-    return dequantize_codes(unpack(packed, math.prod(state.shape)), state).to(dtype or state.dtype)
-
-
-def dequantize_codes(codes: torch.Tensor, state: QuantState4bit, scales: torch.Tensor | None = None) -> torch.Tensor:
-    """Float32 values of flat 4-bit ``codes`` (the whole weight), reshaped to the state's shape."""
-    values = state.quant_map.float().to(codes.device)[codes.to(torch.int64)]
-    restored = scale_blocks(values, state.scales() if scales is None else scales, state.blocksize)
-    return restored.reshape(state.shape)
+    values = byte_values(packed, kernel_map(state.quant_map, state.quant_type))[:math.prod(state.shape)]
+    return scale_blocks(values, state.scales(), state.blocksize).reshape(state.shape).to(dtype or state.dtype)
 
 
 def fake_quantize_4bit(weight: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
@@ -391,57 +485,3 @@ _STATE_SCHEMA = {"quant_type": STRING, "blocksize": POSITIVE_INT, "dtype": STRIN
 
 STATE_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map",
                   "quant_state.bitsandbytes__nf4", "quant_state.bitsandbytes__fp4")
-
-
-def codes_in_range(values: torch.Tensor, first: int, absmax: torch.Tensor, total: int, quant_type: str,
-                   blocksize: int) -> torch.Tensor:
-    """The 4-bit codes of ``values``, the flat elements ``first …`` of a weight of ``total`` elements.
-
-    Gives, slice by slice, exactly what :func:`quantize_codes` gives for the whole weight: each value
-    scaled by its block's reciprocal absmax (a trailing partial block: divided by it), clamped and
-    bucketed.
-
-    Example:
-        >>> w = torch.randn(300)
-        >>> absmax = block_absmax(w, 64)
-        >>> whole = quantize_codes(w, absmax, "nf4", 64)
-        >>> bool(torch.equal(codes_in_range(w[100:250], 100, absmax, 300, "nf4", 64), whole[100:250]))
-        True
-    """
-    flat = values.reshape(-1).float()
-    count, full_blocks = flat.numel(), total // blocksize
-    absmax = absmax.to(flat.device)
-    if first % blocksize == 0 and count % blocksize == 0 and first + count <= full_blocks * blocksize:
-        # whole blocks, the fold's usual case: a broadcast multiply, no per-element index
-        b0 = first // blocksize
-        reciprocal = 1.0 / absmax[b0:b0 + count // blocksize].clamp(min=_TINY)
-        scaled = (flat.view(-1, blocksize) * reciprocal.unsqueeze(1)).view(-1)
-    else:
-        index = torch.arange(first, first + count, device=flat.device) // blocksize
-        reciprocal = 1.0 / absmax[:full_blocks].clamp(min=_TINY)
-        if full_blocks < absmax.numel():
-            reciprocal = torch.cat([reciprocal, reciprocal.new_ones(1)])
-        scaled = flat * reciprocal[index]
-        tail = index >= full_blocks
-        if bool(tail.any()):
-            scaled[tail] = flat[tail] / absmax[full_blocks]
-    scaled.clamp_(-1, 1)
-    bounds, order = _bounds(quant_type)
-    index = bucket(scaled, bounds)
-    return order.to(flat.device)[index.long()] if quant_type != "nf4" else index
-
-
-def values_in_range(codes: torch.Tensor, first: int, scales: torch.Tensor, quant_map: torch.Tensor,
-                    blocksize: int) -> torch.Tensor:
-    """Float32 ``quant_map[code] · scale`` of flat elements ``first …`` (bit for bit :func:`scale_blocks`)."""
-    return scale_range(quant_map.float().to(codes.device)[codes.reshape(-1).to(torch.int64)], first, scales, blocksize)
-
-
-def scale_range(values: torch.Tensor, first: int, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
-    """Float32 ``values`` (flat elements ``first …``) times their block's scale."""
-    scales = scales.float().to(values.device)
-    if first % blocksize == 0 and values.numel() % blocksize == 0:
-        b0 = first // blocksize
-        return (values.view(-1, blocksize) * scales[b0:b0 + values.numel() // blocksize].unsqueeze(1)).view(-1)
-    index = torch.arange(first, first + values.numel(), device=values.device) // blocksize
-    return values * scales[index]

@@ -8,15 +8,26 @@ replaces those defaults; ``_keep_in_fp32_modules`` always stay. Embeddings, norm
 fused 3-D expert parameters are never quantized. This module answers the question by building the
 model from its ``config.json`` on the meta device (no weights, no memory) and asking transformers'
 own helpers, so it needs transformers.
+
+Importing transformers and building the model costs a few seconds, as much as folding a 2 GB base,
+so the answer (which modules are candidates, which are skipped) is kept on disk, keyed by the
+config, the skip list and transformers' version (:mod:`loramerge.io.cache`): the next fold of the
+same base reads it back without importing transformers.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from importlib import metadata
 from typing import Any
 
 from loramerge.errors import UnsupportedAdapter
+from loramerge.io.cache import read_cached, write_cached
+
+CACHE_SECTION = "quant-targets"
 
 
 @dataclass
@@ -36,6 +47,43 @@ def bnb_targets(config: dict[str, Any], names: Collection[str], skip_modules: li
     ``skip_modules`` is ``llm_int8_skip_modules`` (it replaces transformers' default skips).
     """
     try:
+        version = metadata.version("transformers")
+    except metadata.PackageNotFoundError:
+        raise UnsupportedAdapter(
+            f"{where}: --base-quant needs transformers to know which modules it quantizes; pip install transformers"
+        ) from None
+    key = hashlib.sha256(json.dumps([config, skip_modules, version], sort_keys=True, default=str).encode()).hexdigest()
+    modules = _cached_modules(key)
+    if modules is None:
+        modules = _linear_modules(config, skip_modules, where)
+        write_cached(CACHE_SECTION, key, modules)
+    targets = QuantTargets([])
+    for module_name, transposed, converted in modules:
+        if not converted:
+            targets.skipped.append(module_name)
+            continue
+        tensor = f"{module_name}.weight"
+        if tensor not in names:
+            targets.missing.append(module_name)
+            continue
+        targets.weights.append(tensor)
+        if transposed:
+            targets.transposed.add(tensor)
+    return targets
+
+
+def _cached_modules(key: str) -> list[tuple[str, bool, bool]] | None:
+    rows = read_cached(CACHE_SECTION, key)
+    ours = isinstance(rows, list) and all(
+        isinstance(row, list) and len(row) == 3 and isinstance(row[0], str) and all(isinstance(f, bool) for f in row[1:])
+        for row in rows)
+    return [(name, transposed, converted) for name, transposed, converted in rows] if ours else None
+
+
+def _linear_modules(config: dict[str, Any], skip_modules: list[str] | None,
+                    where: object) -> list[tuple[str, bool, bool]]:
+    """Every module transformers may quantize: (name, is GPT-2's Conv1D, converted), in model order."""
+    try:
         import torch
         import transformers
         from transformers.pytorch_utils import Conv1D
@@ -48,21 +96,9 @@ def bnb_targets(config: dict[str, Any], names: Collection[str], skip_modules: li
     model = _meta_model(transformers, config, where)
     skip = list(skip_modules) if skip_modules is not None else get_keys_to_not_convert(model)
     skip += list(getattr(model, "_keep_in_fp32_modules", None) or [])
-    targets = QuantTargets([])
-    for module_name, module in model.named_modules():
-        if not (type(module) is torch.nn.Linear or isinstance(module, Conv1D)):
-            continue
-        if not should_convert_module(module_name, skip):
-            targets.skipped.append(module_name)
-            continue
-        tensor = f"{module_name}.weight"
-        if tensor not in names:
-            targets.missing.append(module_name)
-            continue
-        targets.weights.append(tensor)
-        if isinstance(module, Conv1D):
-            targets.transposed.add(tensor)
-    return targets
+    return [(name, isinstance(module, Conv1D), bool(should_convert_module(name, skip)))
+            for name, module in model.named_modules()
+            if type(module) is torch.nn.Linear or isinstance(module, Conv1D)]
 
 
 def _meta_model(transformers: Any, config: dict[str, Any], where: object) -> Any:

@@ -22,11 +22,12 @@ import torch
 
 from loramerge.errors import CorruptFile, UnsupportedAdapter
 from loramerge.io.checkpoint import Checkpoint, TensorInfo, dtype_code, open_checkpoint
-from loramerge.io.quant import bnb4, fp8, gptq, int8
+from loramerge.io.quant import bnb4, bnb4_stream, fp8, gptq, int8, lookup
 from loramerge.io.quant.targets import bnb_targets
 
 SUPPORTED = ("bitsandbytes 4-bit (nf4/fp4)", "bitsandbytes 8-bit (LLM.int8)", "fp8 block-scaled", "gptq", "awq gemm")
 _BNB4_STATE = tuple(f".{s}" for s in bnb4.STATE_SUFFIXES)
+_BAND = 1 << 19  # elements per read when a whole weight's absmax comes first: a few MB, kept in cache
 
 
 @dataclass
@@ -62,15 +63,15 @@ class BaseQuant:
 
 @dataclass
 class Decoder:
-    """How to produce one logical tensor's rows: ``rows(ckpt, start, stop)``, float32 values.
+    """How to produce one logical tensor's rows: ``rows(ckpt, start, stop, buffer)``, float values.
 
-    ``cast`` is the dtype the format's own dequantization rounds to (bitsandbytes 4-bit returns the
+    ``buffer`` (uint8, or None) may receive the result instead of a new tensor. ``cast`` is the dtype the format's own dequantization rounds to (bitsandbytes 4-bit returns the
     weight's dtype); None keeps the exact float32 values, so the fold rounds once, after the update.
     """
 
     info: TensorInfo
     hidden: tuple[str, ...]
-    rows: Callable[[Checkpoint, int, int], torch.Tensor]
+    rows: Callable[[Checkpoint, int, int, torch.Tensor | None], torch.Tensor]
     kind: str
     cast: torch.dtype | None = None
     block: tuple[int, int] | None = None  # FP8: the block size of the scales
@@ -83,17 +84,18 @@ class DequantizedCheckpoint(Checkpoint):
     decoders: dict[str, Decoder] = field(default_factory=dict)
     stored: Checkpoint | None = None
     quantization: dict[str, Any] = field(default_factory=dict)
+    workspace: bnb4_stream.Workspace = field(default_factory=bnb4_stream.Workspace)
 
     def copyable(self, name: str) -> bool:
         return name not in self.decoders and super().copyable(name)
 
     def read_rows(self, name: str, start: int, stop: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` of tensor ``name``, decoded; ``buffer`` (uint8) may hold the result."""
         decoder = self.decoders.get(name)
-        if decoder is None:
-            assert self.stored is not None
-            return self.stored.read_rows(name, start, stop, buffer=buffer)
         assert self.stored is not None
-        values = decoder.rows(self.stored, start, stop)
+        if decoder is None:
+            return self.stored.read_rows(name, start, stop, buffer=buffer)
+        values = decoder.rows(self.stored, start, stop, buffer)
         return values.to(decoder.cast) if decoder.cast is not None else values
 
     @contextmanager
@@ -119,7 +121,10 @@ class _LazyRows:
 
     def __getitem__(self, rows: slice) -> torch.Tensor:
         start, stop, _ = rows.indices(self.shape[0])
-        return self.ckpt.read_rows(self.name, start, stop)
+        # the caller converts the rows at once, so one reused buffer holds every block (4 bytes an element: any dtype)
+        count = (stop - start) * math.prod(self.shape[1:])
+        buffer = self.ckpt.workspace.get("rows", 4 * count, torch.uint8, torch.device("cpu"))
+        return self.ckpt.read_rows(self.name, start, stop, buffer=buffer)
 
 
 def open_base(folder: str | Path, *, allow_pickle: bool = False, base_quant: BaseQuant | None = None,
@@ -192,10 +197,11 @@ def _pre_quantized(ckpt: Checkpoint, method: str, dtype: torch.dtype | None) -> 
     config = ckpt.config.get("quantization_config") or {}
     default = dtype or _config_dtype(ckpt.config)
     decoders: dict[str, Decoder] = {}
+    workspace = bnb4_stream.Workspace()  # one set of work buffers for all weights: they are read in turn
     if method == "bnb4":
         for name in [n for n in ckpt.tensors if ".quant_state.bitsandbytes__" in n]:
             weight = name.split(".quant_state.")[0]
-            decoders[weight] = _bnb4_decoder(ckpt, weight, dtype)
+            decoders[weight] = _bnb4_decoder(ckpt, weight, dtype, workspace)
     elif method == "bnb8":
         for name in [n for n in ckpt.tensors if n.endswith(".SCB")]:
             module = name[: -len(".SCB")]
@@ -212,7 +218,7 @@ def _pre_quantized(ckpt: Checkpoint, method: str, dtype: torch.dtype | None) -> 
             decoders[f"{module}.weight"] = _int4_decoder(ckpt, module, method, config, default)
     if not decoders:
         raise CorruptFile(f"{ckpt.location}: config.json says {method} but no tensor is quantized that way")
-    view = _view(ckpt, decoders)
+    view = _view(ckpt, decoders, workspace)
     view.quantization = {"format": _format_name(method, config, decoders), "dequantized": sorted(decoders)}
     return view
 
@@ -234,7 +240,8 @@ def _small(ckpt: Checkpoint, names: list[str]) -> dict[str, torch.Tensor]:
     return {n: ckpt.read(n) for n in names if n in ckpt.tensors}
 
 
-def _bnb4_decoder(ckpt: Checkpoint, weight: str, dtype: torch.dtype | None) -> Decoder:
+def _bnb4_decoder(ckpt: Checkpoint, weight: str, dtype: torch.dtype | None,
+                  workspace: bnb4_stream.Workspace) -> Decoder:
     names = [weight + suffix for suffix in _BNB4_STATE]
     try:
         state = bnb4.state_from_tensors(_small(ckpt, names), weight)
@@ -247,15 +254,18 @@ def _bnb4_decoder(ckpt: Checkpoint, weight: str, dtype: torch.dtype | None) -> D
         raise CorruptFile(f"{ckpt.location}: {weight} holds {packed.nbytes} bytes, too few for shape {state.shape}")
     scales = state.scales()
     columns = math.prod(state.shape[1:])
+    pairs = lookup.pair_table(bnb4.kernel_map(state.quant_map, state.quant_type))
 
-    def rows(stored: Checkpoint, start: int, stop: int) -> torch.Tensor:
+    def rows(stored: Checkpoint, start: int, stop: int, buffer: torch.Tensor | None) -> torch.Tensor:
         first, last = start * columns, stop * columns
         byte0, byte1 = first // 2, (last + 1) // 2
         row0, row1 = byte0 // storage, -(-byte1 // storage)
-        raw = stored.read_rows(weight, row0, row1).contiguous().view(torch.uint8).reshape(-1)
+        held = workspace.get("raw", (row1 - row0) * storage, torch.uint8, torch.device("cpu"))
+        raw = stored.read_rows(weight, row0, row1, buffer=held).contiguous().view(torch.uint8).reshape(-1)
         raw = raw[byte0 - row0 * storage: byte1 - row0 * storage]
-        values = bnb4.byte_values(raw, state.quant_map)[first - 2 * byte0: first - 2 * byte0 + last - first]
-        return bnb4.scale_range(values, first, scales, state.blocksize).reshape(stop - start, *state.shape[1:])
+        values = bnb4_stream.dequantize_range(raw, first, last - first, scales, pairs, state.blocksize, state.dtype,
+                                              workspace, out=_output(buffer, last - first, state.dtype))
+        return values.reshape(stop - start, *state.shape[1:])
 
     info = _logical(packed, weight, state.shape, dtype or state.dtype)
     return Decoder(info, tuple(n for n in names if n in ckpt.tensors), rows, state.quant_type, cast=state.dtype)
@@ -267,7 +277,7 @@ def _int8_decoder(ckpt: Checkpoint, module: str, dtype: torch.dtype) -> Decoder:
         raise CorruptFile(f"{ckpt.location}: {scb_name} has no int8 {weight} beside it")
     scb = ckpt.read(scb_name).float()
 
-    def rows(stored: Checkpoint, start: int, stop: int) -> torch.Tensor:
+    def rows(stored: Checkpoint, start: int, stop: int, buffer: torch.Tensor | None) -> torch.Tensor:
         return int8.dequantize_int8(stored.read_rows(weight, start, stop), scb[start:stop])
 
     hidden = tuple(n for n in (scb_name, f"{module}.weight_format") if n in ckpt.tensors)
@@ -282,7 +292,7 @@ def _fp8_decoder(ckpt: Checkpoint, weight: str, scale_name: str, block: tuple[in
     except ValueError as exc:
         raise CorruptFile(f"{ckpt.location}: {scale_name}: {exc}") from None
 
-    def rows(stored: Checkpoint, start: int, stop: int) -> torch.Tensor:
+    def rows(stored: Checkpoint, start: int, stop: int, buffer: torch.Tensor | None) -> torch.Tensor:
         return fp8.dequantize_fp8(stored.read_rows(weight, start, stop), scale_inv, block, rows=(start, stop))
 
     hidden = tuple(n for n in (scale_name, weight.rsplit(".", 1)[0] + ".input_scale") if n in ckpt.tensors)
@@ -313,7 +323,7 @@ def _int4_decoder(ckpt: Checkpoint, module: str, method: str, config: dict[str, 
                                                  group_size=group_size)
         return cache["w"]
 
-    def rows(stored: Checkpoint, start: int, stop: int) -> torch.Tensor:
+    def rows(stored: Checkpoint, start: int, stop: int, buffer: torch.Tensor | None) -> torch.Tensor:
         result = whole(stored)[start:stop]
         if stop >= out_features:
             cache.clear()  # the fold reads rows in order: the last block frees the dequantized weight
@@ -324,12 +334,20 @@ def _int4_decoder(ckpt: Checkpoint, module: str, method: str, config: dict[str, 
     return Decoder(info, hidden, rows, method)
 
 
+def _output(buffer: torch.Tensor | None, count: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """``count`` elements of ``dtype`` in the uint8 ``buffer``, if there is room; else None (a new tensor)."""
+    needed = count * dtype.itemsize
+    if buffer is None or buffer.dtype != torch.uint8 or not buffer.is_contiguous() or buffer.numel() < needed:
+        return None
+    return buffer.reshape(-1)[:needed].view(dtype)
+
+
 def _logical(primary: TensorInfo, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> TensorInfo:
     nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
     return TensorInfo(name, dtype_code(dtype), tuple(shape), primary.shard, primary.start, primary.start + nbytes)
 
 
-def _view(ckpt: Checkpoint, decoders: dict[str, Decoder]) -> DequantizedCheckpoint:
+def _view(ckpt: Checkpoint, decoders: dict[str, Decoder], workspace: bnb4_stream.Workspace) -> DequantizedCheckpoint:
     hidden = {n for d in decoders.values() for n in d.hidden}
     primary = {_primary_of(d): d for d in decoders.values()}
     tensors: dict[str, TensorInfo] = {}
@@ -341,7 +359,7 @@ def _view(ckpt: Checkpoint, decoders: dict[str, Decoder]) -> DequantizedCheckpoi
             tensors[name] = info
     values = {f.name: getattr(ckpt, f.name) for f in fields(Checkpoint)}
     values["tensors"] = tensors
-    return DequantizedCheckpoint(**values, decoders=decoders, stored=ckpt)
+    return DequantizedCheckpoint(**values, decoders=decoders, stored=ckpt, workspace=workspace)
 
 
 def _primary_of(decoder: Decoder) -> str:
@@ -354,50 +372,58 @@ def _primary_of(decoder: Decoder) -> str:
 def _fake_quantized(ckpt: Checkpoint, spec: BaseQuant, dtype: torch.dtype) -> DequantizedCheckpoint:
     targets = bnb_targets(ckpt.config, set(ckpt.tensors), spec.skip_modules, where=ckpt.location)
     decoders = {}
+    workspace = bnb4_stream.Workspace()  # one set of work buffers for all weights: they are read in turn
     for name in targets.weights:
         info = ckpt.tensors[name]
         if not info.is_float or len(info.shape) != 2:
             continue
-        decoders[name] = _fake_decoder(info, spec, dtype, transposed=name in targets.transposed)
-    view = _view(ckpt, decoders)
+        decoders[name] = _fake_decoder(info, spec, dtype, name in targets.transposed, workspace)
+    view = _view(ckpt, decoders, workspace)
     view.quantization = {"base_quant": spec.describe(), "dtype": str(dtype).removeprefix("torch."),
                          "quantized": sorted(decoders), "kept": targets.skipped, "not_in_checkpoint": targets.missing}
     return view
 
 
-def _fake_decoder(info: TensorInfo, spec: BaseQuant, dtype: torch.dtype, transposed: bool) -> Decoder:
-    """``dequant(quant(W))`` rows: the block absmax of the whole weight first, then any rows on demand."""
+def _fake_decoder(info: TensorInfo, spec: BaseQuant, dtype: torch.dtype, transposed: bool,
+                  workspace: bnb4_stream.Workspace) -> Decoder:
+    """``dequant(quant(W))`` rows, computed as they are read; with double quantization (whose offset
+    is the mean of every block's absmax), or blocks that straddle rows, the absmax of the whole
+    weight is computed first, a row band at a time."""
     name, shape = info.name, info.shape
     total, columns = math.prod(shape), shape[1]
+    itemsize = info.torch_dtype.itemsize if info.torch_dtype is not None else 4
+    whole_blocks = columns % spec.blocksize == 0
     cache: dict[str, Any] = {}
 
     def prepare(stored: Checkpoint) -> None:
         if transposed:  # GPT-2 Conv1D: transformers quantizes W.T, so blocks run down the stored columns
             weight = stored.read(name).to(dtype)
             cache["whole"] = bnb4.fake_quantize_4bit(weight.T.contiguous(), spec.quant_type, spec.blocksize,
-                                                     spec.double_quant).float().T.contiguous()
+                                                     spec.double_quant).T.contiguous()
             return
-        # Row bands whose size is a whole number of quantization blocks; otherwise the weight in one piece.
-        step = max(1, (1 << 22) // columns) if columns % spec.blocksize == 0 else shape[0]
+        if whole_blocks and not spec.double_quant:
+            cache["absmax"] = None  # each row block's own absmax is all it needs
+            return
+        step = max(1, _BAND // columns) if whole_blocks else shape[0]
         absmax = torch.cat([bnb4.block_absmax(stored.read_rows(name, s, min(shape[0], s + step)).to(dtype),
                                               spec.blocksize) for s in range(0, shape[0], step)])
         cache["absmax"] = absmax
-        cache["scales"] = bnb4.double_quantize(absmax).dequantize() if spec.double_quant else absmax
+        cache["scales"] = bnb4.double_quantize(absmax).dequantize() if spec.double_quant else None
 
-    def rows(stored: Checkpoint, start: int, stop: int) -> torch.Tensor:
+    def rows(stored: Checkpoint, start: int, stop: int, buffer: torch.Tensor | None) -> torch.Tensor:
         if not cache:
             prepare(stored)
         if "whole" in cache:
             result = cache["whole"][start:stop]
         else:
-            values = stored.read_rows(name, start, stop).to(dtype)
-            first = start * columns
-            codes = bnb4.codes_in_range(values, first, cache["absmax"], total, spec.quant_type, spec.blocksize)
-            result = bnb4.values_in_range(codes, first, cache["scales"], bnb4.code_table(spec.quant_type),
-                                          spec.blocksize).reshape(stop - start, *shape[1:])
+            held = workspace.get("raw", (stop - start) * columns * itemsize, torch.uint8, torch.device("cpu"))
+            values = stored.read_rows(name, start, stop, buffer=held).to(dtype)
+            result = bnb4_stream.fake_quantize_range(values, start * columns, total, spec.quant_type, spec.blocksize,
+                                                     cache["absmax"], cache.get("scales"), workspace,
+                                                     out=_output(buffer, values.numel(), dtype))
+            result = result.reshape(stop - start, *shape[1:])
         if stop >= shape[0]:
             cache.clear()
         return result
 
     return Decoder(_logical(info, name, shape, dtype), (), rows, spec.quant_type, cast=dtype)
-
