@@ -312,15 +312,7 @@ ORIGINAL_MODULES = {
 @pytest.mark.parametrize("family", sorted(ORIGINAL_MODULES))
 def test_original_layouts_with_fused_qkv_read_like_the_family_loader(family, tmp_path):
     model = build(family)
-    shapes = linear_modules(model)
-    g = torch.Generator().manual_seed(13)
-    tensors = {}
-    for original, diffusers_module, fused in ORIGINAL_MODULES[family]:
-        out, inp = shapes[f"transformer.{diffusers_module}"]
-        tensors[f"diffusion_model.{original}.lora_A.weight"] = torch.randn(3, inp, generator=g) / math.sqrt(inp)
-        tensors[f"diffusion_model.{original}.lora_B.weight"] = torch.randn(fused * out, 3, generator=g) * 0.3
-    file = tmp_path / "lora.safetensors"
-    save_file(tensors, str(file))
+    file = original_file(family, ORIGINAL_MODULES[family], tmp_path / "lora.safetensors")
     assert load(file).config["architectures"] == [family]
     expected = forward(family, load_with_diffusers(family, file, build(family)))
     assert relative_error(expected, forward(family, model)) > 1e-3
@@ -417,19 +409,33 @@ def test_flux1_comfyui_file_with_peft_suffixes_reads_as_flux1(tmp_path):
     model = build("flux")
     # diffusers' Flux.1 converter names the top-level modules (img_in, time_in, final_layer …) without their
     # ``transformer.`` prefix, so its loader drops them; the oracle gives them the prefix back.
+    oracle = converted_with_prefix("flux", str(twin))
+    assert "transformer.x_embedder.lora_A.weight" in oracle
+    folds_and_converts_like("flux", model, peft_file, oracle, tmp_path)
+
+
+def converted_with_prefix(family, source):
+    """The family converter's diffusers-named state dict of ``source``, every key under ``transformer.``:
+    diffusers' kohya/ComfyUI Flux.1 converter (Chroma's too) names the top-level modules (img_in, time_in,
+    final_layer …) without it, so its own loader drops them."""
     import diffusers
 
-    converted_twin = diffusers.FluxPipeline.lora_state_dict(str(twin))
-    converted_twin = converted_twin[0] if isinstance(converted_twin, tuple) else converted_twin
-    assert "x_embedder.lora_A.weight" in converted_twin
-    oracle = {k if k.startswith("transformer.") else f"transformer.{k}": v for k, v in converted_twin.items()}
-    expected = forward("flux", load_with_diffusers("flux", oracle, build("flux")))
-    assert relative_error(expected, forward("flux", model)) > 1e-3
-    fold(save("flux", model, tmp_path / "base"), peft_file, output=tmp_path / "folded", device="cpu")
-    assert relative_error(forward("flux", load_folded("flux", tmp_path / "folded")), expected) < 1e-4
-    assert run_cli("convert", peft_file, "-o", tmp_path / "conv", "--to", "diffusers").exit_code == 0
-    converted = load_with_diffusers("flux", tmp_path / "conv" / "pytorch_lora_weights.safetensors", build("flux"))
-    assert relative_error(forward("flux", converted), expected) < 1e-4
+    from loramerge.io.formats.families import FAMILIES
+
+    converted = getattr(diffusers, FAMILIES[family].pipeline).lora_state_dict(source)
+    converted = converted[0] if isinstance(converted, tuple) else converted
+    return {k if k.startswith("transformer.") else f"transformer.{k}": v for k, v in converted.items()}
+
+
+def folds_and_converts_like(family, model, file, oracle, tmp_path):
+    """loramerge's fold of ``file`` and its ``--to diffusers`` output give what the family loader gives for ``oracle``."""
+    expected = forward(family, load_with_diffusers(family, oracle, build(family)))
+    assert relative_error(expected, forward(family, model)) > 1e-3
+    fold(save(family, model, tmp_path / "base"), file, output=tmp_path / "folded", device="cpu")
+    assert relative_error(forward(family, load_folded(family, tmp_path / "folded")), expected) < 1e-4
+    assert run_cli("convert", file, "-o", tmp_path / "conv", "--to", "diffusers").exit_code == 0
+    converted = load_with_diffusers(family, tmp_path / "conv" / "pytorch_lora_weights.safetensors", build(family))
+    assert relative_error(forward(family, converted), expected) < 1e-4
 
 
 def test_flux_original_names_both_families_share_are_told_apart_by_shape():
@@ -515,11 +521,7 @@ def control_file(model, file, *, seed=17, rank=3):
         bfl[original] = 1 + 0.5 * torch.randn(head, generator=g)
         ours[f"transformer.{name}"] = bfl[original]
     save_file(bfl, str(file))
-    import diffusers
-
-    converted = diffusers.FluxPipeline.lora_state_dict(kohya_twin)
-    converted = converted[0] if isinstance(converted, tuple) else converted
-    ours.update({k if k.startswith("transformer.") else f"transformer.{k}": v for k, v in converted.items()})
+    ours.update(converted_with_prefix("flux", kohya_twin))
     return file, ours
 
 
@@ -588,17 +590,4 @@ def test_chroma_kohya_file_reads_like_the_chroma_loader_and_folds(tmp_path):
     file = tmp_path / "chroma.safetensors"
     save_file(tensors, str(file))
     assert "chroma" in load(file).config["architectures"]
-    import diffusers
-
-    # diffusers' kohya Flux converter (Chroma's too) names the top-level modules without ``transformer.``, so its
-    # loader drops them; the oracle gives them the prefix back.
-    converted = diffusers.ChromaPipeline.lora_state_dict(str(file))
-    converted = converted[0] if isinstance(converted, tuple) else converted
-    oracle = {k if k.startswith("transformer.") else f"transformer.{k}": v for k, v in converted.items()}
-    expected = forward("chroma", load_with_diffusers("chroma", oracle, build("chroma")))
-    assert relative_error(expected, forward("chroma", model)) > 1e-3
-    fold(save("chroma", model, tmp_path / "base"), file, output=tmp_path / "folded", device="cpu")
-    assert relative_error(forward("chroma", load_folded("chroma", tmp_path / "folded")), expected) < 1e-4
-    assert run_cli("convert", file, "-o", tmp_path / "conv", "--to", "diffusers").exit_code == 0
-    converted = load_with_diffusers("chroma", tmp_path / "conv" / "pytorch_lora_weights.safetensors", build("chroma"))
-    assert relative_error(forward("chroma", converted), expected) < 1e-4
+    folds_and_converts_like("chroma", model, file, converted_with_prefix("chroma", str(file)), tmp_path)
