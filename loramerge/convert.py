@@ -19,7 +19,7 @@ def convert(source: str | Path | Adapter, output: str | Path, to: str | None = N
             dtype: torch.dtype | str | None = None, force: bool = False, from_format: str | None = None,
             base: str | Path | None = None, allow_pickle: bool = False, skip_unknown: bool = False,
             experts: str | None = None, expert_layout: str = "qwen2_moe",
-            block_weights: str | Sequence[str] | None = None) -> Path:
+            block_weights: str | Sequence[str] | None = None, component: str | None = None) -> Path:
     """Read ``source`` and write the same updates to ``output`` in format ``to`` (default: the source's own).
 
     Every module's ΔW is preserved exactly (up to the output ``dtype``): LyCORIS LoHa/LoKr modules
@@ -33,6 +33,8 @@ def convert(source: str | Path | Adapter, output: str | Path, to: str | None = N
     ``block_sparse_moe.experts.N.w1``/``w3``/``w2``); ``experts="fuse"`` does the reverse.
     ``block_weights`` scales the modules by block first (a preset such as ``"OUTALL"``, a block
     vector or rules; see :mod:`loramerge.merge.blocks`), which is exact: ΔW ← w·ΔW per module.
+    ``component`` is the denoiser the file is for when it cannot say (``"transformer_2"``: Wan 2.2's
+    second expert).
 
     Example:
         >>> import tempfile, torch
@@ -47,7 +49,8 @@ def convert(source: str | Path | Adapter, output: str | Path, to: str | None = N
     """
     check_output(output, force=force)
     weighting = BlockWeighting.parse(block_weights, sources=1)
-    adapter = load(source, format=from_format, allow_pickle=allow_pickle, base=base, skip_unknown=skip_unknown)
+    adapter = load(source, format=from_format, allow_pickle=allow_pickle, base=base, skip_unknown=skip_unknown,
+                   component=component)
     (adapter,) = weigh_blocks([adapter], weighting)
     if experts is not None:
         if experts not in ("split", "fuse") or expert_layout not in EXPERT_LAYOUTS:

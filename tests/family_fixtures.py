@@ -32,6 +32,7 @@ class TinyFamily:
     model: str
     config: dict[str, Any]
     inputs: Callable[[torch.Generator], dict[str, Any]]
+    outputs: int = 1  # leading outputs compared (LTX-2 denoises video and audio)
 
 
 TINY: dict[str, TinyFamily] = {f.name: f for f in (
@@ -84,6 +85,16 @@ TINY: dict[str, TinyFamily] = {f.name: f for f in (
                lambda g: dict(hidden_states=_r(g, 1, 16, 8), encoder_hidden_states=_r(g, 1, 6, 16),
                               encoder_attention_mask=torch.ones(1, 6), timestep=torch.tensor([1]),
                               num_frames=1, height=4, width=4)),
+    TinyFamily("ltx2", "LTX2VideoTransformer3DModel",
+               dict(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+                    audio_in_channels=8, audio_out_channels=8, audio_num_attention_heads=2, audio_attention_head_dim=8,
+                    audio_cross_attention_dim=16, num_layers=1, caption_channels=16, pos_embed_max_pos=8,
+                    audio_pos_embed_max_pos=8, base_height=32, base_width=32),
+               lambda g: dict(hidden_states=_r(g, 1, 16, 8), audio_hidden_states=_r(g, 1, 5, 8),
+                              encoder_hidden_states=_r(g, 1, 6, 16), audio_encoder_hidden_states=_r(g, 1, 6, 16),
+                              encoder_attention_mask=torch.ones(1, 6), audio_encoder_attention_mask=torch.ones(1, 6),
+                              timestep=torch.tensor([1.0]), num_frames=1, height=4, width=4, audio_num_frames=5),
+               outputs=2),
     TinyFamily("hidream", "HiDreamImageTransformer2DModel",
                dict(patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1,
                     attention_head_dim=8, num_attention_heads=4, caption_channels=[8, 4], text_emb_dim=8,
@@ -128,9 +139,12 @@ def build(name: str, seed: int = 0) -> torch.nn.Module:
 
 
 def forward(name: str, model: torch.nn.Module, seed: int = 1) -> torch.Tensor:
-    """One forward pass of ``model`` on seeded inputs; the denoised sample as one tensor."""
+    """One forward pass of ``model`` on seeded inputs; the denoised sample (samples, flattened) as one tensor."""
     with torch.no_grad():
-        out = model(**TINY[name].inputs(torch.Generator().manual_seed(seed)), return_dict=False)[0]
+        result = model(**TINY[name].inputs(torch.Generator().manual_seed(seed)), return_dict=False)
+    if TINY[name].outputs > 1:
+        return torch.cat([t.flatten() for t in result[:TINY[name].outputs]])
+    out = result[0]
     return torch.stack(out) if isinstance(out, list) else out
 
 

@@ -51,7 +51,22 @@ def same_name(path: str) -> str:
     return path
 
 
-ORIGINAL = {"wan": wan_original, "qwen_image": same_name, "hidream": same_name, "ltx_video": same_name}
+# LTX-2's original names (Lightricks' LTX-2 model code) where they are not diffusers' own.
+LTX2_RENAMED = {"proj_in": "patchify_proj", "audio_proj_in": "audio_patchify_proj", "time_embed": "adaln_single",
+                "audio_time_embed": "audio_adaln_single",
+                "av_cross_attn_video_scale_shift": "av_ca_video_scale_shift_adaln_single",
+                "av_cross_attn_audio_scale_shift": "av_ca_audio_scale_shift_adaln_single",
+                "av_cross_attn_video_a2v_gate": "av_ca_a2v_gate_adaln_single",
+                "av_cross_attn_audio_v2a_gate": "av_ca_v2a_gate_adaln_single"}
+
+
+def ltx2_original(path: str) -> str:
+    head, _, rest = path.partition(".")
+    return ".".join(filter(None, (LTX2_RENAMED.get(head, head), rest)))
+
+
+ORIGINAL = {"wan": wan_original, "qwen_image": same_name, "hidream": same_name, "ltx_video": same_name,
+            "ltx2": ltx2_original, "z_image": same_name}
 
 
 def write_layout(adapter, layout: str, family: str, file, *, alpha_factor: float = 2.0, blocks_only=False):
@@ -79,9 +94,9 @@ def write_layout(adapter, layout: str, family: str, file, *, alpha_factor: float
         else:
             raise ValueError(layout)
         # diffusers' Wan converter takes alphas on block modules only, so the oracle file bakes the rest.
-        # diffusers' LTX-Video loader ignores ``.alpha`` keys (scale 1), so its oracle file bakes every scale.
+        # diffusers' LTX-Video and LTX-2 loaders ignore ``.alpha`` keys (scale 1), so their oracle files bake every scale.
         baked = layout == "diffsynth" or (layout == "comfyui" and not path.startswith(("blocks.", "transformer_blocks."))) \
-            or family == "ltx_video"
+            or family in ("ltx_video", "ltx2")
         if baked:
             tensors[f"{key}.{a}"] = (lr.A * lr.scale).contiguous()
             tensors[f"{key}.{b}"] = lr.B.contiguous()
@@ -96,11 +111,12 @@ def write_layout(adapter, layout: str, family: str, file, *, alpha_factor: float
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
     root = tmp_path_factory.mktemp("layout-bases")
-    return {name: save(name, build(name), root / name) for name in ("wan", "qwen_image", "hidream", "ltx_video", "sd3")}
+    return {name: save(name, build(name), root / name) for name in ("wan", "qwen_image", "hidream", "ltx_video", "ltx2", "z_image", "sd3")}
 
 
 CASES = [("wan", "comfyui"), ("wan", "musubi"), ("wan", "diffsynth"), ("qwen_image", "comfyui"),
-         ("qwen_image", "musubi"), ("qwen_image", "diffsynth"), ("hidream", "comfyui"), ("ltx_video", "comfyui")]
+         ("qwen_image", "musubi"), ("qwen_image", "diffsynth"), ("hidream", "comfyui"), ("ltx_video", "comfyui"),
+         ("ltx2", "comfyui"), ("z_image", "comfyui")]
 
 
 @pytest.mark.parametrize(("family", "layout"), CASES)
@@ -255,7 +271,7 @@ def test_xlabs_flux_layout_reads_like_diffusers(tmp_path):
             tensors[f"{key}.up.weight"] = torch.randn(rows, 4, generator=g) * 0.3
     save_file(tensors, str(tmp_path / "xlabs.safetensors"))
     ours = load(tmp_path / "xlabs.safetensors")
-    assert ours.source_format == "comfyui" and ours.config["architectures"] == ["flux"]
+    assert ours.source_format == "comfyui" and ours.config["architectures"][0] == "flux"
     assert "transformer.transformer_blocks.0.attn.add_k_proj" in ours.layers
     folder = save("flux", model, tmp_path / "base")
     expected = forward("flux", load_with_diffusers("flux", tmp_path / "xlabs.safetensors", build("flux")))
@@ -296,15 +312,7 @@ ORIGINAL_MODULES = {
 @pytest.mark.parametrize("family", sorted(ORIGINAL_MODULES))
 def test_original_layouts_with_fused_qkv_read_like_the_family_loader(family, tmp_path):
     model = build(family)
-    shapes = linear_modules(model)
-    g = torch.Generator().manual_seed(13)
-    tensors = {}
-    for original, diffusers_module, fused in ORIGINAL_MODULES[family]:
-        out, inp = shapes[f"transformer.{diffusers_module}"]
-        tensors[f"diffusion_model.{original}.lora_A.weight"] = torch.randn(3, inp, generator=g) / math.sqrt(inp)
-        tensors[f"diffusion_model.{original}.lora_B.weight"] = torch.randn(fused * out, 3, generator=g) * 0.3
-    file = tmp_path / "lora.safetensors"
-    save_file(tensors, str(file))
+    file = original_file(family, ORIGINAL_MODULES[family], tmp_path / "lora.safetensors")
     assert load(file).config["architectures"] == [family]
     expected = forward(family, load_with_diffusers(family, file, build(family)))
     assert relative_error(expected, forward(family, model)) > 1e-3
@@ -349,3 +357,237 @@ def test_without_diffusers_the_error_says_how_to_install_it(tmp_path, monkeypatc
                         tmp_path / "lora.safetensors")
     monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers now fails
     assert_clean_failure(run_cli("inspect", file), "pip install 'loramerge[diffusion]'")
+
+
+# Flux.1's original (BFL) module names, from BFL's flux model code, with the diffusers module whose shape each has
+# and how many of its rows it stacks (fused q, k, v). ``single_blocks.N.linear1`` is left out: diffusers' Flux.1
+# converter splits it at Flux.1-dev's widths only (3072·3 + 12288 rows), so no tiny model can load it.
+FLUX1_ORIGINAL = [
+    ("double_blocks.0.img_mod.lin", "transformer_blocks.0.norm1.linear", 1),
+    ("double_blocks.0.txt_mod.lin", "transformer_blocks.0.norm1_context.linear", 1),
+    ("double_blocks.0.img_attn.qkv", "transformer_blocks.0.attn.to_q", 3),
+    ("double_blocks.0.img_attn.proj", "transformer_blocks.0.attn.to_out.0", 1),
+    ("double_blocks.0.txt_attn.qkv", "transformer_blocks.0.attn.add_q_proj", 3),
+    ("double_blocks.0.txt_attn.proj", "transformer_blocks.0.attn.to_add_out", 1),
+    ("double_blocks.0.img_mlp.0", "transformer_blocks.0.ff.net.0.proj", 1),
+    ("double_blocks.0.img_mlp.2", "transformer_blocks.0.ff.net.2", 1),
+    ("double_blocks.0.txt_mlp.0", "transformer_blocks.0.ff_context.net.0.proj", 1),
+    ("double_blocks.0.txt_mlp.2", "transformer_blocks.0.ff_context.net.2", 1),
+    ("single_blocks.0.linear2", "single_transformer_blocks.0.proj_out", 1),
+    ("single_blocks.0.modulation.lin", "single_transformer_blocks.0.norm.linear", 1),
+    ("img_in", "x_embedder", 1), ("txt_in", "context_embedder", 1),
+    ("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1", 1),
+    ("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2", 1),
+    ("vector_in.in_layer", "time_text_embed.text_embedder.linear_1", 1),
+    ("vector_in.out_layer", "time_text_embed.text_embedder.linear_2", 1),
+    ("final_layer.linear", "proj_out", 1), ("final_layer.adaLN_modulation.1", "norm_out.linear", 1),
+]
+
+
+def original_file(family, modules, file, *, a="lora_A.weight", b="lora_B.weight", seed=13, rank=3):
+    """A LoRA on original module names behind ``diffusion_model.`` (ComfyUI / AI-Toolkit), factors spelled a/b."""
+    shapes = linear_modules(build(family))
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for original, diffusers_module, fused in modules:
+        out, inp = shapes[f"transformer.{diffusers_module}"]
+        tensors[f"diffusion_model.{original}.{a}"] = torch.randn(rank, inp, generator=g) / math.sqrt(inp)
+        tensors[f"diffusion_model.{original}.{b}"] = torch.randn(fused * out, rank, generator=g) * 0.3
+    save_file(tensors, str(file))
+    return file
+
+
+def test_flux1_comfyui_file_with_peft_suffixes_reads_as_flux1(tmp_path):
+    """AI-Toolkit writes Flux.1 LoRAs as ``diffusion_model.<BFL name>.lora_A/lora_B``; diffusers' Flux.1 loader
+    reads that layout only with kohya's ``lora_down``/``lora_up`` (what ComfyUI saves), so the oracle is that twin."""
+    peft_file = original_file("flux", FLUX1_ORIGINAL, tmp_path / "peft.safetensors")
+    twin = original_file("flux", FLUX1_ORIGINAL, tmp_path / "kohya.safetensors", a="lora_down.weight",
+                         b="lora_up.weight")
+    ours = load(peft_file)
+    assert ours.config["architectures"] == ["flux"]
+    assert "transformer.transformer_blocks.0.norm1.linear" in ours.layers
+    model = build("flux")
+    # diffusers' Flux.1 converter names the top-level modules (img_in, time_in, final_layer …) without their
+    # ``transformer.`` prefix, so its loader drops them; the oracle gives them the prefix back.
+    oracle = converted_with_prefix("flux", str(twin))
+    assert "transformer.x_embedder.lora_A.weight" in oracle
+    folds_and_converts_like("flux", model, peft_file, oracle, tmp_path)
+
+
+def converted_with_prefix(family, source):
+    """The family converter's diffusers-named state dict of ``source``, every key under ``transformer.``:
+    diffusers' kohya/ComfyUI Flux.1 converter (Chroma's too) names the top-level modules (img_in, time_in,
+    final_layer …) without it, so its own loader drops them."""
+    import diffusers
+
+    from loramerge.io.formats.families import FAMILIES
+
+    converted = getattr(diffusers, FAMILIES[family].pipeline).lora_state_dict(source)
+    converted = converted[0] if isinstance(converted, tuple) else converted
+    return {k if k.startswith("transformer.") else f"transformer.{k}": v for k, v in converted.items()}
+
+
+def folds_and_converts_like(family, model, file, oracle, tmp_path):
+    """loramerge's fold of ``file`` and its ``--to diffusers`` output give what the family loader gives for ``oracle``."""
+    expected = forward(family, load_with_diffusers(family, oracle, build(family)))
+    assert relative_error(expected, forward(family, model)) > 1e-3
+    fold(save(family, model, tmp_path / "base"), file, output=tmp_path / "folded", device="cpu")
+    assert relative_error(forward(family, load_folded(family, tmp_path / "folded")), expected) < 1e-4
+    assert run_cli("convert", file, "-o", tmp_path / "conv", "--to", "diffusers").exit_code == 0
+    converted = load_with_diffusers(family, tmp_path / "conv" / "pytorch_lora_weights.safetensors", build(family))
+    assert relative_error(forward(family, converted), expected) < 1e-4
+
+
+def test_flux_original_names_both_families_share_are_told_apart_by_shape():
+    """Attention and MLP names are the same in Flux.1 and Flux.2; the MLP's aspect ratio is not (Flux.1 h→4h,
+    Flux.2 h→6h, SwiGLU), at any width. Attention alone fits both, and both are recorded."""
+    from loramerge.io.formats.converted import ProbeModule, resolve
+
+    def probes(modules):
+        return [ProbeModule(f"diffusion_model.{n}", s, f"diffusion_model.{n}.lora_A.weight",
+                            f"diffusion_model.{n}.lora_B.weight") for n, s in modules]
+
+    flux1 = resolve(probes([("double_blocks.0.img_attn.qkv", (96, 32)), ("double_blocks.0.img_mlp.0", (128, 32)),
+                            ("double_blocks.0.img_mlp.2", (32, 128))]), origin="probe")
+    flux2 = resolve(probes([("double_blocks.0.img_attn.qkv", (96, 32)), ("double_blocks.0.img_mlp.0", (192, 32)),
+                            ("double_blocks.0.img_mlp.2", (32, 96))]), origin="probe")
+    attention = resolve(probes([("double_blocks.0.img_attn.qkv", (96, 32))]), origin="probe")
+    assert flux1.family == "flux" and flux2.family == "flux2"
+    assert flux2.targets["diffusion_model.double_blocks.0.img_mlp.0"].pieces[0].module == \
+        "transformer.transformer_blocks.0.ff.linear_in"
+    assert attention.family == "flux" and "flux2" in attention.also
+    # linear1 at Flux.1-dev's width: diffusers' converter splits it into q, k, v and the MLP input
+    linear1 = resolve(probes([("single_blocks.0.linear1", (21504, 3072)), ("single_blocks.0.modulation.lin", (9216, 3072))]),
+                      origin="probe").targets["diffusion_model.single_blocks.0.linear1"]
+    assert [(p.module.rsplit(".", 1)[1], p.src, p.size) for p in linear1.pieces] == [
+        ("to_q", 0, 3072), ("to_k", 3072, 3072), ("to_v", 6144, 3072), ("proj_mlp", 9216, 12288)]
+
+
+def test_control_norm_names_are_those_of_diffusers_bfl_converter():
+    """diffusers' BFL control converter only takes a whole Flux.1-dev file, so it checks loramerge's names for
+    the norm scales on a skeleton of one (every module BFL's control LoRAs train, 1-wide factors, numbered scales)."""
+    import diffusers
+
+    from loramerge.io.formats.comfyui import control_norm
+
+    rows = {"img_attn.qkv": 3, "txt_attn.qkv": 3, "linear1": 21504, "adaLN_modulation.1": 2}
+    modules = [f"double_blocks.{i}.{m}" for i in range(19) for m in (
+        "img_mod.lin", "txt_mod.lin", "img_attn.qkv", "txt_attn.qkv", "img_attn.proj", "txt_attn.proj",
+        "img_mlp.0", "img_mlp.2", "txt_mlp.0", "txt_mlp.2")]
+    modules += [f"single_blocks.{i}.{m}" for i in range(38) for m in ("linear1", "linear2", "modulation.lin")]
+    modules += ["time_in.in_layer", "time_in.out_layer", "vector_in.in_layer", "vector_in.out_layer",
+                "guidance_in.in_layer", "guidance_in.out_layer", "txt_in", "img_in", "final_layer.linear",
+                "final_layer.adaLN_modulation.1"]
+    skeleton = {}
+    for m in modules:
+        rank = 2 if m.endswith("adaLN_modulation.1") else 1  # diffusers swaps the halves of A too
+        skeleton[f"{m}.lora_A.weight"] = torch.ones(rank, 1)
+        skeleton[f"{m}.lora_B.weight"] = torch.ones(next((r for k, r in rows.items() if m.endswith(k)), 1), rank)
+    norms = [f"double_blocks.{i}.{s}_attn.norm.{q}_norm.scale" for i in range(19) for s in ("img", "txt")
+             for q in ("query", "key")] + [f"single_blocks.{i}.norm.{q}_norm.scale" for i in range(38)
+                                           for q in ("query", "key")]
+    skeleton.update({n: torch.tensor([float(i)]) for i, n in enumerate(norms)})
+    converted = diffusers.FluxPipeline.lora_state_dict(skeleton)
+    converted = converted[0] if isinstance(converted, tuple) else converted
+    for i, name in enumerate(norms):
+        assert converted[control_norm(name)].item() == i, name
+
+
+def control_file(model, file, *, seed=17, rank=3):
+    """A BFL Flux control LoRA for ``model`` (BFL's flux-*-lora layout: bare BFL names, lora_A/lora_B, a
+    widened ``img_in`` taking the control latents beside the image latents, and new q/k norm scales), and the
+    same LoRA in diffusers' names (their mapping: diffusers' BFL converter, see the test above)."""
+    shapes = linear_modules(model)
+    g = torch.Generator().manual_seed(seed)
+    bfl, ours = {}, {}
+    kohya_twin = {}
+    for original, diffusers_module, fused in FLUX1_ORIGINAL:
+        out, inp = shapes[f"transformer.{diffusers_module}"]
+        if original == "img_in":
+            inp *= 2
+        A = torch.randn(rank, inp, generator=g) / math.sqrt(inp)
+        B = torch.randn(fused * out, rank, generator=g) * 0.3
+        bfl[f"{original}.lora_A.weight"], bfl[f"{original}.lora_B.weight"] = A, B
+        kohya_twin[f"diffusion_model.{original}.lora_down.weight"] = A
+        kohya_twin[f"diffusion_model.{original}.lora_up.weight"] = B
+    head = model.config.attention_head_dim
+    norms = {"double_blocks.0.img_attn.norm.query_norm.scale": "transformer_blocks.0.attn.norm_q.weight",
+             "double_blocks.0.img_attn.norm.key_norm.scale": "transformer_blocks.0.attn.norm_k.weight",
+             "double_blocks.0.txt_attn.norm.query_norm.scale": "transformer_blocks.0.attn.norm_added_q.weight",
+             "double_blocks.0.txt_attn.norm.key_norm.scale": "transformer_blocks.0.attn.norm_added_k.weight",
+             "single_blocks.0.norm.query_norm.scale": "single_transformer_blocks.0.attn.norm_q.weight",
+             "single_blocks.0.norm.key_norm.scale": "single_transformer_blocks.0.attn.norm_k.weight"}
+    for original, name in norms.items():
+        bfl[original] = 1 + 0.5 * torch.randn(head, generator=g)
+        ours[f"transformer.{name}"] = bfl[original]
+    save_file(bfl, str(file))
+    ours.update(converted_with_prefix("flux", kohya_twin))
+    return file, ours
+
+
+def flux_control_forward(model):
+    """The tiny Flux model's forward on image latents with control latents beside them (twice the channels)."""
+    g = torch.Generator().manual_seed(1)
+    channels = model.config.in_channels
+    inputs = dict(hidden_states=torch.randn(1, 16, channels, generator=g), encoder_hidden_states=torch.randn(1, 8, 32, generator=g),
+                  pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([1.0]),
+                  img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3))
+    with torch.no_grad():
+        return model(**inputs, return_dict=False)[0]
+
+
+def flux_pipeline_with(lora):
+    import diffusers
+
+    pipe = diffusers.FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                                  tokenizer_2=None, transformer=build("flux"))
+    pipe.load_lora_weights(lora)
+    return pipe.transformer
+
+
+def test_bfl_flux_control_lora_reads_converts_and_is_refused_by_fold_and_merge(tmp_path):
+    model = build("flux")
+    file, diffusers_named = control_file(model, tmp_path / "canny.safetensors")
+    ours = load(file)
+    assert ours.config["architectures"][0] == "flux"
+    assert ours.layers["transformer.x_embedder"].A.shape[1] == 2 * model.config.in_channels
+    assert sorted(ours.full_weights) == sorted(k for k in diffusers_named if k.endswith("norm_q.weight")
+                                               or k.endswith("norm_k.weight") or "norm_added" in k)
+    expected = flux_control_forward(flux_pipeline_with(dict(diffusers_named)))
+    assert expected.shape[-1] == model.config.in_channels  # the widened model still predicts image latents
+
+    assert run_cli("convert", file, "-o", tmp_path / "conv", "--to", "diffusers").exit_code == 0
+    converted = flux_pipeline_with(str(tmp_path / "conv" / "pytorch_lora_weights.safetensors"))
+    assert converted.config.in_channels == 2 * model.config.in_channels
+    assert relative_error(flux_control_forward(converted), expected) < 1e-4
+
+    base = save("flux", model, tmp_path / "base")
+    assert_clean_failure(run_cli("fold", base, file, "-o", tmp_path / "out"), "canny.safetensors", "x_embedder",
+                         "FluxControlPipeline")
+    assert not (tmp_path / "out").exists()
+    other = write_adapter(random_adapter(linear_modules(model), seed=1), tmp_path / "style", format="diffusers")
+    assert_clean_failure(run_cli("combine", file, other, "-o", tmp_path / "merged"), "canny.safetensors", "norm")
+
+
+# Chroma's original modules are Flux.1's without the per-block modulation (a distilled guidance layer replaces it).
+CHROMA_ORIGINAL = [m for m in FLUX1_ORIGINAL if "mod" not in m[0] and not m[0].startswith(("time_in", "vector_in"))]
+
+
+def test_chroma_kohya_file_reads_like_the_chroma_loader_and_folds(tmp_path):
+    """kohya's sd-scripts trains Chroma with its Flux.1 network: ``lora_unet_<BFL name, dots as _>`` with alphas."""
+    model = build("chroma")
+    shapes = linear_modules(model)
+    g = torch.Generator().manual_seed(19)
+    tensors = {}
+    for original, diffusers_module, fused in CHROMA_ORIGINAL:
+        out, inp = shapes[f"transformer.{diffusers_module}"]
+        name = "lora_unet_" + original.replace(".", "_")
+        tensors[f"{name}.lora_down.weight"] = torch.randn(4, inp, generator=g) / math.sqrt(inp)
+        tensors[f"{name}.lora_up.weight"] = torch.randn(fused * out, 4, generator=g) * 0.3
+        # diffusers' converter ignores the alpha of final_layer modules (kohya applies alpha / rank to every
+        # module): there the oracle file has alpha = rank.
+        tensors[f"{name}.alpha"] = torch.tensor(4.0 if original.startswith("final_layer") else 2.0)
+    file = tmp_path / "chroma.safetensors"
+    save_file(tensors, str(file))
+    assert "chroma" in load(file).config["architectures"]
+    folds_and_converts_like("chroma", model, file, converted_with_prefix("chroma", str(file)), tmp_path)

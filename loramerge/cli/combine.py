@@ -17,6 +17,7 @@ from loramerge.cli.options import (
     parse_weights,
     push_options,
     show_progress,
+    source_components,
     source_options,
 )
 from loramerge.cli.output import publish_merged
@@ -40,7 +41,7 @@ def combine(sources: tuple[str, ...], output: str, dtype: str | None, force: boo
             sv_ratio: float | None, sv_cumulative: float | None, sv_fro: float | None,
             rank_max: int | None, seed: int, device: str, compute_dtype: str, ignore_base_mismatch: bool,
             report_path: str | None, block_weights: tuple[str, ...], allow_pickle: bool, from_format: str | None,
-            base: str | None, push_to_hub: str | None, private: bool, commit_message: str | None, no_card: bool,
+            base: str | None, components: tuple[str, ...], push_to_hub: str | None, private: bool, commit_message: str | None, no_card: bool,
             model: str | None, data: tuple[str, ...], stats: str | None, limit: int | None,
             **method_options: Any) -> None:
     """Merge SOURCE adapters into one adapter written to -o OUTPUT.
@@ -59,6 +60,7 @@ def combine(sources: tuple[str, ...], output: str, dtype: str | None, force: boo
       loramerge combine org/math-lora@v2 ./code -o merged --push-to-hub me/math-code --private
       loramerge combine style.safetensors detail.safetensors -o merged.safetensors --method svd --rank 32
       loramerge combine kohya.safetensors ./diffusers-lora -o merged --format diffusers
+      loramerge combine high.safetensors low.safetensors --component 2:transformer_2 -o wan22-both --format peft
       loramerge combine ./math ./code -m regmean --model ./llama --data math.jsonl --data code.jsonl -o merged
       loramerge combine a.safetensors b.safetensors -o m.safetensors --block-weights OUTALL --block-weights 2:INS
       loramerge combine a.safetensors b.safetensors -o m.safetensors --method svd --sv-ratio 8 --rank-max 64
@@ -67,7 +69,8 @@ def combine(sources: tuple[str, ...], output: str, dtype: str | None, force: boo
     check_report(report_path, force)
     if push_to_hub:
         check_push(push_to_hub)
-    adapters = [load(s, format=from_format, allow_pickle=allow_pickle, base=base) for s in sources]
+    adapters = [load(s, format=from_format, allow_pickle=allow_pickle, base=base, component=component)
+                for s, component in zip(sources, source_components(components, len(sources)))]
     merged = merge(
         adapters, method=method, weights=parse_weights(weights), rank=rank, energy=energy, max_error=max_error,
         sv_ratio=sv_ratio, sv_cumulative=sv_cumulative, sv_fro=sv_fro, rank_max=rank_max, seed=seed, device=device,

@@ -9,6 +9,7 @@ from loramerge.cli.options import (
     block_weights_option,
     push_options,
     skip_unknown_option,
+    source_components,
     source_options,
 )
 from loramerge.convert import convert as run
@@ -39,7 +40,7 @@ from loramerge.io.sources import load
 @push_options
 def convert(source: str, output: str, to: str | None, dtype: str | None, force: bool, experts: str | None,
             expert_layout: str, block_weights: tuple[str, ...], allow_pickle: bool, from_format: str | None,
-            base: str | None, skip_unknown: bool, push_to_hub: str | None, private: bool,
+            base: str | None, components: tuple[str, ...], skip_unknown: bool, push_to_hub: str | None, private: bool,
             commit_message: str | None) -> None:
     """Rewrite the SOURCE adapter in another format; every module's update stays the same
     (times its block weight, with --block-weights).
@@ -51,6 +52,7 @@ def convert(source: str, output: str, to: str | None, dtype: str | None, force: 
       loramerge convert loha.safetensors -o locon.safetensors --to kohya     # exact B@A expansion
       loramerge convert loha.safetensors -o same.safetensors                 # stays a LoHa (LyCORIS)
       loramerge convert wan_comfy.safetensors -o wan-diffusers --to diffusers
+      loramerge convert wan22_low.safetensors -o low-diffusers --to diffusers --component transformer_2
       loramerge convert qwen_lora -o qwen.safetensors --to comfyui           # diffusion_model.<original>
       loramerge convert lora.safetensors -o peft-dir --to peft --dtype bf16
       loramerge convert org/sd-loras/pixel.safetensors -o pixel --to diffusers --push-to-hub me/pixel
@@ -61,7 +63,8 @@ def convert(source: str, output: str, to: str | None, dtype: str | None, force: 
     check_output(output, force=force)
     if push_to_hub:
         check_push(push_to_hub)
-    adapter = load(source, format=from_format, allow_pickle=allow_pickle, base=base, skip_unknown=skip_unknown)
+    adapter = load(source, format=from_format, allow_pickle=allow_pickle, base=base, skip_unknown=skip_unknown,
+                   component=source_components(components, 1)[0])
     skipped = adapter.config.get("skipped") or []
     if skipped:
         click.echo(f"skipped {len(skipped)} unknown module(s): {', '.join(skipped)}", err=True)

@@ -9,12 +9,14 @@ import click
 from loramerge.cli.options import (
     block_weights_option,
     check_report,
+    component_option,
     merge_options,
     method_params_from,
     parse_weights,
     push_options,
     show_progress,
     skip_unknown_option,
+    source_components,
     write_report,
 )
 from loramerge.fold.engine import fold as run_fold
@@ -58,6 +60,7 @@ from loramerge.io.sources import load
 @click.option("--quantize", type=click.Choice(["nf4", "fp4"]),
               help="Write a pre-quantized bitsandbytes 4-bit checkpoint that transformers loads as such.")
 @skip_unknown_option
+@component_option
 @push_options
 def fold(base: str, adapters: tuple[str, ...], output: str, dtype: str, shard_size: str | None, tied_embeddings: str,
          follow_symlinks: bool, strict: bool, force: bool, method: str, weights: str | None, rank: int | None, energy: float | None,
@@ -65,7 +68,7 @@ def fold(base: str, adapters: tuple[str, ...], output: str, dtype: str, shard_si
          rank_max: int | None, seed: int, device: str, compute_dtype: str, ignore_base_mismatch: bool,
          report_path: str | None, block_weights: tuple[str, ...], allow_pickle: bool, base_quant: str | None,
          blocksize: int, double_quant: bool, quant_skip_modules: str | None, keep_quant: bool, quantize: str | None,
-         skip_unknown: bool, push_to_hub: str | None, private: bool, commit_message: str | None,
+         skip_unknown: bool, components: tuple[str, ...], push_to_hub: str | None, private: bool, commit_message: str | None,
          **method_options: Any) -> None:
     """Fold ADAPTERS into the model at BASE and write the full model to -o OUTPUT.
 
@@ -95,16 +98,18 @@ def fold(base: str, adapters: tuple[str, ...], output: str, dtype: str, shard_si
       loramerge fold ./llama-bnb-4bit ./qlora-adapter -o llama-4bit-merged --keep-quant
       loramerge fold sdxl.safetensors style.safetensors -o out.safetensors --block-weights OUTALL
       loramerge fold flux1-dev.safetensors lora.safetensors -o out.safetensors --block-weights 'single_blocks.20-37=0'
+      loramerge fold ./Wan2.2-T2V-A14B-Diffusers high.safetensors low.safetensors --component 2:transformer_2 -o out
     """
     check_output(output, force=force)
     check_report(report_path, force)
     if push_to_hub:
         check_push(push_to_hub)
     # Loaded here when pushing, so the card and recipe know the commit each Hub source resolved to.
-    # With --skip-unknown, loaded here so that what was left out is listed.
-    loaded = push_to_hub or skip_unknown
-    sources = [load(a, allow_pickle=allow_pickle, skip_unknown=skip_unknown) for a in adapters] if loaded \
-        else list(adapters)
+    # With --skip-unknown, loaded here so that what was left out is listed; with --component, to say the denoiser.
+    loaded = push_to_hub or skip_unknown or components
+    named = source_components(components, len(adapters))
+    sources = [load(a, allow_pickle=allow_pickle, skip_unknown=skip_unknown, component=c)
+               for a, c in zip(adapters, named)] if loaded else list(adapters)
     for adapter in sources if loaded else ():
         skipped = adapter.config.get("skipped") or []
         if skipped:

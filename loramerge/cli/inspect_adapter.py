@@ -7,7 +7,7 @@ import math
 
 import click
 
-from loramerge.cli.options import skip_unknown_option, source_options
+from loramerge.cli.options import skip_unknown_option, source_components, source_options
 from loramerge.core.adapter import Adapter
 from loramerge.core.devices import dtype_name
 from loramerge.fold.coverage import coverage
@@ -57,7 +57,7 @@ def describe(adapter: Adapter) -> dict:
 @source_options
 @skip_unknown_option
 def inspect(source: str, as_json: bool, allow_pickle: bool, from_format: str | None, base: str | None,
-            skip_unknown: bool) -> None:
+            components: tuple[str, ...], skip_unknown: bool) -> None:
     """Show an adapter's format, base model, modules, ranks, alphas, scales, size and dtype.
 
     With --base MODEL it also shows which base weight each module reaches, the modules that
@@ -71,7 +71,8 @@ def inspect(source: str, as_json: bool, allow_pickle: bool, from_format: str | N
       loramerge inspect ./my-adapter --json | jq '.modules[0]'
       loramerge inspect wan_lora.safetensors --base ./Wan2.1-T2V-14B-Diffusers/transformer
     """
-    adapter = load(source, format=from_format, allow_pickle=allow_pickle, base=base, skip_unknown=skip_unknown)
+    adapter = load(source, format=from_format, allow_pickle=allow_pickle, base=base, skip_unknown=skip_unknown,
+                   component=source_components(components, 1)[0])
     info = describe(adapter)
     if base is not None:
         info["coverage"] = coverage(adapter, base)

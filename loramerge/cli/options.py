@@ -69,6 +69,43 @@ compute_dtype_option = click.option("--compute-dtype", type=click.Choice(["fp32"
 report_option = click.option("--report", "report_path", type=click.Path(dir_okay=False),
                              help="Write per-module statistics as JSON.")
 
+def check_components(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    """``--component`` spellings checked when the command line is parsed."""
+    source_components(value, None)
+    return value
+
+
+def source_components(values: tuple[str, ...] | list[str], count: int | None) -> list[str | None]:
+    """``--component [N:]NAME`` spellings as one component (or None) per source; ``N`` counts from 1.
+
+    Example:
+        >>> source_components(["2:transformer_2"], 2), source_components(["transformer_2"], 2)
+        ([None, 'transformer_2'], ['transformer_2', 'transformer_2'])
+    """
+    from loramerge.io.formats.component import DENOISERS
+
+    shared: str | None = None
+    own: dict[int, str] = {}
+    for text in values:
+        number, _, name = text.rpartition(":")
+        if name not in DENOISERS:
+            raise InvalidParameter(f"--component {text}: the denoiser components are {', '.join(DENOISERS)}",
+                                   parameter="component")
+        if not number:
+            shared = name
+        elif not number.isdigit() or int(number) < 1 or (count is not None and int(number) > count):
+            raise InvalidParameter(f"--component {text}: N must be a source number from 1 to {count or 'the count'}",
+                                   parameter="component")
+        else:
+            own[int(number) - 1] = name
+    return [own.get(i, shared) for i in range(count or 0)]
+
+
+component_option = click.option(
+    "--component", "components", multiple=True, metavar="[N:]NAME", callback=check_components,
+    help="The denoiser the adapter file is for when the file cannot say: transformer_2 for a Wan 2.2 "
+         "second-expert (low-noise) LoRA. N: applies it to source N only. Repeatable.")
+
 READ_FORMATS = ("peft", "kohya", "lycoris", "comfyui", "diffusers")
 WRITE_FORMATS = ("peft", "kohya", "lycoris", "comfyui", "diffusers")
 
@@ -78,6 +115,7 @@ source_options = _apply([
                  help="Read the sources in this format instead of detecting it."),
     click.option("--base", type=click.Path(exists=True),
                  help="Base checkpoint (file or folder) whose weight names resolve kohya module names."),
+    component_option,
 ])
 
 skip_unknown_option = click.option(

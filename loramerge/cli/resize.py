@@ -13,6 +13,7 @@ from loramerge.cli.options import (
     push_options,
     rank_options,
     report_option,
+    source_components,
     source_options,
 )
 from loramerge.cli.output import publish_merged
@@ -37,7 +38,7 @@ def resize(adapter: str, output: str, dtype: str | None, force: bool, out_format
            energy: float | None, max_error: float | None, sv_ratio: float | None, sv_cumulative: float | None,
            sv_fro: float | None, rank_max: int | None, device: str, compute_dtype: str, report_path: str | None,
            block_weights: tuple[str, ...], allow_pickle: bool, from_format: str | None, base: str | None,
-           push_to_hub: str | None, private: bool, commit_message: str | None, no_card: bool) -> None:
+           components: tuple[str, ...], push_to_hub: str | None, private: bool, commit_message: str | None, no_card: bool) -> None:
     """Re-rank the LoRA ADAPTER and write it to -o OUTPUT.
 
     Every module is decomposed from its factors (QR, then an SVD of the small rank×rank core),
@@ -59,7 +60,8 @@ def resize(adapter: str, output: str, dtype: str | None, force: bool, out_format
     check_output(output, force=force)
     if push_to_hub:
         check_push(push_to_hub)
-    source = load(adapter, format=from_format, allow_pickle=allow_pickle, base=base)
+    source = load(adapter, format=from_format, allow_pickle=allow_pickle, base=base,
+                  component=source_components(components, 1)[0])
     resized = run_resize(source, rank=rank, energy=energy, max_error=max_error, sv_ratio=sv_ratio,
                          sv_cumulative=sv_cumulative, sv_fro=sv_fro, rank_max=rank_max, device=device, dtype=dtype,
                          compute_dtype=compute_dtype, block_weights=block_weights, progress=True)

@@ -247,7 +247,8 @@ def _place_slices(base: _Base, targets: list[Target], lowrank: LowRank | None, s
         where = "" if whole else f" (rows {start}:{start + size} for this module)"
         if not _fits(target, shape, lowrank, shape_of_update, may_transpose, flip):
             raise IncompatibleAdapters(f"{subject.label}: {subject.what} {subject.module} has {kind} of shape "
-                                       f"{shape_of_update} but base tensor {target.name} has shape {tuple(shape)}{where}")
+                                       f"{shape_of_update} but base tensor {target.name} has shape {tuple(shape)}{where}"
+                                       f"{_widening_hint(shape, shape_of_update)}")
         rows = None if flip or (source == 0 and start == 0 and size == out == shape[0]) else (source, start, size)
         placed.append((target.name, rows, flip))
         places.append(f"{target.name} of shape {tuple(shape)}{where}")
@@ -285,7 +286,7 @@ def _orientation(tensor: str, shape: tuple[int, ...], lr: LowRank, config: dict[
         return False
     raise IncompatibleAdapters(
         f"{label}: module {module} has a {lr.kind} update of shape {tuple(lr.base_shape)} but base tensor "
-        f"{tensor} has shape {tuple(shape)}"
+        f"{tensor} has shape {tuple(shape)}{_widening_hint(shape, tuple(lr.base_shape))}"
     )
 
 
@@ -335,6 +336,15 @@ def _check_magnitude(lr: LowRank, transposed: bool, tensor: str, label: str, mod
         f"{label}: module {module} has a DoRA magnitude of shape {tuple(lr.magnitude.shape)}, which fits neither the "
         f"output nor the input channels of its {tuple(lr.delta_shape)} update to {tensor}"
     )
+
+
+def _widening_hint(base: Sequence[int], update: tuple[int, ...]) -> str:
+    """What to do with an update that widens a layer's input (a Flux control LoRA's ``x_embedder``)."""
+    if len(base) != 2 or len(update) != 2 or update[0] != base[0] or update[1] <= base[1]:
+        return ""
+    return (f"; the LoRA widens the layer's input from {base[1]} to {update[1]} (a Flux control LoRA such as "
+            "Canny or Depth): fold keeps the base's shapes, so load it with diffusers' FluxControlPipeline "
+            "(load_lora_weights widens the layer), or write it with `loramerge convert --to diffusers`")
 
 
 def _check_shape(base: tuple[int, ...], got: tuple[int, ...], label: str, key: str, tensor: str) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 from loramerge.core.adapter import Adapter
 from loramerge.errors import LoramergeError, SourceNotFound
 from loramerge.io.formats import read_adapter
+from loramerge.io.formats.component import for_component
 from loramerge.io.hub import HubRef, fetch_adapter
 
 
@@ -54,13 +55,14 @@ def resolve_source(source: str | Path) -> Path:
 
 
 def load(source: str | Path | Adapter | HubRef, *, format: str | None = None, allow_pickle: bool = False,
-         base: str | Path | None = None, skip_unknown: bool = False) -> Adapter:
+         base: str | Path | None = None, skip_unknown: bool = False, component: str | None = None) -> Adapter:
     """Load an adapter from a file or folder, or from the Hub, detecting its format.
 
     ``allow_pickle`` permits ``.bin`` checkpoints, read with ``torch.load(weights_only=True)``.
     ``base`` (a checkpoint file or folder) resolves kohya module names from its weight names.
     ``skip_unknown`` leaves out modules whose names resolve to nothing (``config["skipped"]``
-    lists them) instead of refusing the file.
+    lists them) instead of refusing the file. ``component`` is the pipeline component (denoiser)
+    the file is for when it cannot say so itself: ``"transformer_2"`` for a Wan 2.2 expert-2 LoRA.
     A Hub source keeps its spelling in ``.source`` and its resolved commit in ``.origin``; a
     :class:`~loramerge.io.hub.HubRef` goes to the Hub even when a local path has the same spelling.
 
@@ -72,7 +74,7 @@ def load(source: str | Path | Adapter | HubRef, *, format: str | None = None, al
         ['fc']
     """
     if isinstance(source, Adapter):
-        return source
+        return for_component(source, component) if component else source
     if isinstance(source, HubRef):
         snapshot = fetch_adapter(source)
         path, origin = snapshot.path, snapshot.origin()
@@ -80,12 +82,15 @@ def load(source: str | Path | Adapter | HubRef, *, format: str | None = None, al
         path, origin = locate_source(source)
     try:
         adapter = read_adapter(path, format=format, allow_pickle=allow_pickle,
-                               base=resolve_source(base) if base is not None else None, skip_unknown=skip_unknown)
+                               base=resolve_source(base) if base is not None else None, skip_unknown=skip_unknown,
+                               component=component)
     except LoramergeError as exc:  # the readers name the file in the message; the field gets it too
         exc.fill(path=str(path))
         raise
     if "repo_id" in origin:
         adapter.source = str(source)
+    if component:
+        origin["component"] = component  # a recipe of this load says it again
     adapter.origin = origin
     return adapter
 

@@ -68,7 +68,8 @@ def _refuse_unmergeable(adapter: Adapter) -> None:
         names = sorted(adapter.full_weights)
         shown = ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
         raise UnsupportedAdapter(
-            f"{where}: holds full replacement weights ({shown}; modules_to_save or trained biases) that cannot "
+            f"{where}: holds full replacement weights ({shown}; modules_to_save, trained biases or a Flux control "
+            "LoRA's norm scales) that cannot "
             "be weighted in a merge", path=adapter.source,
         )
 

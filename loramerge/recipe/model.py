@@ -41,6 +41,7 @@ class SourceSpec:
     weight: Schedule | None = None
     parameters: dict[str, Schedule] = field(default_factory=dict)
     format: str | None = None
+    component: str | None = None
     block_weights: BlockWeights | None = None
     where: str = ""
     data: Path | None = None
@@ -156,6 +157,8 @@ def source_dict(s: SourceSpec) -> dict[str, Any]:
         entry = {"path": s.spelling}
     if s.format:
         entry["format"] = s.format
+    if s.component:
+        entry["component"] = s.component
     if s.weight is not None:
         entry["weight"] = s.weight.to_plain()
     if s.parameters:
@@ -202,18 +205,22 @@ def source_location(origin: Mapping[str, Any], source: str | None, out_dir: Path
         >>> source_location({"path": "/data/adapters/a"}, None, Path("/data/merged"))
         {'path': '../adapters/a'}
     """
+    entry: dict[str, Any]
     if "repo_id" in origin:
-        entry: dict[str, Any] = {"repo": origin["repo_id"]}
+        entry = {"repo": origin["repo_id"]}
         if origin.get("commit") or origin.get("revision"):
             entry["revision"] = origin.get("commit") or origin.get("revision")
         if origin.get("subpath"):
             entry["subfolder"] = origin["subpath"]
-        return entry
-    path = origin.get("path") or source or "?"
-    if out_dir is not None and os.path.isabs(path):
-        with contextlib.suppress(ValueError):  # another drive on Windows: keep it absolute
-            path = os.path.relpath(path, Path(out_dir).resolve())
-    return {"path": path}
+    else:
+        path = origin.get("path") or source or "?"
+        if out_dir is not None and os.path.isabs(path):
+            with contextlib.suppress(ValueError):  # another drive on Windows: keep it absolute
+                path = os.path.relpath(path, Path(out_dir).resolve())
+        entry = {"path": path}
+    if origin.get("component"):  # loaded for a named denoiser (Wan 2.2's second expert)
+        entry["component"] = origin["component"]
+    return entry
 
 
 def dump_recipe(doc: Mapping[str, Any], header: str | None = None) -> str:

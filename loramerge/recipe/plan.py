@@ -96,7 +96,7 @@ def load_sources(recipe: Recipe) -> list[Adapter]:
     for i, s in enumerate(recipe.sources):
         target: Any = s.hub if s.hub is not None else (s.local if s.local is not None else s.spelling)
         try:
-            adapters.append(load(target, format=s.format, allow_pickle=recipe.allow_pickle))
+            adapters.append(load(target, format=s.format, allow_pickle=recipe.allow_pickle, component=s.component))
         except LoramergeError as exc:
             raise type(exc)(f"{s.where}: sources[{i}]: {exc}") from None
     weighting = BlockWeighting(recipe.block_weights, {i: s.block_weights for i, s in enumerate(recipe.sources)

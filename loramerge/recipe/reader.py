@@ -65,7 +65,8 @@ _TOP_KEYS = ("base_dir", "description", "sources", "method", "parameters", *POLI
              "seed", "compute_dtype", "ignore_base_mismatch", "allow_pickle", "output", "base_model", "tied_embeddings",
              "model", "stats", "semantics")
 SEMANTICS = ("loramerge", "mergekit")
-_SOURCE_KEYS = ("path", "repo", "revision", "subfolder", "format", "weight", "parameters", "data", "block_weights")
+_SOURCE_KEYS = ("path", "repo", "revision", "subfolder", "format", "component", "weight", "parameters", "data",
+                "block_weights")
 _OUTPUT_KEYS = ("path", "format", "dtype", "push", "card", "shard_size")
 # Keys that only mean something when the recipe folds into a base model.
 _FOLD_ONLY = ("output.shard_size", "tied_embeddings")
@@ -270,6 +271,8 @@ def _source(reader: NodeReader, node: Node, key: str, spec: MergeMethod, base_di
     source = _source_place(reader, node, entry, key, base_dir)
     if "format" in entry:
         source.format = _format_name(reader, entry["format"][1], f"{key}.format")
+    if "component" in entry:
+        source.component = _component_name(reader, entry["component"][1], f"{key}.component")
     if "data" in entry:
         source.data = base_dir / Path(reader.scalar(entry["data"][1], f"{key}.data", "string")).expanduser()
     if "weight" in entry:
@@ -365,6 +368,16 @@ def _checked(reader: NodeReader, node: Node, key: str, build: Callable[[], Block
         return build()
     except LoramergeError as exc:
         raise reader.fail(node, key, str(exc).replace("--block-weights ", "")) from None
+
+
+def _component_name(reader: NodeReader, node: Node, key: str) -> str:
+    """A denoiser component (``transformer``, ``transformer_2``) a source file is for."""
+    from loramerge.io.formats.component import DENOISERS
+
+    text = reader.scalar(node, key, "string")
+    if text not in DENOISERS:
+        raise reader.fail(node, key, f"must be one of {', '.join(DENOISERS)}, got {text!r}")
+    return text
 
 
 def _format_name(reader: NodeReader, node: Node, key: str) -> str:

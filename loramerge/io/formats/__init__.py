@@ -17,6 +17,7 @@ from loramerge.core.adapter import Adapter, install_output_hook
 from loramerge.core.devices import parse_dtype
 from loramerge.errors import ConfigNotFound, InvalidParameter, SourceNotFound, UnknownFormat
 from loramerge.io.formats import comfyui, diffusers, kohya, peft
+from loramerge.io.formats.component import for_component, recorded_component
 from loramerge.io.output import atomic_output
 
 
@@ -74,21 +75,26 @@ def _first_keys(path: Path, count: int = 5) -> str:
 
 
 def read_adapter(path: str | Path, *, format: str | None = None, allow_pickle: bool = False,
-                 base: str | Path | None = None, skip_unknown: bool = False) -> Adapter:
+                 base: str | Path | None = None, skip_unknown: bool = False, component: str | None = None) -> Adapter:
     """Read the adapter at a local ``path``, detecting its format unless ``format`` is given.
 
     ``base`` (a checkpoint file or folder) resolves kohya and original-checkpoint module names
     from its weight names; other formats already name modules by path and ignore it. A module
     whose name resolves to nothing is an error, unless ``skip_unknown``: then it is left out and
-    listed in the adapter's ``config["skipped"]``.
+    listed in the adapter's ``config["skipped"]``. ``component`` names the denoiser the file is
+    for (Wan 2.2's second expert: ``transformer_2``), else the file's header record, else
+    ``transformer`` (:mod:`loramerge.io.formats.component`).
     """
     path = Path(path)
     if not path.exists():
         raise SourceNotFound(f"{path}: no such file or folder")
     fmt = get_format(format) if format else detect_format(path)
     if fmt.name in NAME_RESOLVING:
-        return fmt.read(path, allow_pickle=allow_pickle, base=base, skip_unknown=skip_unknown)
-    return fmt.read(path, allow_pickle=allow_pickle)
+        adapter = fmt.read(path, allow_pickle=allow_pickle, base=base, skip_unknown=skip_unknown)
+    else:
+        adapter = fmt.read(path, allow_pickle=allow_pickle)
+    component = component or recorded_component(adapter.config.get("metadata"))
+    return for_component(adapter, component) if component else adapter
 
 
 def write_adapter(adapter: Adapter, path: str | Path, *, format: str | None = None,

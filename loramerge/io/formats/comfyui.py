@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ from loramerge.core.adapter import Adapter
 from loramerge.errors import UnsupportedAdapter
 from loramerge.io.factors import checked_tensors
 from loramerge.io.formats import lycoris
+from loramerge.io.formats.component import COMPONENT_KEY, denoiser_component
 from loramerge.io.formats.converted import ProbeModule
 from loramerge.io.formats.families import require_diffusers
 from loramerge.io.formats.kohya.keys import flat_shape, header_keys
@@ -54,7 +56,30 @@ SUFFIXES: dict[str, str] = {
     **{s: s for s in lycoris.LYCORIS_SUFFIXES if s != "lora_mid.weight"},
 }
 _ORDERED = sorted(SUFFIXES, key=len, reverse=True)
+# BFL's Flux control LoRAs (Canny, Depth) also replace the q/k RMSNorm scales of every attention. These
+# are diffusers' names for them, as its BFL converter (_convert_bfl_flux_control_lora_to_diffusers) gives
+# them; that converter itself only takes a whole Flux.1-dev file (19 + 38 blocks, every module).
+_CONTROL_NORM = re.compile(r"^(?:double_blocks\.(\d+)\.(img|txt)_attn|single_blocks\.(\d+))\.norm\.(query|key)_norm\.scale$")
 _DIFFUSERS_HEADS = ("transformer.", "transformer_2.", "unet.", "text_encoder", "base_model.model.")
+
+
+def control_norm(key: str) -> str | None:
+    """The diffusers parameter a Flux control LoRA's norm ``scale`` replaces, or None for other keys.
+
+    Example:
+        >>> control_norm("double_blocks.3.txt_attn.norm.key_norm.scale")
+        'transformer.transformer_blocks.3.attn.norm_added_k.weight'
+        >>> control_norm("diffusion_model.single_blocks.0.norm.query_norm.scale")
+        'transformer.single_transformer_blocks.0.attn.norm_q.weight'
+    """
+    for container in CONTAINERS:
+        key = key.removeprefix(container)
+    found = _CONTROL_NORM.match(key)
+    if found is None:
+        return None
+    double, stream, single, which = found.groups()
+    block = f"transformer_blocks.{double}" if double is not None else f"single_transformer_blocks.{single}"
+    return f"transformer.{block}.attn.norm_{'added_' if stream == 'txt' else ''}{which[0]}.weight"
 
 
 def split_key(key: str) -> tuple[str, str] | None:
@@ -71,7 +96,7 @@ def detect(path: Path) -> bool:
     That is: behind ``diffusion_model.``, XLabs' ``.processor.`` modules, or bare names that are
     neither kohya-prefixed nor diffusers component paths (DiffSynth-Studio).
     """
-    keys = header_keys(path)
+    keys = [k for k in header_keys(path) or () if control_norm(k) is None]
     if not keys or any(k.startswith(KOHYA_PREFIXES) or k.startswith(_DIFFUSERS_HEADS) for k in keys):
         return False
     split = [split_key(k) for k in keys]
@@ -96,7 +121,11 @@ def read(path: Path, *, allow_pickle: bool = False, base: str | Path | None = No
     groups: dict[str, dict[str, torch.Tensor]] = {}
     spelled: dict[str, dict[str, str]] = {}
     unknown = []
+    replaced = {}  # full tensors: a Flux control LoRA's norm scales
     for key, tensor in tensors.items():
+        if (norm := control_norm(key)) is not None:
+            replaced[norm] = tensor
+            continue
         found = split_key(key)
         if found is None:
             unknown.append(key)
@@ -120,8 +149,11 @@ def read(path: Path, *, allow_pickle: bool = False, base: str | Path | None = No
             lead + keys.get("lora_down.weight", f"{name}.{a_style}"), lead + keys.get("lora_up.weight", f"{name}.{b_style}"),
             lead + alpha if alpha else None,
         )
-    return assemble(groups, tensors, metadata, path=path, base=base, probes=probes, source_format=NAME,
-                    skip_unknown=skip_unknown, base_key=kohya_spelling)
+    adapter = assemble(groups, tensors, metadata, path=path, base=base, probes=probes, source_format=NAME,
+                       skip_unknown=skip_unknown, base_key=kohya_spelling)
+    if replaced:
+        adapter.full_weights = {**adapter.full_weights, **replaced}
+    return adapter
 
 
 def kohya_spelling(module: str) -> str:
@@ -167,7 +199,10 @@ def write(adapter: Adapter, path: Path, *, dtype: torch.dtype) -> None:
         tensors[f"{name}.lora_B.weight"] = baked.B.to(dtype)
         if lr.bias is not None:
             tensors[f"{name}.lora_B.bias"] = lr.bias.to(dtype)
-    write_safetensors(tensors, path, {"format": "pt"})
+    header = {"format": "pt"}
+    if denoiser_component(adapter) == "transformer_2":  # the file cannot say which expert it is for
+        header[COMPONENT_KEY] = "transformer_2"
+    write_safetensors(tensors, path, header)
 
 
 def _family_of(adapter: Adapter) -> str:

@@ -22,8 +22,9 @@ from __future__ import annotations
 import bisect
 import contextlib
 import logging
+import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -59,11 +60,16 @@ class ProbeModule:
 
 @dataclass
 class Resolution:
-    """What the converter made of a file: each module's target, the family, and the modules it dropped."""
+    """What the converter made of a file: each module's target, the family, and the modules it dropped.
+
+    ``also`` lists other families whose converters place every module the same way (a file whose
+    names several families share).
+    """
 
     targets: dict[str, KohyaTarget]
     family: str
     unmapped: list[str]
+    also: list[str] = field(default_factory=list)
 
 
 def probe_state_dict(modules: Sequence[ProbeModule]) -> tuple[dict[str, torch.Tensor], list[int]]:
@@ -181,15 +187,21 @@ def _runs(rows: list[tuple[str, int, int]]) -> tuple[Piece, ...]:
 def resolve(modules: Sequence[ProbeModule], *, origin: Path | str, family: str | None = None) -> Resolution:
     """Resolve ``modules`` (a file's modules, in its own key spelling) through the family converters.
 
-    The family is ``family`` or, when not given, the first one (ordered by name markers) whose
-    converter maps the modules onto modules its denoiser has; one that maps every module wins
-    at once, otherwise the one that maps the most. No family at all: UnknownFormat naming a few
-    modules.
+    The family is ``family`` or, when not given, one (ordered by name markers) whose converter
+    maps the modules onto modules its denoiser has. Among the families with markers in the file
+    whose converters place every module (Flux.1 and Flux.2 share most original names), the one
+    whose shapes agree best with its released model wins (:func:`shape_agreement`), the marker
+    order breaking ties; failing that, the converter that maps the most. No family at all:
+    UnknownFormat naming a few modules.
     """
     names = [m.name for m in modules]
     candidates = [family] if family else candidates_by_markers(names)
+    marked = set(candidates_by_markers(names, hits_only=True))
     best: Resolution | None = None
+    complete: list[Resolution] = []
     for position, name in enumerate(candidates):
+        if complete and name not in marked:
+            break
         attempt = _convert(name, modules)
         if attempt is None and position == 0 and len(modules) > 1:
             # The converters work on whole files and refuse one they cannot finish: one stray key
@@ -198,16 +210,17 @@ def resolve(modules: Sequence[ProbeModule], *, origin: Path | str, family: str |
         if attempt is None:
             continue
         targets, unmapped = attempt
-        if not targets:
-            continue
-        produced = sorted({p.module for t in targets.values() for p in t.pieces})
-        if not families_of(produced, [name]):
-            continue
         found = Resolution(targets, name, unmapped)
         if not unmapped:
-            return found
-        if best is None or len(unmapped) < len(best.unmapped):
+            complete.append(found)
+        elif best is None or len(unmapped) < len(best.unmapped):
             best = found
+    if complete:
+        scores = [shape_agreement(r) for r in complete]
+        winner = complete[scores.index(max(scores))]
+        winner.also = [r.family for r, score in zip(complete, scores)
+                       if r is not winner and score == max(scores) and r.targets == winner.targets]
+        return winner
     if best is None:
         shown = ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
         tried = ", ".join(FAMILIES[c].label for c in candidates)
@@ -215,21 +228,64 @@ def resolve(modules: Sequence[ProbeModule], *, origin: Path | str, family: str |
     return best
 
 
-def _convert(family: str, modules: Sequence[ProbeModule]) -> tuple[dict[str, KohyaTarget], list[str]] | None:
-    """The probe of ``modules`` through ``family``'s converter, or None when the converter refuses it.
+def shape_agreement(found: Resolution) -> int:
+    """How many modules ``found`` produces whose update has the aspect ratio (out : in) of the family's
+    released module of that name.
+
+    The ratio does not depend on the model's width, so it tells apart families that name modules
+    alike but size them differently, at any width: Flux.1's MLP maps ``h → 4h`` (GELU), Flux.2's
+    ``h → 6h`` (SwiGLU), Flux.1's ``linear2`` takes ``5h``, Flux.2's ``4h``.
+    """
+    released = family_modules(found.family)
+    agree = 0
+    for target in found.targets.values():
+        inputs = math.prod(target.shape[1:])
+        for module in {p.module for p in target.pieces}:
+            shape = released.get("transformer." + module.split(".", 1)[1])
+            rows = (target.rows or {}).get(module, sum(p.size for p in target.pieces if p.module == module))
+            if shape is not None and rows * math.prod(shape[1:]) == shape[0] * inputs:
+                agree += 1
+    return agree
+
+
+def _spellings(modules: Sequence[ProbeModule]) -> list[list[ProbeModule]]:
+    """The probe as the file spells it, without alphas, and with PEFT's ``lora_A``/``lora_B`` spelled
+    ``lora_down``/``lora_up``.
 
     The alphas only steer some converters to the right layout; a converter that chokes on one
-    (Wan's rejects an alpha on ``head.head``) gets the probe without them.
+    (Wan's rejects an alpha on ``head.head``) gets the probe without them. ComfyUI reads both
+    spellings of a factor alike; some converters know only one (diffusers' Flux.1 converter reads
+    ``diffusion_model.…`` files with kohya's suffixes only).
     """
     variants = [list(modules)]
     if any(m.alpha_key for m in modules):
         variants.append([replace(m, alpha_key=None) for m in modules])
-    for variant in variants:
+    respelled = [replace(m, down_key=_kohya_suffix(m.down_key), up_key=_kohya_suffix(m.up_key)) for m in modules]
+    if respelled != list(modules):
+        variants.append(respelled)
+    return variants
+
+
+def _kohya_suffix(key: str) -> str:
+    for peft_suffix, kohya in (("lora_A.default.weight", "lora_down.weight"), ("lora_B.default.weight", "lora_up.weight"),
+                               ("lora_A.weight", "lora_down.weight"), ("lora_B.weight", "lora_up.weight")):
+        if key.endswith("." + peft_suffix):
+            return key[: -len(peft_suffix)] + kohya
+    return key
+
+
+def _convert(family: str, modules: Sequence[ProbeModule]) -> tuple[dict[str, KohyaTarget], list[str]] | None:
+    """The probe of ``modules`` through ``family``'s converter, or None when the converter refuses every
+    spelling of it (:func:`_spellings`) or places a module on none of the family's modules."""
+    for variant in _spellings(modules):
         probe, starts = probe_state_dict(variant)
         try:
-            return read_probe(run_converter(family, probe), variant, starts)
+            targets, unmapped = read_probe(run_converter(family, probe), variant, starts)
         except Exception:  # a converter that does not know this layout fails in its own ways
             continue
+        produced = sorted({p.module for t in targets.values() for p in t.pieces})
+        if targets and families_of(produced, [family]):
+            return targets, unmapped
     return None
 
 

@@ -45,6 +45,7 @@ from loramerge.core.adapter import Adapter, LowRank
 from loramerge.errors import CorruptFile, UnknownFormat, UnsupportedAdapter
 from loramerge.io.factors import checked_tensors, factor, scalar
 from loramerge.io.formats import peft
+from loramerge.io.formats.component import COMPONENT_KEY, DENOISERS
 from loramerge.io.formats.families import architectures_of
 from loramerge.io.formats.sd_names import COMPONENTS
 from loramerge.io.formats.tensorfile import (
@@ -68,6 +69,9 @@ _BARE = {
     "text_encoder": ("text_model",),
 }
 _OLD_FACTORS = {"down": "lora_A", "up": "lora_B"}
+# The full tensors diffusers' LoRA loaders take beside LoRA factors: a Flux control LoRA's attention
+# norm scales (FluxLoraLoaderMixin._control_lora_supported_norm_keys).
+_CONTROL_NORM = re.compile(r"^transformer\.(?:.+\.)?attn\.norm_(?:added_)?[qk]\.weight$")
 _CLIP_TOP = ("encoder.layers.", "embeddings.", "final_layer_norm.")
 _PROCESSOR_UNET = {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"}
 _PROCESSOR_TEXT = {"to_q_lora": "q_proj", "to_k_lora": "k_proj", "to_v_lora": "v_proj", "to_out_lora": "out_proj"}
@@ -151,7 +155,11 @@ def read(path: Path, *, allow_pickle: bool = False, base: str | Path | None = No
     by_component: dict[str, dict[str, torch.Tensor]] = {}
     alphas: dict[str, dict[str, float]] = {}
     unknown = []
+    replaced = {}
     for key, tensor in tensors.items():
+        if _CONTROL_NORM.match(key):
+            replaced[key] = tensor
+            continue
         normal = normalize_key(key)
         if normal is None:
             unknown.append(key)
@@ -179,7 +187,7 @@ def read(path: Path, *, allow_pickle: bool = False, base: str | Path | None = No
     if architectures:
         config["architectures"] = architectures
     return Adapter(layers, source_format=NAME, dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32,
-                   source=str(path), config=config)
+                   source=str(path), config=config, full_weights=replaced)
 
 
 def _adapter_metadata(header: dict[str, str], origin: Path) -> dict[str, Any]:
@@ -218,7 +226,29 @@ def _component_config(component: str, parts: dict[str, torch.Tensor], adapter_me
 
 
 def write(adapter: Adapter, folder: Path, *, dtype: torch.dtype) -> None:
-    """Write ``adapter`` as a diffusers LoRA folder (``pytorch_lora_weights.safetensors``)."""
+    """Write ``adapter`` as a diffusers LoRA folder (``pytorch_lora_weights.safetensors``).
+
+    diffusers loads a file's ``transformer.`` keys into one denoiser, the second one of Wan 2.2
+    when asked (``load_into_transformer_2=True``), so an adapter for ``transformer_2`` alone is
+    written under ``transformer.`` with its component recorded in the header; one for both
+    denoisers is refused (one file per expert).
+    """
+    experts = sorted({m.split(".", 1)[0] for m in adapter.layers} & set(DENOISERS))
+    if len(experts) > 1:
+        raise UnsupportedAdapter(
+            f"{adapter.source or 'adapter'}: modules for both {' and '.join(experts)}; diffusers loads one denoiser "
+            "per LoRA file (load_lora_weights(..., load_into_transformer_2=True) for the second): write each expert "
+            "to its own file, or use --to peft to keep both in one"
+        )
+    others = sorted(k for k in adapter.full_weights if not _CONTROL_NORM.match(k))
+    if others:
+        raise UnsupportedAdapter(
+            f"{adapter.source or 'adapter'}: full weights {', '.join(others[:3])} have no place in a diffusers LoRA "
+            "file (it holds LoRA factors and Flux control norms only); write --to peft"
+        )
+    header: dict[str, str] = {}
+    if experts == ["transformer_2"]:
+        header[COMPONENT_KEY] = "transformer_2"
     components: dict[str, dict[str, LowRank]] = {}
     for module, lr in adapter.layers.items():
         component, _, rest = module.partition(".")
@@ -227,8 +257,8 @@ def write(adapter: Adapter, folder: Path, *, dtype: torch.dtype) -> None:
                 f"module {module}: diffusers files name modules by pipeline component ({', '.join(COMPONENTS)}); "
                 "this name has none (read kohya files without --base, or with a diffusers pipeline folder as --base)"
             )
-        components.setdefault(component, {})[rest] = lr.baked()
-    tensors: dict[str, torch.Tensor] = {}
+        components.setdefault("transformer" if component in DENOISERS else component, {})[rest] = lr.baked()
+    tensors: dict[str, torch.Tensor] = {k: v.to(dtype) for k, v in adapter.full_weights.items()}
     metadata: dict[str, Any] = {}
     for component, layers in components.items():
         for name, lr in layers.items():
@@ -248,4 +278,4 @@ def write(adapter: Adapter, folder: Path, *, dtype: torch.dtype) -> None:
         config["use_dora"] = peft.uses_dora(sub)
         config["lora_bias"] = any(lr.bias is not None for lr in short.values())
         metadata.update({f"{component}.{k}": v for k, v in config.items()})
-    write_safetensors(tensors, folder / WEIGHTS_NAME, {METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+    write_safetensors(tensors, folder / WEIGHTS_NAME, {METADATA_KEY: json.dumps(metadata, sort_keys=True), **header})

@@ -186,8 +186,9 @@ def families_of(modules: Mapping[str, Shape] | list[str], candidates: list[str] 
     return out
 
 
-def candidates_by_markers(names: list[str], converting: bool = True) -> list[str]:
-    """Family names ordered by how many of ``names`` carry one of their markers (families without hits last).
+def candidates_by_markers(names: list[str], converting: bool = True, hits_only: bool = False) -> list[str]:
+    """Family names ordered by how many of ``names`` carry one of their markers (families without hits last,
+    or left out with ``hits_only``).
 
     Example:
         >>> candidates_by_markers(["blocks_0_self_attn_q", "blocks_0_ffn_0"])[0]
@@ -198,7 +199,8 @@ def candidates_by_markers(names: list[str], converting: bool = True) -> list[str
         if converting and not family.converts:
             continue
         hits = sum(1 for n in names if any(m in n for m in family.markers))
-        scored.append((-hits, index, family.name))
+        if hits or not hits_only:
+            scored.append((-hits, index, family.name))
     return [name for _, _, name in sorted(scored)]
 
 

@@ -12,6 +12,7 @@ import torch
 
 from loramerge._version import __version__
 from loramerge.core.adapter import Adapter
+from loramerge.io.formats.component import COMPONENT_KEY, denoiser_component
 from loramerge.io.formats.kohya.names import choose_architecture
 
 METADATA_KEY = "loramerge"
@@ -39,6 +40,8 @@ def build_metadata(adapter: Adapter, ranks: Mapping[str, int], alphas: Mapping[s
     if arch is not None:
         metadata["ss_base_model_version"] = arch.base_model_version
     metadata[METADATA_KEY] = json.dumps(recipe(adapter))
+    if denoiser_component(adapter) == "transformer_2":  # musubi names cannot say which Wan 2.2 expert
+        metadata[COMPONENT_KEY] = "transformer_2"
     return metadata
 
 

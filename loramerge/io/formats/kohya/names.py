@@ -156,7 +156,7 @@ def _family_resolved(flat: Mapping[str, Shape], probes: Mapping[str, ProbeModule
             f"{origin}: {len(found.unmapped)} module(s) that diffusers' {FAMILIES[found.family].label} converter "
             f"maps to no module: {first_names(found.unmapped)} (--skip-unknown leaves them out)"
         )
-    return Resolved(found.targets, [found.family], found.unmapped, by_family=True)
+    return Resolved(found.targets, [found.family, *found.also], found.unmapped, by_family=True)
 
 
 def first_names(names: list[str], count: int = 5) -> str:
