@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loramerge import fold, load
+from loramerge.errors import UnsupportedAdapter
 from loramerge.io.formats import write_adapter
 from tests.cli_helpers import assert_clean_failure, run_cli
 from tests.family_fixtures import (
@@ -591,3 +592,112 @@ def test_chroma_kohya_file_reads_like_the_chroma_loader_and_folds(tmp_path):
     save_file(tensors, str(file))
     assert "chroma" in load(file).config["architectures"]
     folds_and_converts_like("chroma", model, file, converted_with_prefix("chroma", str(file)), tmp_path)
+
+
+# Original layouts that fuse diffusers modules (q, k, v …), written by loramerge. At toy widths some of the family
+# converters cannot split what they fuse (HunyuanVideo's splits single_blocks.N.linear1 at 3072 rows), so those
+# modules are checked at the released widths below; HunyuanVideo's converter also breaks every LoRA on
+# final_layer.adaLN_modulation.1 and on the token refiner's self_attn_qkv (it chunks A too), so loramerge refuses them.
+def hunyuan_writable(module):
+    return not (module.startswith("transformer.single_transformer_blocks.") and (".attn.to_" in module or "proj_mlp" in module)) \
+        and not ("refiner_blocks" in module and re.search(r"attn\.to_[qkv]$", module)) and module != "transformer.norm_out.linear"
+
+
+FUSED_WRITERS = {  # (family, layout): which of the tiny model's modules; kohya: the blocks diffusers' kohya converter maps
+    ("flux2", "comfyui"): lambda m: True,
+    ("flux2", "kohya"): lambda m: ".transformer_blocks." in m or "single_transformer_blocks." in m,
+    ("hunyuan_video", "comfyui"): hunyuan_writable,
+    ("z_image", "comfyui"): lambda m: True,
+    ("z_image", "kohya"): lambda m: True,
+}
+
+
+@pytest.mark.parametrize(("family", "layout"), sorted(FUSED_WRITERS))
+def test_original_name_writers_load_in_the_family_loader_like_our_fold(family, layout, tmp_path):
+    """``convert --to comfyui/kohya`` of a diffusers-style LoRA: the family's own diffusers loader, reading our file,
+    gives what loramerge's fold of the source gives; reading our file back gives the source's deltas."""
+    model = build(family)
+    adapter = random_adapter({m: s for m, s in linear_modules(model).items() if FUSED_WRITERS[family, layout](m)},
+                             seed=21, scale=0.75)
+    adapter.config["architectures"] = [family]
+    source = write_adapter(adapter, tmp_path / "source", format="diffusers")
+    out = tmp_path / f"out-{layout}.safetensors"
+    result = run_cli("convert", source, "-o", out, "--to", layout)
+    assert result.exit_code == 0, result.output
+    fold(save(family, model, tmp_path / "base"), source, output=tmp_path / "folded", device="cpu")
+    expected = forward(family, load_folded(family, tmp_path / "folded"))
+    assert relative_error(expected, forward(family, model)) > 1e-3
+    assert relative_error(forward(family, load_with_diffusers(family, out, build(family))), expected) < 1e-4
+    assert_same_deltas(load(out), adapter)
+
+
+def assert_same_deltas(again, adapter):
+    """``again`` holds ``adapter``'s deltas (float64, dense) and, for the parts of fused modules it lacked, zeros."""
+    for module, lr in adapter.layers.items():
+        ours = again.layers[module]
+        assert torch.allclose(ours.product(torch.float64), lr.product(torch.float64), atol=1e-6), module
+    for module in set(again.layers) - set(adapter.layers):
+        assert not again.layers[module].product(torch.float64).any(), module
+
+
+def test_a_fused_module_partly_adapted_gets_zero_rows_for_the_rest(tmp_path):
+    """Only q of the image attention and k of the text attention: the fused qkv modules carry zeros for the others."""
+    family = "flux2"
+    model = build(family)
+    adapter = random_adapter({m: s for m, s in linear_modules(model).items()
+                              if m.endswith(("attn.to_q", "attn.add_k_proj"))}, seed=3, scale=0.5)
+    adapter.config["architectures"] = [family]
+    for layout in ("comfyui", "kohya"):
+        out = write_adapter(adapter, tmp_path / f"{layout}.safetensors", format=layout)
+        again = load(out)
+        assert "transformer.transformer_blocks.0.attn.to_v" in again.layers
+        assert_same_deltas(again, adapter)
+        reference = write_adapter(adapter, tmp_path / f"ref-{layout}", format="diffusers")
+        expected = forward(family, load_with_diffusers(family, reference / "pytorch_lora_weights.safetensors", build(family)))
+        assert relative_error(forward(family, load_with_diffusers(family, out, build(family))), expected) < 1e-4
+
+
+def factor_distance(first, second) -> float:
+    """‖B₁A₁s₁ − B₂A₂s₂‖_F / ‖B₂A₂s₂‖_F from the factors alone (float64), never forming the matrices."""
+    B = torch.cat([first[0].double() * first[2], -second[0].double() * second[2]], 1)
+    A = torch.cat([first[1].double(), second[1].double()])
+    difference = torch.trace((B.T @ B) @ (A @ A.T))
+    B2, A2 = second[0].double() * second[2], second[1].double()
+    return float(difference.clamp_min(0).sqrt() / torch.trace((B2.T @ B2) @ (A2 @ A2.T)).sqrt())
+
+
+RELEASED_FUSED = {  # at the released widths: HunyuanVideo's single block (linear1 fuses q, k, v and the MLP input), one
+    # double block (diffusers only converts a file with an img_attn_qkv); Lumina 2's first block (q 2304, k and v 768 rows)
+    "hunyuan_video": ("single_transformer_blocks.0.", "transformer_blocks.0.attn.to_q"),
+    "lumina2": ("layers.0.",),
+}
+
+
+@pytest.mark.parametrize("family", sorted(RELEASED_FUSED))
+def test_fused_writers_at_released_widths_convert_back_through_diffusers(family, tmp_path):
+    import diffusers
+
+    from loramerge.io.formats.families import FAMILIES, family_modules
+
+    shapes = {m: s for m, s in family_modules(family).items()
+              if m.split(".", 1)[1].startswith(RELEASED_FUSED[family]) and len(s) == 2}
+    adapter = random_adapter({m: tuple(s) for m, s in shapes.items()}, seed=5, scale=0.5)
+    adapter.config["architectures"] = [family]
+    out = write_adapter(adapter, tmp_path / "out.safetensors", format="comfyui")
+    converted = getattr(diffusers, FAMILIES[family].pipeline).lora_state_dict(str(out))
+    converted = converted[0] if isinstance(converted, tuple) else converted
+    for module, lr in adapter.layers.items():
+        theirs = (converted[f"{module}.lora_B.weight"], converted[f"{module}.lora_A.weight"], 1.0)
+        assert factor_distance(theirs, (lr.B, lr.A, lr.scale)) < 1e-5, module
+    again = load(out)
+    for module, lr in adapter.layers.items():
+        ours = again.layers[module]
+        assert factor_distance((ours.B, ours.A, ours.scale), (lr.B, lr.A, lr.scale)) < 1e-5, module
+
+
+def test_modules_diffusers_cannot_load_in_the_original_layout_are_refused_by_name(tmp_path):
+    adapter = random_adapter({"transformer.norm_out.linear": (32, 16)}, seed=1)
+    adapter.config["architectures"] = ["hunyuan_video"]
+    with pytest.raises(UnsupportedAdapter, match=r"norm_out\.linear.*final_layer\.adaLN_modulation\.1.*--to diffusers"):
+        write_adapter(adapter, tmp_path / "out.safetensors", format="comfyui")
+    assert not (tmp_path / "out.safetensors").exists()

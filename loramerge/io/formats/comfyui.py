@@ -14,7 +14,7 @@ the arithmetic is the kohya reader's (:mod:`loramerge.io.formats.kohya.update`):
 **Write.** One ``.safetensors`` file with ``diffusion_model.<original name>.lora_A.weight`` /
 ``.lora_B.weight`` (the scale baked into the factors, no alpha: what AI-Toolkit writes and
 ComfyUI reads), for the families whose original names :mod:`loramerge.io.formats.original_names`
-knows.
+knows; diffusers modules that one original module fuses (q, k, v) are written fused.
 
 Example:
     >>> split_key("diffusion_model.blocks.0.self_attn.q.lora_A.weight")
@@ -37,9 +37,10 @@ from loramerge.io.formats import lycoris
 from loramerge.io.formats.component import COMPONENT_KEY, denoiser_component
 from loramerge.io.formats.converted import ProbeModule
 from loramerge.io.formats.families import require_diffusers
+from loramerge.io.formats.kohya.fused import fuse
 from loramerge.io.formats.kohya.keys import flat_shape, header_keys
 from loramerge.io.formats.kohya.read import assemble, single_file
-from loramerge.io.formats.original_names import RULES, check_names, original_name, writable
+from loramerge.io.formats.original_names import RULES, check_names, original_targets, writable
 from loramerge.io.formats.sd_names import KOHYA_PREFIXES, flatten
 from loramerge.io.formats.tensorfile import check_keys, read_tensor_file, write_safetensors
 
@@ -181,24 +182,34 @@ def _dominant_style(spelled: dict[str, dict[str, str]]) -> tuple[str, str]:
 
 
 def write(adapter: Adapter, path: Path, *, dtype: torch.dtype) -> None:
-    """Write ``adapter`` in ComfyUI/AI-Toolkit layout: original names, ``lora_A``/``lora_B``, scale baked in."""
+    """Write ``adapter`` in ComfyUI/AI-Toolkit layout: original names, ``lora_A``/``lora_B``, scale baked in.
+
+    Diffusers modules that one original module holds (a fused ``qkv``) are written as that module:
+    ``[B_q A_q; B_k A_k; B_v A_v] = blockdiag(B_q, B_k, B_v) · [A_q; A_k; A_v]``, zero rows for the parts
+    the adapter does not adapt (:func:`loramerge.io.formats.kohya.fused.fuse`).
+    """
     family = _family_of(adapter)
-    names = {module: original_name(module, family) for module in adapter.layers}
-    if len({m.split(".", 1)[0] for m in names}) > 1:
+    if len({m.split(".", 1)[0] for m in adapter.layers}) > 1:
         raise UnsupportedAdapter("the ComfyUI layout holds one denoiser; write each expert (transformer, "
                                  "transformer_2) to its own file, or use --to diffusers")
-    check_names(names, {m: tuple(lr.delta_shape) for m, lr in adapter.layers.items()}, family,
-                key_prefix="diffusion_model.", flat_names=False)
+    require_diffusers()  # the converter gives the fused modules' rows and checks every name
+    targets = original_targets({m: tuple(lr.delta_shape) for m, lr in adapter.layers.items()}, family)
+    check_names(targets, family, key_prefix="diffusion_model.", flat_names=False)
     tensors: dict[str, torch.Tensor] = {}
-    for module, lr in adapter.layers.items():
-        if lr.magnitude is not None:
-            raise UnsupportedAdapter(f"module {module}: a DoRA magnitude cannot be written in ComfyUI layout")
-        name = "diffusion_model." + names[module]
-        baked = lr.baked()
+    for original, target in targets.items():
+        members = {p.module: adapter.layers[p.module] for p in target.pieces if p.module in adapter.layers}
+        for module, lr in members.items():
+            if lr.magnitude is not None:
+                raise UnsupportedAdapter(f"module {module}: a DoRA magnitude cannot be written in ComfyUI layout")
+            if lr.bias is not None and target.fused:
+                raise UnsupportedAdapter(f"module {module}: a bias update cannot be written into fused module {original}")
+        update = fuse(original, members, target) if target.fused else next(iter(members.values()))
+        name = "diffusion_model." + original
+        baked = update.baked()
         tensors[f"{name}.lora_A.weight"] = baked.A.to(dtype)
         tensors[f"{name}.lora_B.weight"] = baked.B.to(dtype)
-        if lr.bias is not None:
-            tensors[f"{name}.lora_B.bias"] = lr.bias.to(dtype)
+        if update.bias is not None:
+            tensors[f"{name}.lora_B.bias"] = update.bias.to(dtype)
     header = {"format": "pt"}
     if denoiser_component(adapter) == "transformer_2":  # the file cannot say which expert it is for
         header[COMPONENT_KEY] = "transformer_2"
@@ -206,14 +217,16 @@ def write(adapter: Adapter, path: Path, *, dtype: torch.dtype) -> None:
 
 
 def _family_of(adapter: Adapter) -> str:
+    """The family recorded when the adapter was read, else the first family its modules fit: one whose
+    original names are known here, or an error (a Flux.1 adapter must not be written with Flux.2's names)."""
     from loramerge.io.formats.families import FAMILIES, families_of
 
     recorded = [a for a in adapter.config.get("architectures") or [] if a in FAMILIES]
     found = recorded or families_of(list(adapter.layers))
-    writable_found = [f for f in found if writable(f)]
-    if not writable_found:
+    if not found or not writable(found[0]):
         raise UnsupportedAdapter(
             f"{adapter.source or 'adapter'}: the ComfyUI layout needs a family whose original names loramerge "
-            f"knows ({', '.join(sorted(RULES))}); these modules fit {', '.join(found) or 'none'}: use --to diffusers"
+            f"knows ({', '.join(sorted(RULES))}); these modules fit "
+            f"{', '.join(FAMILIES[f].label for f in found) or 'none'}: use --to diffusers"
         )
-    return writable_found[0]
+    return found[0]

@@ -19,7 +19,6 @@ Example:
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import logging
 import math
@@ -141,8 +140,9 @@ def read_probe(converted: Mapping[str, torch.Tensor], modules: Sequence[ProbeMod
         found = factor_of(key)
         if found is not None:
             factors.setdefault(found[0], {})[found[1]] = tensor
-    places: dict[int, list[tuple[str, int, int]]] = {}  # module index -> (diffusers module, src row, dst row)
+    places: dict[int, list[Piece]] = {}  # module index -> runs of its rows in the diffusers modules
     rows_of: dict[str, int] = {}
+    bounds = torch.tensor(starts, dtype=torch.float64)
     for out_module, pair in factors.items():
         if "B" not in pair or "A" not in pair:
             continue
@@ -151,15 +151,23 @@ def read_probe(converted: Mapping[str, torch.Tensor], modules: Sequence[ProbeMod
         if B.shape[1] != A.shape[0] or ((A != 0) & (A != 1)).any() or ((B != 0).sum(1) > 1).any():
             raise UnknownFormat(f"the converter changed the probe of {out_module} in a way loramerge cannot follow")
         ids = B.sum(1)
+        if (ids != ids.round()).any():
+            raise UnknownFormat(f"the converter changed the probe of {out_module} in a way loramerge cannot follow")
         name = out_module if out_module.split(".", 1)[0] in _COMPONENT_HEADS else f"transformer.{out_module}"
         rows_of[name] = int(B.shape[0])
-        for dst, value in enumerate(ids.tolist()):
-            if value == 0:
-                continue
-            if value != int(value):
-                raise UnknownFormat(f"the converter changed the probe of {out_module} in a way loramerge cannot follow")
-            index = bisect.bisect_right(starts, int(value)) - 1
-            places.setdefault(index, []).append((name, int(value) - starts[index], dst))
+        dst = torch.nonzero(ids).flatten()
+        if not len(dst):
+            continue
+        value = ids[dst]
+        index = torch.searchsorted(bounds, value, right=True) - 1
+        src = value - bounds[index]
+        # a run ends where the next row is not the next row of the same module in both places
+        breaks = torch.ones(len(dst), dtype=torch.bool)
+        breaks[1:] = (index[1:] != index[:-1]) | (src[1:] != src[:-1] + 1) | (dst[1:] != dst[:-1] + 1)
+        firsts = torch.nonzero(breaks).flatten().tolist()
+        for begin, end in zip(firsts, [*firsts[1:], len(dst)]):
+            places.setdefault(int(index[begin]), []).append(
+                Piece(name, int(src[begin]), int(dst[begin]), end - begin))
     targets: dict[str, KohyaTarget] = {}
     unmapped = []
     for index, module in enumerate(modules):
@@ -167,21 +175,10 @@ def read_probe(converted: Mapping[str, torch.Tensor], modules: Sequence[ProbeMod
         if not rows:
             unmapped.append(module.name)
             continue
-        targets[module.name] = KohyaTarget(module.name, tuple(module.shape), _runs(sorted(rows)),
-                                           rows={m: rows_of[m] for m, _, _ in rows})
+        pieces = tuple(sorted(rows, key=lambda p: (p.src, p.module, p.dst)))
+        targets[module.name] = KohyaTarget(module.name, tuple(module.shape), pieces,
+                                           rows={p.module: rows_of[p.module] for p in pieces})
     return targets, unmapped
-
-
-def _runs(rows: list[tuple[str, int, int]]) -> tuple[Piece, ...]:
-    """Consecutive rows merged into :class:`Piece` runs."""
-    pieces: list[Piece] = []
-    for module, src, dst in sorted(rows, key=lambda r: (r[1], r[0], r[2])):
-        last = pieces[-1] if pieces else None
-        if last is not None and last.module == module and last.src + last.size == src and last.dst + last.size == dst:
-            pieces[-1] = Piece(module, last.src, last.dst, last.size + 1)
-        else:
-            pieces.append(Piece(module, src, dst, 1))
-    return tuple(pieces)
 
 
 def resolve(modules: Sequence[ProbeModule], *, origin: Path | str, family: str | None = None) -> Resolution:
@@ -202,7 +199,7 @@ def resolve(modules: Sequence[ProbeModule], *, origin: Path | str, family: str |
     for position, name in enumerate(candidates):
         if complete and name not in marked:
             break
-        attempt = _convert(name, modules)
+        attempt = convert_probe(name, modules)
         if attempt is None and position == 0 and len(modules) > 1:
             # The converters work on whole files and refuse one they cannot finish: one stray key
             # would hide every other module. The likeliest family gets its modules one at a time.
@@ -274,9 +271,10 @@ def _kohya_suffix(key: str) -> str:
     return key
 
 
-def _convert(family: str, modules: Sequence[ProbeModule]) -> tuple[dict[str, KohyaTarget], list[str]] | None:
-    """The probe of ``modules`` through ``family``'s converter, or None when the converter refuses every
-    spelling of it (:func:`_spellings`) or places a module on none of the family's modules."""
+def convert_probe(family: str, modules: Sequence[ProbeModule]) -> tuple[dict[str, KohyaTarget], list[str]] | None:
+    """The probe of ``modules`` through ``family``'s converter, as one file: each module's target and the
+    modules that went nowhere; None when the converter refuses every spelling of the file
+    (:func:`_spellings`) or places a module on none of the family's modules."""
     for variant in _spellings(modules):
         probe, starts = probe_state_dict(variant)
         try:
@@ -293,7 +291,7 @@ def _convert_each(family: str, modules: Sequence[ProbeModule]) -> tuple[dict[str
     targets: dict[str, KohyaTarget] = {}
     unmapped: list[str] = []
     for module in modules:
-        attempt = _convert(family, [module])
+        attempt = convert_probe(family, [module])
         if attempt is None or not attempt[0]:
             unmapped.append(module.name)
         else:

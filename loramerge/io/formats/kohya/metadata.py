@@ -13,7 +13,9 @@ import torch
 from loramerge._version import __version__
 from loramerge.core.adapter import Adapter
 from loramerge.io.formats.component import COMPONENT_KEY, denoiser_component
+from loramerge.io.formats.families import FAMILIES
 from loramerge.io.formats.kohya.names import choose_architecture
+from loramerge.io.formats.original_names import family_for_writing
 
 METADATA_KEY = "loramerge"
 
@@ -39,6 +41,8 @@ def build_metadata(adapter: Adapter, ranks: Mapping[str, int], alphas: Mapping[s
     metadata["ss_v2"] = str(arch is not None and arch.name == "sd2")
     if arch is not None:
         metadata["ss_base_model_version"] = arch.base_model_version
+    elif (family := family_for_writing(adapter)) is not None:  # Flux.2's names are mostly Flux.1's: say which
+        metadata["ss_base_model_version"] = FAMILIES[family].base_model_version
     metadata[METADATA_KEY] = json.dumps(recipe(adapter))
     if denoiser_component(adapter) == "transformer_2":  # musubi names cannot say which Wan 2.2 expert
         metadata[COMPONENT_KEY] = "transformer_2"

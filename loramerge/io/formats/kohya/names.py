@@ -59,7 +59,8 @@ class Resolved:
 
 def resolve_names(flat: Mapping[str, Shape], *, origin: Path | str,
                   base: BaseNames | str | Path | None = None, probes: Mapping[str, ProbeModule] | None = None,
-                  base_key: Callable[[str], str] | None = None, skip_unknown: bool = False) -> Resolved:
+                  base_key: Callable[[str], str] | None = None, skip_unknown: bool = False,
+                  family: str | None = None) -> Resolved:
     """Each module's :class:`KohyaTarget` and the architectures that fit, best first.
 
     With ``base`` the names (spelled for the lookup by ``base_key``) are looked up among the
@@ -103,6 +104,10 @@ def resolve_names(flat: Mapping[str, Shape], *, origin: Path | str,
             )
         return Resolved(targets, architectures, unresolved)
 
+    if family is not None and probes is not None and diffusers_available():
+        # The file names its family (loramerge writes ss_base_model_version): Flux.2's names are mostly Flux.1's.
+        with contextlib.suppress(UnknownFormat):
+            return _family_resolved(flat, probes, origin, skip_unknown=skip_unknown, family=family)
     found = architectures_for_kohya(names)
     unknown = [n for n in names if not found[n]]
     if unknown and probes is not None and diffusers_available():
@@ -142,7 +147,7 @@ def resolve_names(flat: Mapping[str, Shape], *, origin: Path | str,
 
 
 def _family_resolved(flat: Mapping[str, Shape], probes: Mapping[str, ProbeModule], origin: Path | str,
-                     skip_unknown: bool) -> Resolved:
+                     skip_unknown: bool, family: str | None = None) -> Resolved:
     """Names no built-in table knows, resolved by a model family's module list or its diffusers converter."""
     names = list(flat)
     flattened = resolve_flattened(names)
@@ -150,7 +155,7 @@ def _family_resolved(flat: Mapping[str, Shape], probes: Mapping[str, ProbeModule
         family, modules = flattened
         targets = {n: KohyaTarget(n, flat[n], (Piece(m, 0, 0, int(flat[n][0])),)) for n, m in modules.items()}
         return Resolved(targets, [family], by_family=True)
-    found = resolve_by_converter([probes[n] for n in names], origin=origin)
+    found = resolve_by_converter([probes[n] for n in names], origin=origin, family=family)
     if found.unmapped and not skip_unknown:
         raise UnknownFormat(
             f"{origin}: {len(found.unmapped)} module(s) that diffusers' {FAMILIES[found.family].label} converter "

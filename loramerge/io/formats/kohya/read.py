@@ -65,8 +65,10 @@ def assemble(groups: Mapping[str, Mapping[str, torch.Tensor]], tensors: Mapping[
     """The :class:`Adapter` of a file's modules (``groups``: module name → kohya-suffixed tensors), named and split."""
     flat = {name: flat_shape(name, parts, path) for name, parts in groups.items()}
     base_names = BaseNames.from_path(base) if base is not None else None
+    recorded = [f.name for f in FAMILIES.values() if f.converts and f.name not in ARCHITECTURES
+                and f.base_model_version == metadata.get("ss_base_model_version")]
     resolved = resolve_names(flat, origin=path, base=base_names, probes=probes, base_key=base_key,
-                             skip_unknown=skip_unknown)
+                             skip_unknown=skip_unknown, family=recorded[0] if recorded else None)
     architectures = resolved.architectures
     arch = ARCHITECTURES[architectures[0]] if architectures and architectures[0] in ARCHITECTURES \
         and base_names is None else None

@@ -16,10 +16,16 @@ import torch
 
 from loramerge.core.adapter import Adapter, LowRank
 from loramerge.errors import IncompatibleAdapters, UnsupportedAdapter
+from loramerge.io.formats.families import require_diffusers
 from loramerge.io.formats.kohya.fused import fuse
 from loramerge.io.formats.kohya.metadata import build_metadata, kohya_hashes
 from loramerge.io.formats.kohya.names import choose_architecture, kohya_name
-from loramerge.io.formats.original_names import check_names, family_for_writing, original_name
+from loramerge.io.formats.original_names import (
+    check_names,
+    family_for_writing,
+    original_name,
+    original_targets,
+)
 from loramerge.io.formats.sd_names import flatten
 from loramerge.io.formats.tensorfile import write_safetensors
 
@@ -43,13 +49,15 @@ def kohya_state_dict(adapter: Adapter, dtype: torch.dtype, *, bias_key: str | No
         groups.setdefault(names[module], {})[module] = lr
     arch = choose_architecture(adapter)
     family = None if arch is not None else family_for_writing(adapter)
-    if family is not None:  # musubi-tuner names, checked against the family's diffusers converter
-        check_names({m: n for n, members in groups.items() for m in members},
-                    {m: tuple(lr.delta_shape) for m, lr in adapter.layers.items()}, family, key_prefix="",
-                    flat_names=True)
+    targets = arch.kohya if arch is not None else {}
+    if family is not None:  # musubi-tuner names (fused as the original model fuses them), checked by diffusers
+        require_diffusers()
+        targets = {"lora_unet_" + flatten(n): t for n, t in original_targets(
+            {m: tuple(lr.delta_shape) for m, lr in adapter.layers.items()}, family).items()}
+        check_names(targets, family, key_prefix="", flat_names=True)
     updates: dict[str, LowRank] = {}
     for name, members in groups.items():
-        target = arch.kohya.get(name) if arch is not None else None
+        target = targets.get(name)
         if target is not None and target.fused:
             updates[name] = fuse(name, members, target)
         elif len(members) == 1:
