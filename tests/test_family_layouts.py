@@ -574,24 +574,76 @@ def test_bfl_flux_control_lora_reads_converts_and_is_refused_by_fold_and_merge(t
 CHROMA_ORIGINAL = [m for m in FLUX1_ORIGINAL if "mod" not in m[0] and not m[0].startswith(("time_in", "vector_in"))]
 
 
-def test_chroma_kohya_file_reads_like_the_chroma_loader_and_folds(tmp_path):
-    """kohya's sd-scripts trains Chroma with its Flux.1 network: ``lora_unet_<BFL name, dots as _>`` with alphas."""
-    model = build("chroma")
-    shapes = linear_modules(model)
-    g = torch.Generator().manual_seed(19)
+def kohya_file(family, modules, file, *, seed=19):
+    """A LoRA on original module names as kohya's sd-scripts, musubi-tuner and AI-Toolkit's kohya output write
+    them: ``lora_unet_<BFL name, dots as _>`` with alphas, and no ``ss_*`` metadata saying the family."""
+    shapes = linear_modules(build(family))
+    g = torch.Generator().manual_seed(seed)
     tensors = {}
-    for original, diffusers_module, fused in CHROMA_ORIGINAL:
+    for original, diffusers_module, fused in modules:
         out, inp = shapes[f"transformer.{diffusers_module}"]
         name = "lora_unet_" + original.replace(".", "_")
         tensors[f"{name}.lora_down.weight"] = torch.randn(4, inp, generator=g) / math.sqrt(inp)
         tensors[f"{name}.lora_up.weight"] = torch.randn(fused * out, 4, generator=g) * 0.3
-        # diffusers' converter ignores the alpha of final_layer modules (kohya applies alpha / rank to every
-        # module): there the oracle file has alpha = rank.
+        # diffusers' Flux.1/Chroma converter ignores the alpha of final_layer modules (kohya applies alpha / rank
+        # to every module): there the oracle file has alpha = rank.
         tensors[f"{name}.alpha"] = torch.tensor(4.0 if original.startswith("final_layer") else 2.0)
-    file = tmp_path / "chroma.safetensors"
     save_file(tensors, str(file))
+    return file
+
+
+def test_chroma_kohya_file_reads_like_the_chroma_loader_and_folds(tmp_path):
+    """kohya's sd-scripts trains Chroma with its Flux.1 network: ``lora_unet_<BFL name, dots as _>`` with alphas."""
+    model = build("chroma")
+    file = kohya_file("chroma", CHROMA_ORIGINAL, tmp_path / "chroma.safetensors")
     assert "chroma" in load(file).config["architectures"]
     folds_and_converts_like("chroma", model, file, converted_with_prefix("chroma", str(file)), tmp_path)
+
+
+# Flux.2's original (BFL flux2) names that diffusers' Flux.2 kohya converter maps. The double blocks have no
+# modulation of their own (one per stream for the whole model), the MLP is SwiGLU (h → 6h → 3h → h) and
+# linear1 fuses q, k, v with both MLP inputs (9h rows).
+FLUX2_KOHYA = [
+    ("double_blocks.0.img_attn.qkv", "transformer_blocks.0.attn.to_q", 3),
+    ("double_blocks.0.img_attn.proj", "transformer_blocks.0.attn.to_out.0", 1),
+    ("double_blocks.0.txt_attn.qkv", "transformer_blocks.0.attn.add_q_proj", 3),
+    ("double_blocks.0.txt_attn.proj", "transformer_blocks.0.attn.to_add_out", 1),
+    ("double_blocks.0.img_mlp.0", "transformer_blocks.0.ff.linear_in", 1),
+    ("double_blocks.0.img_mlp.2", "transformer_blocks.0.ff.linear_out", 1),
+    ("double_blocks.0.txt_mlp.0", "transformer_blocks.0.ff_context.linear_in", 1),
+    ("double_blocks.0.txt_mlp.2", "transformer_blocks.0.ff_context.linear_out", 1),
+    ("single_blocks.0.linear1", "single_transformer_blocks.0.attn.to_qkv_mlp_proj", 1),
+    ("single_blocks.0.linear2", "single_transformer_blocks.0.attn.to_out", 1),
+    ("img_in", "x_embedder", 1), ("txt_in", "context_embedder", 1),
+    ("time_in.in_layer", "time_guidance_embed.timestep_embedder.linear_1", 1),
+    ("time_in.out_layer", "time_guidance_embed.timestep_embedder.linear_2", 1),
+    ("final_layer.linear", "proj_out", 1),
+]
+# Flux.1's (linear1 left out: diffusers' Flux.1 converter splits it at Flux.1-dev's widths only).
+FLUX_KOHYA = {"flux": FLUX1_ORIGINAL, "flux2": FLUX2_KOHYA}
+
+
+@pytest.mark.parametrize("family", sorted(FLUX_KOHYA))
+def test_flux_kohya_files_without_metadata_read_as_their_family(family, tmp_path):
+    """Without ``ss_base_model_version`` (musubi-tuner, AI-Toolkit) the names both Flux generations share are told
+    apart by their aspect ratios (Flux.1's MLP h → 4h, Flux.2's h → 6h; linear1 7h and 9h) and by the names only one
+    has; each file then folds and converts to what its family's own loader gives."""
+    file = kohya_file(family, FLUX_KOHYA[family], tmp_path / "lora.safetensors")
+    assert load(file).config["architectures"][0] == family
+    folds_and_converts_like(family, build(family), file, converted_with_prefix(family, str(file)), tmp_path)
+    other = "flux2" if family == "flux" else "flux"
+    result = run_cli("fold", save(other, build(other), tmp_path / "other"), file, "-o", tmp_path / "wrong")
+    labels = {"flux": "Flux.1", "flux2": "Flux.2"}
+    assert_clean_failure(result, labels[family], "Flux2Transformer2DModel" if other == "flux2" else "FluxTransformer2DModel")
+
+
+def test_flux_kohya_file_on_attention_only_records_both_families(tmp_path):
+    """q, k, v and the output projections have the same names and shapes in Flux.1 and Flux.2, and become the same
+    diffusers modules: such a file is recorded for both, and folds into a Flux.2 like Flux.2's loader."""
+    attention = [m for m in FLUX2_KOHYA if "_attn." in m[0]]
+    file = kohya_file("flux2", attention, tmp_path / "attention.safetensors")
+    assert load(file).config["architectures"][:2] == ["flux", "flux2"]
+    folds_and_converts_like("flux2", build("flux2"), file, converted_with_prefix("flux2", str(file)), tmp_path)
 
 
 # Original layouts that fuse diffusers modules (q, k, v …), written by loramerge. At toy widths some of the family

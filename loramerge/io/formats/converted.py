@@ -234,14 +234,24 @@ def shape_agreement(found: Resolution) -> int:
     ``h → 6h`` (SwiGLU), Flux.1's ``linear2`` takes ``5h``, Flux.2's ``4h``.
     """
     released = family_modules(found.family)
-    agree = 0
-    for target in found.targets.values():
-        inputs = math.prod(target.shape[1:])
-        for module in {p.module for p in target.pieces}:
-            shape = released.get("transformer." + module.split(".", 1)[1])
-            rows = (target.rows or {}).get(module, sum(p.size for p in target.pieces if p.module == module))
-            if shape is not None and rows * math.prod(shape[1:]) == shape[0] * inputs:
-                agree += 1
+    return sum(len(_agreeing(target, released)) for target in found.targets.values())
+
+
+def modules_agreeing(found: Resolution) -> int:
+    """How many of the file's modules have every diffusers module they become at the released aspect ratio
+    (:func:`shape_agreement` counted per file module, to weigh against a name table's reading)."""
+    released = family_modules(found.family)
+    return sum(len(_agreeing(t, released)) == len({p.module for p in t.pieces}) for t in found.targets.values())
+
+
+def _agreeing(target: KohyaTarget, released: Mapping[str, Shape]) -> list[str]:
+    inputs = math.prod(target.shape[1:])
+    agree = []
+    for module in {p.module for p in target.pieces}:
+        shape = released.get("transformer." + module.split(".", 1)[1])
+        rows = (target.rows or {}).get(module, sum(p.size for p in target.pieces if p.module == module))
+        if shape is not None and rows * math.prod(shape[1:]) == shape[0] * inputs:
+            agree.append(module)
     return agree
 
 
