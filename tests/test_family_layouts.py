@@ -648,11 +648,12 @@ def test_flux_kohya_file_on_attention_only_records_both_families(tmp_path):
 
 # Original layouts that fuse diffusers modules (q, k, v …), written by loramerge. At toy widths some of the family
 # converters cannot split what they fuse (HunyuanVideo's splits single_blocks.N.linear1 at 3072 rows), so those
-# modules are checked at the released widths below; HunyuanVideo's converter also breaks every LoRA on
-# final_layer.adaLN_modulation.1 and on the token refiner's self_attn_qkv (it chunks A too), so loramerge refuses them.
+# modules are checked at the released widths below. HunyuanVideo's converter swaps the halves of lora_A as well as
+# lora_B's rows on final_layer.adaLN_modulation.1 (written with A repeated, so it loads), and splits lora_A of the
+# token refiner's self_attn_qkv along its rank into three (no LoRA on it loads in diffusers), so loramerge refuses that.
 def hunyuan_writable(module):
     return not (module.startswith("transformer.single_transformer_blocks.") and (".attn.to_" in module or "proj_mlp" in module)) \
-        and not ("refiner_blocks" in module and re.search(r"attn\.to_[qkv]$", module)) and module != "transformer.norm_out.linear"
+        and not ("refiner_blocks" in module and re.search(r"attn\.to_[qkv]$", module))
 
 
 FUSED_WRITERS = {  # (family, layout): which of the tiny model's modules; kohya: the blocks diffusers' kohya converter maps
@@ -748,8 +749,39 @@ def test_fused_writers_at_released_widths_convert_back_through_diffusers(family,
 
 
 def test_modules_diffusers_cannot_load_in_the_original_layout_are_refused_by_name(tmp_path):
-    adapter = random_adapter({"transformer.norm_out.linear": (32, 16)}, seed=1)
+    """HunyuanVideo's converter splits lora_A of the token refiner's ``self_attn_qkv`` along its rank into three and
+    lora_B along its rows: every piece it gives has ranks r/3 and r, which its own loader refuses. No file written
+    in that layout can load, so loramerge does not write one."""
+    import diffusers
+
+    refiner = [("double_blocks.0.img_attn_qkv", "transformer_blocks.0.attn.to_q", 3),
+               ("txt_in.individual_token_refiner.blocks.0.self_attn_qkv",
+                "context_embedder.token_refiner.refiner_blocks.0.attn.to_q", 3)]
+    theirs = diffusers.HunyuanVideoPipeline.lora_state_dict(str(original_file("hunyuan_video", refiner,
+                                                                              tmp_path / "theirs.safetensors")))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        diffusers.HunyuanVideoPipeline.load_lora_into_transformer(theirs, transformer=build("hunyuan_video"))
+    shapes = linear_modules(build("hunyuan_video"))
+    adapter = random_adapter({m: shapes[m] for m in ("transformer.transformer_blocks.0.attn.to_q",
+                                                     "transformer.context_embedder.token_refiner.refiner_blocks.0.attn.to_q")})
     adapter.config["architectures"] = ["hunyuan_video"]
-    with pytest.raises(UnsupportedAdapter, match=r"norm_out\.linear.*final_layer\.adaLN_modulation\.1.*--to diffusers"):
+    with pytest.raises(UnsupportedAdapter, match=r"refiner_blocks\.0\.attn\.to_q.*self_attn_qkv.*--to diffusers"):
         write_adapter(adapter, tmp_path / "out.safetensors", format="comfyui")
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_hunyuan_final_modulation_reads_with_its_halves_swapped(tmp_path):
+    """HunyuanVideo's ``final_layer.adaLN_modulation.1`` gives (shift, scale), diffusers' ``norm_out.linear`` (scale,
+    shift). diffusers' converter swaps the halves of lora_A too, so it reads a trainer's file (rank 3 here) wrongly;
+    loramerge's reading is checked against the dense update with its rows swapped (float64)."""
+    from safetensors.torch import load_file
+
+    modules = [("double_blocks.0.img_attn_qkv", "transformer_blocks.0.attn.to_q", 3),
+               ("final_layer.adaLN_modulation.1", "norm_out.linear", 1)]
+    file = original_file("hunyuan_video", modules, tmp_path / "lora.safetensors", rank=3)
+    tensors = load_file(str(file))
+    dense = (tensors["diffusion_model.final_layer.adaLN_modulation.1.lora_B.weight"].double()
+             @ tensors["diffusion_model.final_layer.adaLN_modulation.1.lora_A.weight"].double())
+    shift, scale = dense.chunk(2)
+    ours = load(file).layers["transformer.norm_out.linear"].product(torch.float64)
+    assert torch.allclose(ours, torch.cat([scale, shift]), atol=1e-10)

@@ -55,6 +55,7 @@ class ProbeModule:
     down_key: str
     up_key: str
     alpha_key: str | None = None
+    rank: int = 1  # 2 for converters that chunk lora_A too (HunyuanVideo's final adaLN_modulation): copies of A
 
 
 @dataclass
@@ -74,6 +75,8 @@ class Resolution:
 def probe_state_dict(modules: Sequence[ProbeModule]) -> tuple[dict[str, torch.Tensor], list[int]]:
     """The probe: rank-1 factors under the file's keys, ``A`` all ones, ``B`` rows numbered 1, 2, … across modules.
 
+    A module of ``rank`` r > 1 repeats that ``A`` r times, with zero columns of ``B`` (and alpha r) for the
+    copies: the same update for a converter that splits ``A`` along its rank as for one that keeps it.
     Returns the probe and the first row id of each module (ids are exact in float64).
     """
     probe: dict[str, torch.Tensor] = {}
@@ -82,10 +85,12 @@ def probe_state_dict(modules: Sequence[ProbeModule]) -> tuple[dict[str, torch.Te
     for module in modules:
         out = int(module.shape[0])
         kernel = [1] * (len(module.shape) - 2)
-        probe[module.down_key] = torch.ones(1, *module.shape[1:], dtype=torch.float64)
-        probe[module.up_key] = torch.arange(next_id, next_id + out, dtype=torch.float64).reshape(out, 1, *kernel)
+        probe[module.down_key] = torch.ones(module.rank, *module.shape[1:], dtype=torch.float64)
+        up = torch.zeros(out, module.rank, *kernel, dtype=torch.float64)
+        up[:, 0] = torch.arange(next_id, next_id + out, dtype=torch.float64).reshape(out, *kernel)
+        probe[module.up_key] = up
         if module.alpha_key is not None:
-            probe[module.alpha_key] = torch.tensor(1.0, dtype=torch.float64)
+            probe[module.alpha_key] = torch.tensor(float(module.rank), dtype=torch.float64)
         starts.append(next_id)
         next_id += out
     return probe, starts
@@ -177,7 +182,7 @@ def read_probe(converted: Mapping[str, torch.Tensor], modules: Sequence[ProbeMod
             continue
         pieces = tuple(sorted(rows, key=lambda p: (p.src, p.module, p.dst)))
         targets[module.name] = KohyaTarget(module.name, tuple(module.shape), pieces,
-                                           rows={p.module: rows_of[p.module] for p in pieces})
+                                           rows={p.module: rows_of[p.module] for p in pieces}, copies=module.rank)
     return targets, unmapped
 
 
@@ -255,7 +260,7 @@ def _agreeing(target: KohyaTarget, released: Mapping[str, Shape]) -> list[str]:
     return agree
 
 
-def _spellings(modules: Sequence[ProbeModule]) -> list[list[ProbeModule]]:
+def _spellings(modules: Sequence[ProbeModule], repeat_a: bool = True) -> list[list[ProbeModule]]:
     """The probe as the file spells it, without alphas, and with PEFT's ``lora_A``/``lora_B`` spelled
     ``lora_down``/``lora_up``.
 
@@ -270,6 +275,8 @@ def _spellings(modules: Sequence[ProbeModule]) -> list[list[ProbeModule]]:
     respelled = [replace(m, down_key=_kohya_suffix(m.down_key), up_key=_kohya_suffix(m.up_key)) for m in modules]
     if respelled != list(modules):
         variants.append(respelled)
+    if repeat_a and all(m.rank == 1 for m in modules):
+        variants.append([replace(m, rank=2) for m in modules])  # a converter that halves lora_A fails on rank 1
     return variants
 
 
@@ -281,11 +288,13 @@ def _kohya_suffix(key: str) -> str:
     return key
 
 
-def convert_probe(family: str, modules: Sequence[ProbeModule]) -> tuple[dict[str, KohyaTarget], list[str]] | None:
+def convert_probe(family: str, modules: Sequence[ProbeModule], *,
+                  repeat_a: bool = True) -> tuple[dict[str, KohyaTarget], list[str]] | None:
     """The probe of ``modules`` through ``family``'s converter, as one file: each module's target and the
     modules that went nowhere; None when the converter refuses every spelling of the file
-    (:func:`_spellings`) or places a module on none of the family's modules."""
-    for variant in _spellings(modules):
+    (:func:`_spellings`; ``repeat_a=False`` leaves out the one with ``A`` repeated) or places a module on
+    none of the family's modules."""
+    for variant in _spellings(modules, repeat_a):
         probe, starts = probe_state_dict(variant)
         try:
             targets, unmapped = read_probe(run_converter(family, probe), variant, starts)
