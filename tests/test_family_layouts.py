@@ -362,7 +362,8 @@ def test_without_diffusers_the_error_says_how_to_install_it(tmp_path, monkeypatc
 
 # Flux.1's original (BFL) module names, from BFL's flux model code, with the diffusers module whose shape each has
 # and how many of its rows it stacks (fused q, k, v). ``single_blocks.N.linear1`` is left out: diffusers' Flux.1
-# converter splits it at Flux.1-dev's widths only (3072·3 + 12288 rows), so no tiny model can load it.
+# converter splits it at Flux.1-dev's widths only (3072·3 + 12288 rows), so its loader cannot read it on a tiny model
+# (loramerge can: see test_flux1_linear1_at_any_width_splits_as_at_the_released_one).
 FLUX1_ORIGINAL = [
     ("double_blocks.0.img_mod.lin", "transformer_blocks.0.norm1.linear", 1),
     ("double_blocks.0.txt_mod.lin", "transformer_blocks.0.norm1_context.linear", 1),
@@ -785,3 +786,25 @@ def test_hunyuan_final_modulation_reads_with_its_halves_swapped(tmp_path):
     shift, scale = dense.chunk(2)
     ours = load(file).layers["transformer.norm_out.linear"].product(torch.float64)
     assert torch.allclose(ours, torch.cat([scale, shift]), atol=1e-10)
+
+
+def test_flux1_linear1_at_any_width_splits_as_at_the_released_one(tmp_path):
+    """diffusers' Flux.1 converter splits ``single_blocks.N.linear1`` at Flux.1-dev's widths (q, k, v 3072 rows each,
+    the MLP input the rest). loramerge probes it at that width and scales the split to the file's (h, h, h, 4h, as
+    BFL's single block splits its output). The oracle is diffusers' loader on the rest of the file (kohya-suffixed
+    twin, see above) with linear1's rows split that way."""
+    h = linear_modules(build("flux"))["transformer.single_transformer_blocks.0.attn.to_q"][0]  # the hidden size
+    modules = [*FLUX1_ORIGINAL, ("single_blocks.0.linear1", "single_transformer_blocks.0.attn.to_q", 7)]
+    file = original_file("flux", modules, tmp_path / "lora.safetensors")
+    ours = load(file)
+    assert ours.config["architectures"] == ["flux"]
+    tensors = load_file(str(file))
+    A, B = (tensors[f"diffusion_model.single_blocks.0.linear1.{f}.weight"] for f in ("lora_A", "lora_B"))
+    oracle = converted_with_prefix("flux", str(original_file("flux", FLUX1_ORIGINAL, tmp_path / "twin.safetensors",
+                                                             a="lora_down.weight", b="lora_up.weight")))
+    for part, rows in (("attn.to_q", B[:h]), ("attn.to_k", B[h:2 * h]), ("attn.to_v", B[2 * h:3 * h]),
+                       ("proj_mlp", B[3 * h:])):
+        module = f"transformer.single_transformer_blocks.0.{part}"
+        oracle[f"{module}.lora_A.weight"], oracle[f"{module}.lora_B.weight"] = A, rows
+        assert torch.allclose(ours.layers[module].product(torch.float64), rows.double() @ A.double(), atol=1e-10)
+    folds_and_converts_like("flux", build("flux"), file, oracle, tmp_path)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -205,9 +205,9 @@ def resolve(modules: Sequence[ProbeModule], *, origin: Path | str, family: str |
         if complete and name not in marked:
             break
         attempt = convert_probe(name, modules)
-        if attempt is None and position == 0 and len(modules) > 1:
+        if attempt is None and (position == 0 or name in marked) and len(modules) > 1:
             # The converters work on whole files and refuse one they cannot finish: one stray key
-            # would hide every other module. The likeliest family gets its modules one at a time.
+            # would hide every other module. The families the names point to get them one at a time.
             attempt = _convert_each(name, modules)
         if attempt is None:
             continue
@@ -308,14 +308,54 @@ def convert_probe(family: str, modules: Sequence[ProbeModule], *,
 
 def _convert_each(family: str, modules: Sequence[ProbeModule]) -> tuple[dict[str, KohyaTarget], list[str]] | None:
     targets: dict[str, KohyaTarget] = {}
-    unmapped: list[str] = []
+    failed: list[ProbeModule] = []
     for module in modules:
         attempt = convert_probe(family, [module])
         if attempt is None or not attempt[0]:
-            unmapped.append(module.name)
+            failed.append(module)
         else:
             targets.update(attempt[0])
+    unmapped = []
+    factors = _width_factors(family, targets.values())
+    for module in failed:
+        found = next((t for f in factors if (t := _widened(family, module, f)) is not None), None)
+        if found is None:
+            unmapped.append(module.name)
+        else:
+            targets[module.name] = found
     return (targets, unmapped) if targets else None
+
+
+def _width_factors(family: str, targets: Iterable[KohyaTarget]) -> list[int]:
+    """How many times wider the released model is than the file, from the inputs of the modules that converted,
+    most frequent first (a converter with the released widths written in needs the file at that width)."""
+    released = family_modules(family)
+    counts: dict[int, int] = {}
+    for target in targets:
+        for module in {p.module for p in target.pieces}:
+            shape = released.get("transformer." + module.split(".", 1)[1])
+            inputs = math.prod(target.shape[1:])
+            if shape is not None and math.prod(shape[1:]) % inputs == 0 and math.prod(shape[1:]) > inputs:
+                factor = math.prod(shape[1:]) // inputs
+                counts[factor] = counts.get(factor, 0) + 1
+    return sorted(counts, key=lambda f: -counts[f])
+
+
+def _widened(family: str, module: ProbeModule, factor: int) -> KohyaTarget | None:
+    """``module`` probed ``factor`` times wider (both ways) and its rows scaled back: the split points of a fused
+    module scale with the model's width (Flux.1's ``linear1``: q, k, v of h rows each, then 4h for the MLP).
+    Kept only when every part lands whole and at its released module's aspect ratio."""
+    wide = replace(module, shape=(module.shape[0] * factor, module.shape[1] * factor, *module.shape[2:]))
+    attempt = convert_probe(family, [wide])
+    target = attempt[0].get(module.name) if attempt is not None else None
+    if target is None or any(v % factor for p in target.pieces for v in (p.src, p.dst, p.size)) \
+            or any(r % factor for r in (target.rows or {}).values()):
+        return None
+    scaled = KohyaTarget(module.name, tuple(module.shape), tuple(
+        Piece(p.module, p.src // factor, p.dst // factor, p.size // factor) for p in target.pieces),
+        rows={m: r // factor for m, r in (target.rows or {}).items()}, copies=target.copies)
+    parts = {p.module for p in scaled.pieces}
+    return scaled if len(_agreeing(scaled, family_modules(family))) == len(parts) else None
 
 
 def resolve_flattened(names: Sequence[str]) -> tuple[str, dict[str, str]] | None:
