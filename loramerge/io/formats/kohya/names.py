@@ -112,12 +112,13 @@ def resolve_names(flat: Mapping[str, Shape], *, origin: Path | str,
     unknown = [n for n in names if not found[n]]
     if unknown and probes is not None and diffusers_available():
         # A newer family whose names the SD/Flux.1 tables do not know (or know only a few of by chance).
+        by_family = None
         with contextlib.suppress(UnknownFormat):
-            family = _family_resolved(flat, probes, origin, skip_unknown=True)
-            if len(family.skipped) < len(unknown):
-                if family.skipped and not skip_unknown:
-                    raise UnknownFormat(_unmapped(origin, family.architectures[0], family.skipped))
-                return family
+            by_family = _family_resolved(flat, probes, origin, skip_unknown=True)
+        if by_family is not None and len(by_family.skipped) < len(unknown):
+            if by_family.skipped and not skip_unknown:  # outside the suppress: the modules must be named
+                raise UnknownFormat(_unmapped(origin, by_family.architectures[0], by_family.skipped))
+            return by_family
     if len(unknown) == len(names):  # nothing knows them: they stay opaque
         return Resolved({n: KohyaTarget(n, flat[n], (Piece(n, 0, 0, flat[n][0]),)) for n in names})
     if unknown and not skip_unknown:
