@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loramerge import fold, load
-from loramerge.errors import UnsupportedAdapter
+from loramerge.errors import UnknownFormat, UnsupportedAdapter
 from loramerge.io.formats import write_adapter
 from tests.cli_helpers import assert_clean_failure, run_cli
 from tests.family_fixtures import (
@@ -362,7 +362,8 @@ def test_without_diffusers_the_error_says_how_to_install_it(tmp_path, monkeypatc
 
 # Flux.1's original (BFL) module names, from BFL's flux model code, with the diffusers module whose shape each has
 # and how many of its rows it stacks (fused q, k, v). ``single_blocks.N.linear1`` is left out: diffusers' Flux.1
-# converter splits it at Flux.1-dev's widths only (3072·3 + 12288 rows), so no tiny model can load it.
+# converter splits it at Flux.1-dev's widths only (3072·3 + 12288 rows), so its loader cannot read it on a tiny model
+# (loramerge can: see test_flux1_linear1_at_any_width_splits_as_at_the_released_one).
 FLUX1_ORIGINAL = [
     ("double_blocks.0.img_mod.lin", "transformer_blocks.0.norm1.linear", 1),
     ("double_blocks.0.txt_mod.lin", "transformer_blocks.0.norm1_context.linear", 1),
@@ -574,33 +575,86 @@ def test_bfl_flux_control_lora_reads_converts_and_is_refused_by_fold_and_merge(t
 CHROMA_ORIGINAL = [m for m in FLUX1_ORIGINAL if "mod" not in m[0] and not m[0].startswith(("time_in", "vector_in"))]
 
 
-def test_chroma_kohya_file_reads_like_the_chroma_loader_and_folds(tmp_path):
-    """kohya's sd-scripts trains Chroma with its Flux.1 network: ``lora_unet_<BFL name, dots as _>`` with alphas."""
-    model = build("chroma")
-    shapes = linear_modules(model)
-    g = torch.Generator().manual_seed(19)
+def kohya_file(family, modules, file, *, seed=19):
+    """A LoRA on original module names as kohya's sd-scripts, musubi-tuner and AI-Toolkit's kohya output write
+    them: ``lora_unet_<BFL name, dots as _>`` with alphas, and no ``ss_*`` metadata saying the family."""
+    shapes = linear_modules(build(family))
+    g = torch.Generator().manual_seed(seed)
     tensors = {}
-    for original, diffusers_module, fused in CHROMA_ORIGINAL:
+    for original, diffusers_module, fused in modules:
         out, inp = shapes[f"transformer.{diffusers_module}"]
         name = "lora_unet_" + original.replace(".", "_")
         tensors[f"{name}.lora_down.weight"] = torch.randn(4, inp, generator=g) / math.sqrt(inp)
         tensors[f"{name}.lora_up.weight"] = torch.randn(fused * out, 4, generator=g) * 0.3
-        # diffusers' converter ignores the alpha of final_layer modules (kohya applies alpha / rank to every
-        # module): there the oracle file has alpha = rank.
+        # diffusers' Flux.1/Chroma converter ignores the alpha of final_layer modules (kohya applies alpha / rank
+        # to every module): there the oracle file has alpha = rank.
         tensors[f"{name}.alpha"] = torch.tensor(4.0 if original.startswith("final_layer") else 2.0)
-    file = tmp_path / "chroma.safetensors"
     save_file(tensors, str(file))
+    return file
+
+
+def test_chroma_kohya_file_reads_like_the_chroma_loader_and_folds(tmp_path):
+    """kohya's sd-scripts trains Chroma with its Flux.1 network: ``lora_unet_<BFL name, dots as _>`` with alphas."""
+    model = build("chroma")
+    file = kohya_file("chroma", CHROMA_ORIGINAL, tmp_path / "chroma.safetensors")
     assert "chroma" in load(file).config["architectures"]
     folds_and_converts_like("chroma", model, file, converted_with_prefix("chroma", str(file)), tmp_path)
 
 
+# Flux.2's original (BFL flux2) names that diffusers' Flux.2 kohya converter maps. The double blocks have no
+# modulation of their own (one per stream for the whole model), the MLP is SwiGLU (h → 6h → 3h → h) and
+# linear1 fuses q, k, v with both MLP inputs (9h rows).
+FLUX2_KOHYA = [
+    ("double_blocks.0.img_attn.qkv", "transformer_blocks.0.attn.to_q", 3),
+    ("double_blocks.0.img_attn.proj", "transformer_blocks.0.attn.to_out.0", 1),
+    ("double_blocks.0.txt_attn.qkv", "transformer_blocks.0.attn.add_q_proj", 3),
+    ("double_blocks.0.txt_attn.proj", "transformer_blocks.0.attn.to_add_out", 1),
+    ("double_blocks.0.img_mlp.0", "transformer_blocks.0.ff.linear_in", 1),
+    ("double_blocks.0.img_mlp.2", "transformer_blocks.0.ff.linear_out", 1),
+    ("double_blocks.0.txt_mlp.0", "transformer_blocks.0.ff_context.linear_in", 1),
+    ("double_blocks.0.txt_mlp.2", "transformer_blocks.0.ff_context.linear_out", 1),
+    ("single_blocks.0.linear1", "single_transformer_blocks.0.attn.to_qkv_mlp_proj", 1),
+    ("single_blocks.0.linear2", "single_transformer_blocks.0.attn.to_out", 1),
+    ("img_in", "x_embedder", 1), ("txt_in", "context_embedder", 1),
+    ("time_in.in_layer", "time_guidance_embed.timestep_embedder.linear_1", 1),
+    ("time_in.out_layer", "time_guidance_embed.timestep_embedder.linear_2", 1),
+    ("final_layer.linear", "proj_out", 1),
+]
+# Flux.1's (linear1 left out: diffusers' Flux.1 converter splits it at Flux.1-dev's widths only).
+FLUX_KOHYA = {"flux": FLUX1_ORIGINAL, "flux2": FLUX2_KOHYA}
+
+
+@pytest.mark.parametrize("family", sorted(FLUX_KOHYA))
+def test_flux_kohya_files_without_metadata_read_as_their_family(family, tmp_path):
+    """Without ``ss_base_model_version`` (musubi-tuner, AI-Toolkit) the names both Flux generations share are told
+    apart by their aspect ratios (Flux.1's MLP h → 4h, Flux.2's h → 6h; linear1 7h and 9h) and by the names only one
+    has; each file then folds and converts to what its family's own loader gives."""
+    file = kohya_file(family, FLUX_KOHYA[family], tmp_path / "lora.safetensors")
+    assert load(file).config["architectures"][0] == family
+    folds_and_converts_like(family, build(family), file, converted_with_prefix(family, str(file)), tmp_path)
+    other = "flux2" if family == "flux" else "flux"
+    result = run_cli("fold", save(other, build(other), tmp_path / "other"), file, "-o", tmp_path / "wrong")
+    labels = {"flux": "Flux.1", "flux2": "Flux.2"}
+    assert_clean_failure(result, labels[family], "Flux2Transformer2DModel" if other == "flux2" else "FluxTransformer2DModel")
+
+
+def test_flux_kohya_file_on_attention_only_records_both_families(tmp_path):
+    """q, k, v and the output projections have the same names and shapes in Flux.1 and Flux.2, and become the same
+    diffusers modules: such a file is recorded for both, and folds into a Flux.2 like Flux.2's loader."""
+    attention = [m for m in FLUX2_KOHYA if "_attn." in m[0]]
+    file = kohya_file("flux2", attention, tmp_path / "attention.safetensors")
+    assert load(file).config["architectures"][:2] == ["flux", "flux2"]
+    folds_and_converts_like("flux2", build("flux2"), file, converted_with_prefix("flux2", str(file)), tmp_path)
+
+
 # Original layouts that fuse diffusers modules (q, k, v …), written by loramerge. At toy widths some of the family
 # converters cannot split what they fuse (HunyuanVideo's splits single_blocks.N.linear1 at 3072 rows), so those
-# modules are checked at the released widths below; HunyuanVideo's converter also breaks every LoRA on
-# final_layer.adaLN_modulation.1 and on the token refiner's self_attn_qkv (it chunks A too), so loramerge refuses them.
+# modules are checked at the released widths below. HunyuanVideo's converter swaps the halves of lora_A as well as
+# lora_B's rows on final_layer.adaLN_modulation.1 (written with A repeated, so it loads), and splits lora_A of the
+# token refiner's self_attn_qkv along its rank into three (no LoRA on it loads in diffusers), so loramerge refuses that.
 def hunyuan_writable(module):
     return not (module.startswith("transformer.single_transformer_blocks.") and (".attn.to_" in module or "proj_mlp" in module)) \
-        and not ("refiner_blocks" in module and re.search(r"attn\.to_[qkv]$", module)) and module != "transformer.norm_out.linear"
+        and not ("refiner_blocks" in module and re.search(r"attn\.to_[qkv]$", module))
 
 
 FUSED_WRITERS = {  # (family, layout): which of the tiny model's modules; kohya: the blocks diffusers' kohya converter maps
@@ -696,8 +750,65 @@ def test_fused_writers_at_released_widths_convert_back_through_diffusers(family,
 
 
 def test_modules_diffusers_cannot_load_in_the_original_layout_are_refused_by_name(tmp_path):
-    adapter = random_adapter({"transformer.norm_out.linear": (32, 16)}, seed=1)
+    """HunyuanVideo's converter splits lora_A of the token refiner's ``self_attn_qkv`` along its rank into three and
+    lora_B along its rows: every piece it gives has ranks r/3 and r, which its own loader refuses. No file written
+    in that layout can load, so loramerge does not write one."""
+    import diffusers
+
+    refiner = [("double_blocks.0.img_attn_qkv", "transformer_blocks.0.attn.to_q", 3),
+               ("txt_in.individual_token_refiner.blocks.0.self_attn_qkv",
+                "context_embedder.token_refiner.refiner_blocks.0.attn.to_q", 3)]
+    file = original_file("hunyuan_video", refiner, tmp_path / "theirs.safetensors")
+    theirs = diffusers.HunyuanVideoPipeline.lora_state_dict(str(file))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        diffusers.HunyuanVideoPipeline.load_lora_into_transformer(theirs, transformer=build("hunyuan_video"))
+    # loramerge's probe goes through the same converter, so it names the module rather than guess its split
+    with pytest.raises(UnknownFormat, match=r"HunyuanVideo converter maps to no module: .*self_attn_qkv.*--skip-unknown"):
+        load(file)
+    assert load(file, skip_unknown=True).config["skipped"] == [f"diffusion_model.{refiner[1][0]}"]
+    shapes = linear_modules(build("hunyuan_video"))
+    adapter = random_adapter({m: shapes[m] for m in ("transformer.transformer_blocks.0.attn.to_q",
+                                                     "transformer.context_embedder.token_refiner.refiner_blocks.0.attn.to_q")})
     adapter.config["architectures"] = ["hunyuan_video"]
-    with pytest.raises(UnsupportedAdapter, match=r"norm_out\.linear.*final_layer\.adaLN_modulation\.1.*--to diffusers"):
+    with pytest.raises(UnsupportedAdapter, match=r"refiner_blocks\.0\.attn\.to_q.*self_attn_qkv.*--to diffusers"):
         write_adapter(adapter, tmp_path / "out.safetensors", format="comfyui")
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_hunyuan_final_modulation_reads_with_its_halves_swapped(tmp_path):
+    """HunyuanVideo's ``final_layer.adaLN_modulation.1`` gives (shift, scale), diffusers' ``norm_out.linear`` (scale,
+    shift). diffusers' converter swaps the halves of lora_A too, so it reads a trainer's file (rank 3 here) wrongly;
+    loramerge's reading is checked against the dense update with its rows swapped (float64)."""
+    from safetensors.torch import load_file
+
+    modules = [("double_blocks.0.img_attn_qkv", "transformer_blocks.0.attn.to_q", 3),
+               ("final_layer.adaLN_modulation.1", "norm_out.linear", 1)]
+    file = original_file("hunyuan_video", modules, tmp_path / "lora.safetensors", rank=3)
+    tensors = load_file(str(file))
+    dense = (tensors["diffusion_model.final_layer.adaLN_modulation.1.lora_B.weight"].double()
+             @ tensors["diffusion_model.final_layer.adaLN_modulation.1.lora_A.weight"].double())
+    shift, scale = dense.chunk(2)
+    ours = load(file).layers["transformer.norm_out.linear"].product(torch.float64)
+    assert torch.allclose(ours, torch.cat([scale, shift]), atol=1e-10)
+
+
+def test_flux1_linear1_at_any_width_splits_as_at_the_released_one(tmp_path):
+    """diffusers' Flux.1 converter splits ``single_blocks.N.linear1`` at Flux.1-dev's widths (q, k, v 3072 rows each,
+    the MLP input the rest). loramerge probes it at that width and scales the split to the file's (h, h, h, 4h, as
+    BFL's single block splits its output). The oracle is diffusers' loader on the rest of the file (kohya-suffixed
+    twin, see above) with linear1's rows split that way."""
+    h = linear_modules(build("flux"))["transformer.single_transformer_blocks.0.attn.to_q"][0]  # the hidden size
+    modules = [*FLUX1_ORIGINAL, ("single_blocks.0.linear1", "single_transformer_blocks.0.attn.to_q", 7)]
+    file = original_file("flux", modules, tmp_path / "lora.safetensors")
+    ours = load(file)
+    assert ours.config["architectures"] == ["flux"]
+    tensors = load_file(str(file))
+    A, B = (tensors[f"diffusion_model.single_blocks.0.linear1.{f}.weight"] for f in ("lora_A", "lora_B"))
+    oracle = converted_with_prefix("flux", str(original_file("flux", FLUX1_ORIGINAL, tmp_path / "twin.safetensors",
+                                                             a="lora_down.weight", b="lora_up.weight")))
+    for part, rows in (("attn.to_q", B[:h]), ("attn.to_k", B[h:2 * h]), ("attn.to_v", B[2 * h:3 * h]),
+                       ("proj_mlp", B[3 * h:])):
+        module = f"transformer.single_transformer_blocks.0.{part}"
+        oracle[f"{module}.lora_A.weight"], oracle[f"{module}.lora_B.weight"] = A, rows
+        assert torch.allclose(ours.layers[module].product(torch.float64), rows.double() @ A.double(), atol=1e-10)
+    folds_and_converts_like("flux", build("flux"), file, oracle, tmp_path)

@@ -206,8 +206,9 @@ def write(adapter: Adapter, path: Path, *, dtype: torch.dtype) -> None:
         update = fuse(original, members, target) if target.fused else next(iter(members.values()))
         name = "diffusion_model." + original
         baked = update.baked()
-        tensors[f"{name}.lora_A.weight"] = baked.A.to(dtype)
-        tensors[f"{name}.lora_B.weight"] = baked.B.to(dtype)
+        copies = target.copies  # the converter halves lora_A: both halves hold all of A, B is shared out
+        tensors[f"{name}.lora_A.weight"] = torch.cat([baked.A] * copies).to(dtype)
+        tensors[f"{name}.lora_B.weight"] = torch.cat([baked.B / copies] * copies, 1).to(dtype)
         if update.bias is not None:
             tensors[f"{name}.lora_B.bias"] = update.bias.to(dtype)
     header = {"format": "pt"}

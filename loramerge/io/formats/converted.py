@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -55,6 +55,7 @@ class ProbeModule:
     down_key: str
     up_key: str
     alpha_key: str | None = None
+    rank: int = 1  # 2 for converters that chunk lora_A too (HunyuanVideo's final adaLN_modulation): copies of A
 
 
 @dataclass
@@ -74,6 +75,8 @@ class Resolution:
 def probe_state_dict(modules: Sequence[ProbeModule]) -> tuple[dict[str, torch.Tensor], list[int]]:
     """The probe: rank-1 factors under the file's keys, ``A`` all ones, ``B`` rows numbered 1, 2, … across modules.
 
+    A module of ``rank`` r > 1 repeats that ``A`` r times, with zero columns of ``B`` (and alpha r) for the
+    copies: the same update for a converter that splits ``A`` along its rank as for one that keeps it.
     Returns the probe and the first row id of each module (ids are exact in float64).
     """
     probe: dict[str, torch.Tensor] = {}
@@ -82,10 +85,12 @@ def probe_state_dict(modules: Sequence[ProbeModule]) -> tuple[dict[str, torch.Te
     for module in modules:
         out = int(module.shape[0])
         kernel = [1] * (len(module.shape) - 2)
-        probe[module.down_key] = torch.ones(1, *module.shape[1:], dtype=torch.float64)
-        probe[module.up_key] = torch.arange(next_id, next_id + out, dtype=torch.float64).reshape(out, 1, *kernel)
+        probe[module.down_key] = torch.ones(module.rank, *module.shape[1:], dtype=torch.float64)
+        up = torch.zeros(out, module.rank, *kernel, dtype=torch.float64)
+        up[:, 0] = torch.arange(next_id, next_id + out, dtype=torch.float64).reshape(out, *kernel)
+        probe[module.up_key] = up
         if module.alpha_key is not None:
-            probe[module.alpha_key] = torch.tensor(1.0, dtype=torch.float64)
+            probe[module.alpha_key] = torch.tensor(float(module.rank), dtype=torch.float64)
         starts.append(next_id)
         next_id += out
     return probe, starts
@@ -177,7 +182,7 @@ def read_probe(converted: Mapping[str, torch.Tensor], modules: Sequence[ProbeMod
             continue
         pieces = tuple(sorted(rows, key=lambda p: (p.src, p.module, p.dst)))
         targets[module.name] = KohyaTarget(module.name, tuple(module.shape), pieces,
-                                           rows={p.module: rows_of[p.module] for p in pieces})
+                                           rows={p.module: rows_of[p.module] for p in pieces}, copies=module.rank)
     return targets, unmapped
 
 
@@ -200,9 +205,9 @@ def resolve(modules: Sequence[ProbeModule], *, origin: Path | str, family: str |
         if complete and name not in marked:
             break
         attempt = convert_probe(name, modules)
-        if attempt is None and position == 0 and len(modules) > 1:
+        if attempt is None and (position == 0 or name in marked) and len(modules) > 1:
             # The converters work on whole files and refuse one they cannot finish: one stray key
-            # would hide every other module. The likeliest family gets its modules one at a time.
+            # would hide every other module. The families the names point to get them one at a time.
             attempt = _convert_each(name, modules)
         if attempt is None:
             continue
@@ -234,18 +239,28 @@ def shape_agreement(found: Resolution) -> int:
     ``h → 6h`` (SwiGLU), Flux.1's ``linear2`` takes ``5h``, Flux.2's ``4h``.
     """
     released = family_modules(found.family)
-    agree = 0
-    for target in found.targets.values():
-        inputs = math.prod(target.shape[1:])
-        for module in {p.module for p in target.pieces}:
-            shape = released.get("transformer." + module.split(".", 1)[1])
-            rows = (target.rows or {}).get(module, sum(p.size for p in target.pieces if p.module == module))
-            if shape is not None and rows * math.prod(shape[1:]) == shape[0] * inputs:
-                agree += 1
+    return sum(len(_agreeing(target, released)) for target in found.targets.values())
+
+
+def modules_agreeing(found: Resolution) -> int:
+    """How many of the file's modules have every diffusers module they become at the released aspect ratio
+    (:func:`shape_agreement` counted per file module, to weigh against a name table's reading)."""
+    released = family_modules(found.family)
+    return sum(len(_agreeing(t, released)) == len({p.module for p in t.pieces}) for t in found.targets.values())
+
+
+def _agreeing(target: KohyaTarget, released: Mapping[str, Shape]) -> list[str]:
+    inputs = math.prod(target.shape[1:])
+    agree = []
+    for module in {p.module for p in target.pieces}:
+        shape = released.get("transformer." + module.split(".", 1)[1])
+        rows = (target.rows or {}).get(module, sum(p.size for p in target.pieces if p.module == module))
+        if shape is not None and rows * math.prod(shape[1:]) == shape[0] * inputs:
+            agree.append(module)
     return agree
 
 
-def _spellings(modules: Sequence[ProbeModule]) -> list[list[ProbeModule]]:
+def _spellings(modules: Sequence[ProbeModule], repeat_a: bool = True) -> list[list[ProbeModule]]:
     """The probe as the file spells it, without alphas, and with PEFT's ``lora_A``/``lora_B`` spelled
     ``lora_down``/``lora_up``.
 
@@ -260,6 +275,8 @@ def _spellings(modules: Sequence[ProbeModule]) -> list[list[ProbeModule]]:
     respelled = [replace(m, down_key=_kohya_suffix(m.down_key), up_key=_kohya_suffix(m.up_key)) for m in modules]
     if respelled != list(modules):
         variants.append(respelled)
+    if repeat_a and all(m.rank == 1 for m in modules):
+        variants.append([replace(m, rank=2) for m in modules])  # a converter that halves lora_A fails on rank 1
     return variants
 
 
@@ -271,11 +288,13 @@ def _kohya_suffix(key: str) -> str:
     return key
 
 
-def convert_probe(family: str, modules: Sequence[ProbeModule]) -> tuple[dict[str, KohyaTarget], list[str]] | None:
+def convert_probe(family: str, modules: Sequence[ProbeModule], *,
+                  repeat_a: bool = True) -> tuple[dict[str, KohyaTarget], list[str]] | None:
     """The probe of ``modules`` through ``family``'s converter, as one file: each module's target and the
     modules that went nowhere; None when the converter refuses every spelling of the file
-    (:func:`_spellings`) or places a module on none of the family's modules."""
-    for variant in _spellings(modules):
+    (:func:`_spellings`; ``repeat_a=False`` leaves out the one with ``A`` repeated) or places a module on
+    none of the family's modules."""
+    for variant in _spellings(modules, repeat_a):
         probe, starts = probe_state_dict(variant)
         try:
             targets, unmapped = read_probe(run_converter(family, probe), variant, starts)
@@ -289,14 +308,54 @@ def convert_probe(family: str, modules: Sequence[ProbeModule]) -> tuple[dict[str
 
 def _convert_each(family: str, modules: Sequence[ProbeModule]) -> tuple[dict[str, KohyaTarget], list[str]] | None:
     targets: dict[str, KohyaTarget] = {}
-    unmapped: list[str] = []
+    failed: list[ProbeModule] = []
     for module in modules:
         attempt = convert_probe(family, [module])
         if attempt is None or not attempt[0]:
-            unmapped.append(module.name)
+            failed.append(module)
         else:
             targets.update(attempt[0])
+    unmapped = []
+    factors = _width_factors(family, targets.values())
+    for module in failed:
+        found = next((t for f in factors if (t := _widened(family, module, f)) is not None), None)
+        if found is None:
+            unmapped.append(module.name)
+        else:
+            targets[module.name] = found
     return (targets, unmapped) if targets else None
+
+
+def _width_factors(family: str, targets: Iterable[KohyaTarget]) -> list[int]:
+    """How many times wider the released model is than the file, from the inputs of the modules that converted,
+    most frequent first (a converter with the released widths written in needs the file at that width)."""
+    released = family_modules(family)
+    counts: dict[int, int] = {}
+    for target in targets:
+        for module in {p.module for p in target.pieces}:
+            shape = released.get("transformer." + module.split(".", 1)[1])
+            inputs = math.prod(target.shape[1:])
+            if shape is not None and math.prod(shape[1:]) % inputs == 0 and math.prod(shape[1:]) > inputs:
+                factor = math.prod(shape[1:]) // inputs
+                counts[factor] = counts.get(factor, 0) + 1
+    return sorted(counts, key=lambda f: -counts[f])
+
+
+def _widened(family: str, module: ProbeModule, factor: int) -> KohyaTarget | None:
+    """``module`` probed ``factor`` times wider (both ways) and its rows scaled back: the split points of a fused
+    module scale with the model's width (Flux.1's ``linear1``: q, k, v of h rows each, then 4h for the MLP).
+    Kept only when every part lands whole and at its released module's aspect ratio."""
+    wide = replace(module, shape=(module.shape[0] * factor, module.shape[1] * factor, *module.shape[2:]))
+    attempt = convert_probe(family, [wide])
+    target = attempt[0].get(module.name) if attempt is not None else None
+    if target is None or any(v % factor for p in target.pieces for v in (p.src, p.dst, p.size)) \
+            or any(r % factor for r in (target.rows or {}).values()):
+        return None
+    scaled = KohyaTarget(module.name, tuple(module.shape), tuple(
+        Piece(p.module, p.src // factor, p.dst // factor, p.size // factor) for p in target.pieces),
+        rows={m: r // factor for m, r in (target.rows or {}).items()}, copies=target.copies)
+    parts = {p.module for p in scaled.pieces}
+    return scaled if len(_agreeing(scaled, family_modules(family))) == len(parts) else None
 
 
 def resolve_flattened(names: Sequence[str]) -> tuple[str, dict[str, str]] | None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from functools import cache
 
 from loramerge.core.adapter import Adapter
@@ -206,7 +207,7 @@ def _scaled(template: KohyaTarget, shapes: Mapping[str, Shape]) -> KohyaTarget:
     pieces = tuple(Piece(f"{component}.{p.module.split('.', 1)[1]}", p.src // f, p.dst // f, p.size // f)
                    for p in template.pieces)
     first = next(iter(shapes.values()))
-    return KohyaTarget(template.name, (template.shape[0] // f, *first[1:]), pieces)
+    return KohyaTarget(template.name, (template.shape[0] // f, *first[1:]), pieces, copies=template.copies)
 
 
 def converted_targets(written: Mapping[str, Shape], family: str, *, key_prefix: str,
@@ -227,7 +228,7 @@ def converted_targets(written: Mapping[str, Shape], family: str, *, key_prefix: 
         kinds.setdefault(kind[0] if kind else name, []).append(ProbeModule(
             name, shape, f"{key_prefix}{name}.{down}", f"{key_prefix}{name}.{up}",
             f"{key_prefix}{name}.alpha" if flat_names else None))
-    whole = convert_probe(family, [p for probes in kinds.values() for p in probes])
+    whole = convert_probe(family, [p for probes in kinds.values() for p in probes], repeat_a=False)
     if whole is not None and not whole[1]:
         return whole[0]
     found: dict[str, KohyaTarget] = {}
@@ -236,13 +237,18 @@ def converted_targets(written: Mapping[str, Shape], family: str, *, key_prefix: 
         for attempt in (probes, *([p] for p in probes)) if len(probes) > 1 else (probes,):
             if all(p.name in found for p in attempt):
                 continue
-            converted = convert_probe(family, anchor + attempt)
+            converted = convert_probe(family, anchor + attempt, repeat_a=False)
             if converted is not None:
                 found.update({p.name: converted[0][p.name] for p in attempt if p.name in converted[0]})
                 if not anchor and not converted[1]:
                     anchor = attempt
             if all(p.name in found for p in probes):
                 break
+    for probes in kinds.values():  # what a converter that splits lora_A along its rank reads from a repeated A
+        for probe in probes:
+            converted = None if probe.name in found else convert_probe(family, [*anchor, replace(probe, rank=2)])
+            if converted is not None and probe.name in converted[0]:
+                found[probe.name] = converted[0][probe.name]
     return found
 
 

@@ -70,6 +70,9 @@ class KohyaTarget:
     pieces: tuple[Piece, ...]
     # Row counts of the canonical modules, where a piece set does not reach a module's last row.
     rows: Mapping[str, int] | None = field(default=None, compare=False, hash=False)
+    # Copies of lora_A to write (B shared out among them): a converter that splits lora_A along its rank
+    # (HunyuanVideo's on final_layer.adaLN_modulation.1) gives the update back only from repeated halves.
+    copies: int = field(default=1, compare=False)
 
     @property
     def fused(self) -> bool:

@@ -20,9 +20,9 @@ from pathlib import Path
 from loramerge.core.adapter import Adapter
 from loramerge.errors import IncompatibleAdapters, UnknownFormat
 from loramerge.io.formats.base_names import BaseNames
-from loramerge.io.formats.converted import ProbeModule, resolve_flattened
+from loramerge.io.formats.converted import ProbeModule, modules_agreeing, resolve_flattened
 from loramerge.io.formats.converted import resolve as resolve_by_converter
-from loramerge.io.formats.families import FAMILIES, diffusers_available
+from loramerge.io.formats.families import FAMILIES, candidates_by_markers, compatible, diffusers_available
 from loramerge.io.formats.kohya.keys import fits
 from loramerge.io.formats.sd_names import (
     ARCHITECTURES,
@@ -112,16 +112,13 @@ def resolve_names(flat: Mapping[str, Shape], *, origin: Path | str,
     unknown = [n for n in names if not found[n]]
     if unknown and probes is not None and diffusers_available():
         # A newer family whose names the SD/Flux.1 tables do not know (or know only a few of by chance).
+        by_family = None
         with contextlib.suppress(UnknownFormat):
-            family = _family_resolved(flat, probes, origin, skip_unknown=True)
-            if len(family.skipped) < len(unknown):
-                if family.skipped and not skip_unknown:
-                    raise UnknownFormat(
-                        f"{origin}: {len(family.skipped)} module(s) that diffusers' "
-                        f"{FAMILIES[family.architectures[0]].label} converter maps to no module: "
-                        f"{first_names(family.skipped)} (--skip-unknown leaves them out)"
-                    )
-                return family
+            by_family = _family_resolved(flat, probes, origin, skip_unknown=True)
+        if by_family is not None and len(by_family.skipped) < len(unknown):
+            if by_family.skipped and not skip_unknown:  # outside the suppress: the modules must be named
+                raise UnknownFormat(_unmapped(origin, by_family.architectures[0], by_family.skipped))
+            return by_family
     if len(unknown) == len(names):  # nothing knows them: they stay opaque
         return Resolved({n: KohyaTarget(n, flat[n], (Piece(n, 0, 0, flat[n][0]),)) for n in names})
     if unknown and not skip_unknown:
@@ -143,7 +140,47 @@ def resolve_names(flat: Mapping[str, Shape], *, origin: Path | str,
     fitting = [a for a in candidates if all(fits(flat[n], ARCHITECTURES[a].kohya[n].shape) for n in known)]
     architectures = exact or fitting or candidates
     table = ARCHITECTURES[architectures[0]]
+    if table.name in FAMILIES and probes is not None and diffusers_available():
+        rival = _rival_family(flat, known, table, probes, origin)
+        if isinstance(rival, Resolved):
+            if rival.skipped and not skip_unknown:
+                raise UnknownFormat(_unmapped(origin, rival.architectures[0], rival.skipped))
+            return rival
+        architectures = list(dict.fromkeys([architectures[0], *rival, *architectures]))
     return Resolved({n: _scaled_target(table.kohya[n], flat[n], origin) for n in known}, architectures, unknown)
+
+
+def _rival_family(flat: Mapping[str, Shape], known: list[str], table: Architecture,
+                  probes: Mapping[str, ProbeModule], origin: Path | str) -> Resolved | list[str]:
+    """Another family that writes the table's names (Flux.2's original names are mostly Flux.1's): its reading
+    when its released modules have the aspect ratio (out : in) of more of the file's modules than the table's
+    have (Flux.1's MLP maps h → 4h, Flux.2's h → 6h); else the families that read every module as the table
+    does (a file on attention alone fits both), to record after it."""
+    def agrees(shape: Shape, released: Shape) -> bool:
+        return shape[0] * math.prod(released[1:]) == released[0] * math.prod(shape[1:])
+
+    score = sum(agrees(flat[n], table.kohya[n].shape) for n in known)
+    best: tuple[int, Resolved] | None = None
+    alike = []
+    for family in candidates_by_markers(list(flat), hits_only=True):
+        if compatible({family}, {table.name}):
+            continue
+        try:
+            found = resolve_by_converter([probes[n] for n in flat], origin=origin, family=family)
+        except UnknownFormat:
+            continue
+        theirs = modules_agreeing(found)
+        if theirs > score and (best is None or theirs > best[0]):
+            best = theirs, Resolved(found.targets, [family], found.unmapped, by_family=True)
+        elif theirs == score and not found.unmapped and all(
+                {p.module for p in found.targets[n].pieces} == {p.module for p in table.kohya[n].pieces} for n in known):
+            alike.append(family)
+    return best[1] if best is not None else alike
+
+
+def _unmapped(origin: Path | str, family: str, names: list[str]) -> str:
+    return (f"{origin}: {len(names)} module(s) that diffusers' {FAMILIES[family].label} converter maps to no module: "
+            f"{first_names(names)} (--skip-unknown leaves them out)")
 
 
 def _family_resolved(flat: Mapping[str, Shape], probes: Mapping[str, ProbeModule], origin: Path | str,
@@ -157,10 +194,7 @@ def _family_resolved(flat: Mapping[str, Shape], probes: Mapping[str, ProbeModule
         return Resolved(targets, [family], by_family=True)
     found = resolve_by_converter([probes[n] for n in names], origin=origin, family=family)
     if found.unmapped and not skip_unknown:
-        raise UnknownFormat(
-            f"{origin}: {len(found.unmapped)} module(s) that diffusers' {FAMILIES[found.family].label} converter "
-            f"maps to no module: {first_names(found.unmapped)} (--skip-unknown leaves them out)"
-        )
+        raise UnknownFormat(_unmapped(origin, found.family, found.unmapped))
     return Resolved(found.targets, [found.family, *found.also], found.unmapped, by_family=True)
 
 
