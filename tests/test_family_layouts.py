@@ -563,6 +563,7 @@ def test_bfl_flux_control_lora_reads_converts_and_is_refused_by_fold_and_merge(t
     assert converted.config.in_channels == 2 * model.config.in_channels
     assert relative_error(flux_control_forward(converted), expected) < 1e-4
 
+    # fold widens Flux.1's 64-channel x_embedder only (tests/test_flux_control.py); this tiny model has 4
     base = save("flux", model, tmp_path / "base")
     assert_clean_failure(run_cli("fold", base, file, "-o", tmp_path / "out"), "canny.safetensors", "x_embedder",
                          "FluxControlPipeline")

@@ -286,7 +286,7 @@ def _fold_folder(target: _Target, units: Units, loaded: Sequence[Adapter], job: 
     with atomic_output(job.output, force=job.force) as tmp:
         written = write_model(ckpt, plan, layout, tmp, job.compute, job.device, job.progress, job.shard_limit is None)
         config_changes = write_config(ckpt, tmp, job.out_dtype, plan.untie,
-                                      drops_quantization_config(ckpt, target.quant))
+                                      drops_quantization_config(ckpt, target.quant), plan.config)
         quantization = requantize(tmp, ckpt, target.quant, job.out_dtype)
         copy_plain_files(target.path, tmp, extras)
         record = fold_record(job, base_info(target.path, ckpt), loaded, sorted(plan.updates), plan.notes,

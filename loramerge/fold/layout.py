@@ -40,7 +40,7 @@ def plan_layout(ckpt: Checkpoint, plan: FoldPlan, out_dtype: torch.dtype | None,
 
     def entry(info: TensorInfo, name: str) -> OutEntry:
         code = dtype_code(out_dtype) if out_dtype is not None and info.is_float else info.dtype
-        return OutEntry(name, code, info.shape)
+        return OutEntry(name, code, plan.widened.get(name, info.shape))
 
     groups: list[tuple[str, list[tuple[OutEntry, TensorInfo]], dict[str, str]]] = []
     for shard in ckpt.shards:

@@ -131,7 +131,7 @@ def fold_pipeline(folder: Path, index: dict[str, Any], units: Sequence[tuple[Ada
                 plan = parts.plans[component]
                 written += write_model(ckpt, plan, parts.layouts[component], tmp / component, job.compute,
                                        job.device, job.progress, job.shard_limit is None)
-                change = write_config(ckpt, tmp / component, job.out_dtype, plan.untie)
+                change = write_config(ckpt, tmp / component, job.out_dtype, plan.untie, settings=plan.config)
                 if change:
                     config_changes[component] = change
             copy_plain_files(folder, tmp, extras)

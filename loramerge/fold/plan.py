@@ -31,6 +31,7 @@ from loramerge.io.names import (
 )
 
 TIED_MODES = ("refuse", "untie", "shared")
+FLUX_INPUT_CHANNELS = 64  # Flux.1's latent channels × its 2×2 patches: what x_embedder (img_in) takes
 
 UpdateKind = Literal["lora", "dora", "bias", "replace"]
 Rows = tuple[int, int, int]  # (source, start, size): update rows → tensor rows
@@ -61,6 +62,8 @@ class FoldPlan:
     untie: bool
     module_count: int
     notes: list[str] = field(default_factory=list)
+    widened: dict[str, tuple[int, ...]] = field(default_factory=dict)  # tensor → its wider output shape
+    config: dict[str, Any] = field(default_factory=dict)  # what the output's config.json must say instead
 
 
 @dataclass(frozen=True)
@@ -112,14 +115,15 @@ def plan_fold(ckpt: Checkpoint, units: Sequence[tuple[Adapter, float]], *, resol
     virtual = {tie[1]} if tie and tie[1] not in names else set()
     base = _Base(ckpt, resolver, names | virtual, tie)
     updates: dict[str, list[Update]] = {}
+    widened: dict[str, tuple[int, ...]] = {}
     count = 0
     for adapter, weight in units:
         # Full weights first: PEFT loads them into the base layers before it merges the LoRA updates
         # (an adapter that targets lm_head saves the base lm_head weight itself).
         count += _plan_full_weights(base, adapter, weight, updates)
-        count += _plan_layers(base, adapter, weight, updates)
+        count += _plan_layers(base, adapter, weight, updates, widened)
     _check_float(ckpt, updates, tie)
-    plan = FoldPlan(updates, {}, False, count)
+    plan = FoldPlan(updates, {}, False, count, widened=widened, config=_widened_config(ckpt, updates, widened))
     if tie is not None:
         _apply_tie(plan, tie, names, tied_mode, ckpt)
     return plan
@@ -142,11 +146,19 @@ def _plan_full_weights(base: _Base, adapter: Adapter, weight: float, updates: di
     return len(adapter.full_weights)
 
 
-def _plan_layers(base: _Base, adapter: Adapter, weight: float, updates: dict[str, list[Update]]) -> int:
-    """Add the adapter's LoRA and DoRA updates, and each ``lora_bias`` as a bias update."""
+def _plan_layers(base: _Base, adapter: Adapter, weight: float, updates: dict[str, list[Update]],
+                 widened: dict[str, tuple[int, ...]]) -> int:
+    """Add the adapter's LoRA and DoRA updates, and each ``lora_bias`` as a bias update; a Flux control
+    LoRA's ``x_embedder`` update widens its tensor (recorded in ``widened``)."""
     label = adapter.source or "adapter"
     bias_base = _Base(base.ckpt, base.resolver, set(base.ckpt.tensors), None)
     for module, lr in adapter.layers.items():
+        wider = _flux_input_widening(base, module, lr)
+        if wider is not None:
+            tensor, shape = wider
+            widened[tensor] = shape
+            updates.setdefault(tensor, []).append(Update("lora", label, module, weight, lr))
+            continue
         kind: UpdateKind = "dora" if lr.magnitude is not None else "lora"
         if kind == "dora":
             _check_weight_for_full(weight, label, module, "a DoRA update")
@@ -166,6 +178,46 @@ def _plan_layers(base: _Base, adapter: Adapter, weight: float, updates: dict[str
             for tensor, rows, _ in _place(bias_base, f"{module}.bias", tuple(bias.shape), False, subject):
                 updates.setdefault(tensor, []).append(Update("bias", label, module, weight, tensor=bias, rows=rows))
     return len(adapter.layers)
+
+
+def _flux_input_widening(base: _Base, module: str, lr: LowRank) -> tuple[str, tuple[int, int]] | None:
+    """The tensor and its new shape when ``module`` is Flux.1's input embedder (diffusers' ``x_embedder``, BFL's
+    ``img_in``, 64 channels) and the LoRA's input is a multiple of it: a BFL control LoRA (Canny, Depth) takes
+    the control latents beside the image latents. As diffusers' loader does, the base weight gets zero columns
+    for the new inputs, ``[W, 0] + s·B·A``; every other shape mismatch stays an error."""
+    if lr.kind != "linear" or lr.magnitude is not None or lr.bias is not None or len(lr.delta_shape) != 2:
+        return None
+    out, wide = lr.delta_shape
+    flux1 = getattr(base.resolver, "family", None) == "flux" or \
+        base.ckpt.config.get("_class_name") == "FluxTransformer2DModel"
+    if not flux1 or wide <= FLUX_INPUT_CHANNELS or wide % FLUX_INPUT_CHANNELS:
+        return None
+    targets = as_targets(base.resolver(f"{module}.weight", base.lookup)) or []
+    if len(targets) != 1 or targets[0] != Target(targets[0].name) or targets[0].name not in base.ckpt.tensors:
+        return None
+    name = targets[0].name
+    if name.rsplit(".", 2)[-2] not in ("x_embedder", "img_in") or \
+            tuple(base.shape(name)) != (out, FLUX_INPUT_CHANNELS):
+        return None
+    return name, (out, wide)
+
+
+def _widened_config(ckpt: Checkpoint, updates: dict[str, list[Update]],
+                    widened: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """The config a widened Flux.1 transformer folder needs: diffusers' loader sets ``in_channels`` to the new
+    input width; ``out_channels`` is written too, since the model takes a missing one from ``in_channels``.
+    Nothing else may touch a widened tensor: another LoRA's update would be for the narrow layer."""
+    for tensor, shape in widened.items():
+        if len(updates[tensor]) > 1:
+            sources = sorted({u.source for u in updates[tensor]})
+            raise IncompatibleAdapters(
+                f"{', '.join(sources)}: {tensor} is widened from {FLUX_INPUT_CHANNELS} to {shape[1]} inputs by a Flux "
+                "control LoRA and changed by another update; fold the control LoRA on its own, then the others"
+            )
+    if not widened or ckpt.config.get("_class_name") != "FluxTransformer2DModel":
+        return {}
+    (wide,) = {shape[1] for shape in widened.values()}
+    return {"in_channels": wide, "out_channels": ckpt.config.get("out_channels") or ckpt.config.get("in_channels")}
 
 
 def _check_float(ckpt: Checkpoint, updates: dict[str, list[Update]], tie: tuple[str, str] | None) -> None:
@@ -342,9 +394,9 @@ def _widening_hint(base: Sequence[int], update: tuple[int, ...]) -> str:
     """What to do with an update that widens a layer's input (a Flux control LoRA's ``x_embedder``)."""
     if len(base) != 2 or len(update) != 2 or update[0] != base[0] or update[1] <= base[1]:
         return ""
-    return (f"; the LoRA widens the layer's input from {base[1]} to {update[1]} (a Flux control LoRA such as "
-            "Canny or Depth): fold keeps the base's shapes, so load it with diffusers' FluxControlPipeline "
-            "(load_lora_weights widens the layer), or write it with `loramerge convert --to diffusers`")
+    return (f"; the LoRA widens the layer's input from {base[1]} to {update[1]}: fold widens only Flux.1's "
+            f"x_embedder ({FLUX_INPUT_CHANNELS} channels) for a Flux control LoRA such as Canny or Depth; write it "
+            "with `loramerge convert --to diffusers` and load it with diffusers' FluxControlPipeline")
 
 
 def _check_shape(base: tuple[int, ...], got: tuple[int, ...], label: str, key: str, tensor: str) -> None:

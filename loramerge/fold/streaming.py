@@ -32,10 +32,13 @@ class BlockStream:
 
 
 def folded_blocks(ckpt: Checkpoint, source: TensorInfo, updates: list[Update], out_dtype: torch.dtype,
-                  stream: BlockStream, name: str | None = None) -> Iterator[torch.Tensor]:
+                  stream: BlockStream, name: str | None = None,
+                  widened: tuple[int, ...] | None = None) -> Iterator[torch.Tensor]:
     """The folded tensor as row blocks in ``out_dtype`` (host tensors the caller writes before asking for more).
 
     ``name`` is the output tensor's, for messages (an untied ``lm_head`` is read from its embedding).
+    ``widened`` is the wider shape a Flux control LoRA gives its input layer (see
+    :attr:`~loramerge.fold.plan.FoldPlan.widened`): the base fills its first columns, zeros the others.
 
     Example:
         >>> import tempfile
@@ -58,8 +61,8 @@ def folded_blocks(ckpt: Checkpoint, source: TensorInfo, updates: list[Update], o
         yield from _converted_blocks(ckpt, source, out_dtype)
         return
     prepared = [prepare(u, stream.compute, stream.device) for u in active]
-    if any(u.kind == "dora" for u in active) or len(source.shape) < 2:
-        yield _whole(ckpt, source, active, prepared, out_dtype, stream, name)
+    if any(u.kind == "dora" for u in active) or len(source.shape) < 2 or widened is not None:
+        yield _whole(ckpt, source, active, prepared, out_dtype, stream, name, widened)
     elif stream.transfer is not None:
         yield from _staged_blocks(ckpt, source, active, prepared, out_dtype, stream.transfer, name)
     else:
@@ -76,12 +79,17 @@ def _converted_blocks(ckpt: Checkpoint, source: TensorInfo, out_dtype: torch.dty
 
 
 def _whole(ckpt: Checkpoint, source: TensorInfo, active: list[Update], prepared: list[Factors],
-           out_dtype: torch.dtype, stream: BlockStream, name: str) -> torch.Tensor:
-    """The tensor folded in one piece: DoRA's norms need every row."""
+           out_dtype: torch.dtype, stream: BlockStream, name: str, widened: tuple[int, ...] | None = None
+           ) -> torch.Tensor:
+    """The tensor folded in one piece: DoRA's norms need every row; a widened input layer is small."""
     if stream.transfer is None:
         W = ckpt.read(source.name).to(device=stream.device, dtype=stream.compute)
     else:
         W = stream.transfer.upload(ckpt, source, 0, source.shape[0] if source.shape else 1)
+    if widened is not None:
+        wide = W.new_zeros(widened)
+        wide[:, :W.shape[1]] = W
+        W = wide
     result = apply_whole(W, active, prepared)
     check_finite(result, name)
     if stream.transfer is None:

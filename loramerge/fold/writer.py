@@ -56,7 +56,8 @@ def _write_shard(ckpt: Checkpoint, plan: FoldPlan, shard: OutShard, path: Path, 
             else:
                 out = code_dtype(entry.dtype)
                 assert out is not None
-                writer.write_parts(entry.name, folded_blocks(ckpt, source, updates or [], out, stream, entry.name))
+                writer.write_parts(entry.name, folded_blocks(ckpt, source, updates or [], out, stream, entry.name,
+                                                                 plan.widened.get(entry.name)))
             bar.update(entry.nbytes)
 
 
@@ -72,14 +73,16 @@ def _write_index(ckpt: Checkpoint, layout: list[OutShard], weight_map: dict[str,
 
 
 def write_config(ckpt: Checkpoint, tmp: Path, out_dtype: torch.dtype | None, untie: bool,
-                 drop_quantization: bool = False) -> dict[str, Any]:
-    """Copy ``config.json`` into ``tmp``, with the new dtype and an untie written in, and without
-    ``quantization_config`` when the base was dequantized; returns what changed."""
+                 drop_quantization: bool = False, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Copy ``config.json`` into ``tmp``, with the new dtype, an untie and the plan's ``settings`` (a widened
+    Flux.1 input) written in, and without ``quantization_config`` when the base was dequantized; returns what
+    changed."""
     source = ckpt.folder / "config.json"
     if not source.is_file():
         return {}
     config = read_json(source)
-    changes: dict[str, Any] = {}
+    changes: dict[str, Any] = {k: v for k, v in (settings or {}).items() if config.get(k) != v}
+    config.update(changes)
     if drop_quantization and config.pop("quantization_config", None) is not None:
         changes["quantization_config"] = None
     if out_dtype is not None:

@@ -40,6 +40,7 @@ import re
 from collections.abc import Collection, Mapping
 
 from loramerge.io.formats.base_names import BaseNames
+from loramerge.io.formats.comfyui import control_norm
 from loramerge.io.formats.sd_names import (
     ARCHITECTURES,
     KOHYA_PREFIXES,
@@ -80,6 +81,7 @@ class SingleFileResolver:
         # canonical module → (original module, rows in the original, rows in the module, count); None: all rows
         self.modules: dict[str, list[tuple[str, int, int, int | None]]] = {}
         self.components: dict[str, str] = {}
+        self.parameters: dict[str, str] = {}  # canonical parameter → tensor, where the leaf is renamed too
         self.family: str | None = None
         self._unet()
         self._flux()
@@ -92,6 +94,8 @@ class SingleFileResolver:
     def __call__(self, path: str, names: Collection[str]) -> ResolverResult:
         if path in names:
             return path
+        if path in self.parameters:
+            return self.parameters[path]
         module, _, leaf = path.rpartition(".")
         if module in self.modules:
             return [Target(f"{original}.{leaf}", start=src, size=size, source=dst)
@@ -171,6 +175,10 @@ class SingleFileResolver:
                 continue
             for piece in arch.kohya[kohya_name].pieces:
                 self.modules.setdefault(piece.module, []).append((container + original, piece.src, piece.dst, piece.size))
+        for name in flux:  # the q/k RMSNorm scales a Flux control LoRA replaces (BFL: scale, diffusers: weight)
+            canonical = control_norm(name)
+            if canonical is not None:
+                self.parameters[canonical] = container + name
         self.family = "flux"
 
     def _text_encoders(self) -> None:
