@@ -46,10 +46,11 @@ def read_cached(section: str, key: str) -> Any | None:
 
     Example:
         >>> import tempfile
+        >>> saved = os.environ.get("LORAMERGE_CACHE")
         >>> os.environ["LORAMERGE_CACHE"] = tempfile.mkdtemp()
         >>> write_cached("demo", "k", [1, 2]); read_cached("demo", "k"), read_cached("demo", "other")
         ([1, 2], None)
-        >>> del os.environ["LORAMERGE_CACHE"]
+        >>> _ = os.environ.pop("LORAMERGE_CACHE") if saved is None else os.environ.update(LORAMERGE_CACHE=saved)
     """
     path = _entry(section, key)
     if path is None:

@@ -49,9 +49,7 @@ def bnb_targets(config: dict[str, Any], names: Collection[str], skip_modules: li
     try:
         version = metadata.version("transformers")
     except metadata.PackageNotFoundError:
-        raise UnsupportedAdapter(
-            f"{where}: --base-quant needs transformers to know which modules it quantizes; pip install transformers"
-        ) from None
+        raise _needs_transformers(where) from None
     key = hashlib.sha256(json.dumps([config, skip_modules, version], sort_keys=True, default=str).encode()).hexdigest()
     modules = _cached_modules(key)
     if modules is None:
@@ -72,6 +70,11 @@ def bnb_targets(config: dict[str, Any], names: Collection[str], skip_modules: li
     return targets
 
 
+def _needs_transformers(where: object) -> UnsupportedAdapter:
+    return UnsupportedAdapter(
+        f"{where}: --base-quant needs transformers to know which modules it quantizes; pip install transformers")
+
+
 def _cached_modules(key: str) -> list[tuple[str, bool, bool]] | None:
     rows = read_cached(CACHE_SECTION, key)
     ours = isinstance(rows, list) and all(
@@ -90,9 +93,7 @@ def _linear_modules(config: dict[str, Any], skip_modules: list[str] | None,
         from transformers.quantizers.base import get_keys_to_not_convert
         from transformers.quantizers.quantizers_utils import should_convert_module
     except ImportError:
-        raise UnsupportedAdapter(
-            f"{where}: --base-quant needs transformers to know which modules it quantizes; pip install transformers"
-        ) from None
+        raise _needs_transformers(where) from None
     model = _meta_model(transformers, config, where)
     skip = list(skip_modules) if skip_modules is not None else get_keys_to_not_convert(model)
     skip += list(getattr(model, "_keep_in_fp32_modules", None) or [])
